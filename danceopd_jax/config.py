@@ -1,0 +1,80 @@
+"""The shared default config (the shapes world, tiny MMDiT, DanceOPD) and its validation.
+
+Experiment files in configs/ start from `base_config()` and change what differs. Everything
+a run needs is a field here, so every value is overridable from the command line
+(`--config.training.steps=20`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from danceopd_jax.core.query import validate_query
+from danceopd_jax.core.routing import ROUTING_MODES, Route
+
+
+def teacher(kind: str, bucket: str, init: str, steps: int, lr: float,
+            batch_size: int = 256, prompt_dropout: float = 0.1) -> ml_collections.ConfigDict:
+    """The recipe of one frozen teacher: trained by flow matching on `bucket`, starting from
+    `init` ("scratch" trains the text encoder too; otherwise the name of another teacher)."""
+    return ml_collections.ConfigDict(dict(
+        kind=kind, bucket=bucket, init=init, steps=steps, lr=lr, batch_size=batch_size,
+        prompt_dropout=prompt_dropout, warmup_steps=min(500, steps // 10)))
+
+
+# The shipped teachers' recipes (launch/make_teachers.sh trains them on one GPU in minutes).
+ANCHOR_STEPS, JOINT_EDIT_STEPS, EDIT_STEPS = 24000, 16000, 12000
+
+
+def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
+    return ml_collections.ConfigDict(dict(teacher=teacher, bucket=bucket, weight=weight,
+                                          cfg_alpha=cfg_alpha))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.world = dict(image_size=24, train_size=50000, seed=1234)
+    c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
+                   text_heads=4, dtype="float32")
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
+    c.routes = ml_collections.ConfigDict()
+    c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low")
+    c.training = dict(
+        steps=600, batch_size=32, lr=5e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
+        lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
+        sample_every=200, max_to_keep=2)
+    c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
+    c.mesh = dict(data=-1)
+    return c
+
+
+def routes_of(config: ml_collections.ConfigDict) -> list[Route]:
+    return [Route(name, r.teacher, r.bucket, float(r.weight), float(r.cfg_alpha))
+            for name, r in config.routes.items()]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Everything that can be checked before data is built or anything compiles."""
+    size, patch = config.world.image_size, config.model.patch_size
+    if size % patch:
+        raise ValueError(
+            f"world.image_size={size} is not divisible by model.patch_size={patch}; pick a patch "
+            f"size dividing {size} (e.g. {[p for p in (1, 2, 3, 4, 6, 8) if size % p == 0]}).")
+    d = config.danceopd
+    validate_query(d.num_steps, d.query_k, d.query_bias)
+    if config.training.routing not in ROUTING_MODES:
+        raise ValueError(f"training.routing={config.training.routing!r}; use one of "
+                         f"{ROUTING_MODES}.")
+    if "anchor" not in config.teachers:
+        raise ValueError("config.teachers has no 'anchor' (the T2I base the student starts from).")
+    for name, t in config.teachers.items():
+        if t.init != "scratch" and t.init not in config.teachers:
+            raise ValueError(f"teacher {name!r} starts from {t.init!r}, which is not a teacher; "
+                             f"use 'scratch' or one of {sorted(config.teachers)}.")
+        if t.kind not in ("t2i", "edit"):
+            raise ValueError(f"teacher {name!r} has kind {t.kind!r}; use 't2i' or 'edit'.")
+    if config.training.lora_rank < 0:
+        raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
+                         "fine-tuning or a positive LoRA rank.")

@@ -1,0 +1,60 @@
+"""The student's on-policy ODE rollout, under stop-gradient, stopped at the query index.
+
+Cost matters here (METHOD.md 2): reaching z_i takes exactly i student forwards, so the loop
+runs to the largest index queried in the batch and no further; samples whose own index is
+smaller simply keep their recorded state.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from danceopd_jax.core.fields import Cond, Field, Params
+from danceopd_jax.core.schedule import euler_step
+
+
+def _sigma_at(sigmas: jax.Array, i: jax.Array, batch: int) -> jax.Array:
+    return jnp.full((batch,), sigmas[i], jnp.float32)
+
+
+def rollout_to(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, cond: Cond,
+               stop_at: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """States z_{stop_at[b, k]} of the Euler rollout from z0, and the number of forwards run.
+
+    z0: [B, ...] noise; sigmas: [N+1]; stop_at: [B, K] int indices in [0, N-1].
+    Returns ([B, K, ...] states, scalar count of field evaluations = max(stop_at)).
+    """
+    params = jax.lax.stop_gradient(params)
+    z0 = jax.lax.stop_gradient(z0)
+    batch, k = stop_at.shape
+    last = jnp.max(stop_at)
+    expand = (slice(None), slice(None)) + (None,) * (z0.ndim - 1)
+
+    def record(i, z, states):
+        hit = (stop_at == i)[expand]
+        return jnp.where(hit, z[:, None], states)
+
+    def body(carry):
+        i, z, states = carry
+        states = record(i, z, states)
+        v = field(params, z, _sigma_at(sigmas, i, batch), cond)
+        z = euler_step(z, v, sigmas[i], sigmas[i + 1])
+        return i + 1, z, states
+
+    states = jnp.zeros((batch, k) + z0.shape[1:], z0.dtype)
+    i, z, states = jax.lax.while_loop(lambda c: c[0] < last, body,
+                                      (jnp.zeros((), jnp.int32), z0, states))
+    return jax.lax.stop_gradient(record(i, z, states)), i
+
+
+def sample(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, cond: Cond) -> jax.Array:
+    """Integrate the whole ODE from noise z0 to the clean endpoint (inference)."""
+    batch = z0.shape[0]
+
+    def step(z, i):
+        v = field(params, z, _sigma_at(sigmas, i, batch), cond)
+        return euler_step(z, v, sigmas[i], sigmas[i + 1]), None
+
+    z, _ = jax.lax.scan(step, z0, jnp.arange(sigmas.shape[0] - 1))
+    return z

@@ -1,0 +1,72 @@
+"""Routed training batches from in-memory buckets, reproducible from (seed, step).
+
+A batch is the concatenation of its routing slots, each filled from its route's bucket. The
+rows drawn depend only on (seed, step, route), so a resumed run sees exactly the batches an
+uninterrupted run would have seen, and every process can compute any step's batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from danceopd_jax.core.routing import Route, Slot, step_slots
+
+Bucket = Mapping[str, np.ndarray]
+MODEL_KEYS = ("target", "source", "has_source", "input_ids", "attention_mask")
+SOURCE_KEYS = ("source", "has_source")
+_BATCH_STREAM = 0x42_41_54_43  # "BATC"
+
+
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [0, 255] images -> float32 [-1, 1] (the model's pixel space)."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
+def has_sources(bucket: Bucket) -> bool:
+    return bool(np.any(bucket["has_source"]))
+
+
+def model_rows(bucket: Bucket, rows: np.ndarray, with_source: bool = True) -> dict[str, np.ndarray]:
+    """The arrays a model step consumes, for the given rows of a bucket.
+
+    with_source=False leaves the source slot out entirely (pure T2I batches), which the
+    backbone runs as a shorter sequence."""
+    missing = [k for k in MODEL_KEYS if k not in bucket]
+    if missing:
+        raise KeyError(f"bucket lacks {missing}; build it with data.shapes.dataset.load_split.")
+    keys = MODEL_KEYS if with_source else tuple(k for k in MODEL_KEYS if k not in SOURCE_KEYS)
+    out = {k: bucket[k][rows] for k in keys}
+    for k in ("target", "source"):
+        if k in out:
+            out[k] = to_unit_range(out[k])
+    return out
+
+
+class RouteBatcher:
+    """Batches for a route table: `batcher(step) -> (slots, batch)`."""
+
+    def __init__(self, buckets: Mapping[str, Bucket], routes: Sequence[Route], mode: str,
+                 batch_size: int, seed: int):
+        for r in routes:
+            if r.bucket not in buckets:
+                raise KeyError(f"route {r.name!r} needs bucket {r.bucket!r}, which was not loaded.")
+            if len(buckets[r.bucket]["target"]) == 0:
+                raise ValueError(f"bucket {r.bucket!r} of route {r.name!r} is empty.")
+        self.buckets, self.routes, self.mode = buckets, tuple(routes), mode
+        self.batch_size, self.seed = batch_size, seed
+        self.weights = [r.weight for r in self.routes]
+        # Static per run: a batch carries the source slot iff some route's data has sources.
+        self.with_source = any(has_sources(buckets[r.bucket]) for r in self.routes)
+
+    def __call__(self, step: int) -> tuple[tuple[Slot, ...], dict[str, np.ndarray]]:
+        slots = step_slots(self.mode, self.seed, step, self.weights, self.batch_size)
+        parts = []
+        for s in slots:
+            bucket = self.buckets[self.routes[s.route].bucket]
+            rng = np.random.default_rng([self.seed, step, s.route, _BATCH_STREAM])
+            rows = rng.integers(0, len(bucket["target"]), size=s.stop - s.start)
+            parts.append(model_rows(bucket, rows, self.with_source))
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return slots, batch

@@ -1,0 +1,33 @@
+"""python -m danceopd_jax.main --config=configs/t2i_edit.py [--workdir=DIR] [--config.x.y=v]
+
+Prepares (or reuses) the teachers, distills the student with DanceOPD, writes checkpoints,
+metrics and sample grids to the workdir, and prints held-out scores at the end. Rerunning with
+the same workdir resumes where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from absl import app, flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+
+from danceopd_jax.train import distill
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py",
+                                          "Experiment config file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default",
+                               "Directory for teachers, checkpoints, metrics, samples.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value.")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
+    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
+    distill.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

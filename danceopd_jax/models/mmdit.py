@@ -1,0 +1,557 @@
+"""SD3-style MMDiT backbone (flow-matching velocity model) in Flax NNX.
+
+Module and parameter names mirror diffusers' ``SD3Transformer2DModel`` so that
+a checkpoint key mapper is a short rename table:
+
+* ``kernel`` <-> ``weight`` (transposed); RMSNorm ``scale`` <-> ``weight``.
+* ``pos_embed.proj``: a Linear over flattened ``(p_h, p_w, C)`` patches; the
+  diffusers Conv2d weight ``[D, C, p, p]`` maps via ``transpose(2, 3, 1, 0)``
+  then ``reshape(p * p * C, D)``.
+* ``attn.to_out`` <-> ``attn.to_out.0``; ``ff.fc1`` <-> ``ff.net.0.proj``;
+  ``ff.fc2`` <-> ``ff.net.2`` (same for ``ff_context``).
+* ``source_embed`` is ours (no diffusers counterpart; zero-initialised so a
+  text-to-image checkpoint behaves identically on target tokens).
+
+Edit conditioning uses an "omni" layout: the joint sequence is
+``[text | clean source tokens | noisy target tokens]``. Source tokens get the
+adaLN modulation of ``sigma = 0``; target tokens (and the text stream) that of
+the sample's ``sigma``. Internally the image stream is kept as
+``[B, S, N, D]`` with ``S`` segments (``S = 2``: source, target; ``S = 1``
+when ``cond`` carries no ``"source"``), so per-token time conditioning is a
+broadcast of per-segment modulations ``[B, S, 1, D]``.
+
+Parameters are float32; ``config.dtype`` is the matmul compute dtype while
+norms, softmax, modulation and the residual stream stay float32. Kernels carry
+logical axis names (``embed``, ``heads``, ``mlp``) as non-eager sharding
+metadata; read them with ``nnx.get_partition_spec``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+_LN_EPS = 1e-6
+_TIME_PROJ_DIM = 256
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+_COND_KEYS = ("text", "text_mask", "pooled")
+
+
+@dataclass(frozen=True)
+class MMDiTConfig:
+    """Hyper-parameters; names and defaults follow diffusers (SD3 medium)."""
+
+    sample_size: int = 128
+    patch_size: int = 2
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 18
+    attention_head_dim: int = 64
+    num_attention_heads: int = 18
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1152
+    pooled_projection_dim: int = 2048
+    pos_embed_max_size: int = 96
+    dual_attention_layers: tuple[int, ...] = ()
+    qk_norm: str | None = None
+    dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.patch_size < 1 or self.sample_size % self.patch_size:
+            raise ValueError(
+                f"sample_size={self.sample_size} must be a multiple of "
+                f"patch_size={self.patch_size}; pick a sample_size divisible by it."
+            )
+        inner = self.num_attention_heads * self.attention_head_dim
+        if self.caption_projection_dim != inner:
+            raise ValueError(
+                f"caption_projection_dim={self.caption_projection_dim} must equal "
+                f"num_attention_heads*attention_head_dim={inner}; set it to {inner}."
+            )
+        if inner % 4:
+            raise ValueError(
+                f"inner width {inner} must be divisible by 4 for the 2D sincos "
+                "position embedding; change attention_head_dim or num_attention_heads."
+            )
+        if self.pos_embed_max_size < self.sample_size // self.patch_size:
+            raise ValueError(
+                f"pos_embed_max_size={self.pos_embed_max_size} is smaller than the "
+                f"patch grid {self.sample_size // self.patch_size}; raise it to at "
+                "least sample_size // patch_size."
+            )
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers={self.num_layers} must be >= 1.")
+        bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(
+                f"dual_attention_layers contains {bad}, outside [0, {self.num_layers}); "
+                "use block indices below num_layers."
+            )
+        if self.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm={self.qk_norm!r} is unsupported; use None or 'rms_norm'.")
+        if self.dtype not in _COMPUTE_DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+def tiny_config(
+    image_size: int = 24,
+    patch_size: int = 4,
+    channels: int = 3,
+    text_dim: int = 64,
+    pooled_dim: int = 64,
+    width: int = 128,
+    depth: int = 4,
+    heads: int = 4,
+) -> MMDiTConfig:
+    """A small pixel-space config for the toy world."""
+    if width % heads:
+        raise ValueError(f"width={width} must be divisible by heads={heads}.")
+    return MMDiTConfig(
+        sample_size=image_size,
+        patch_size=patch_size,
+        in_channels=channels,
+        out_channels=channels,
+        num_layers=depth,
+        attention_head_dim=width // heads,
+        num_attention_heads=heads,
+        joint_attention_dim=text_dim,
+        caption_projection_dim=width,
+        pooled_projection_dim=pooled_dim,
+        pos_embed_max_size=image_size // patch_size,
+    )
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of scalar parameters (``nnx.Param`` leaves) in ``model``."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _linear(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    dtype: str,
+    rngs: nnx.Rngs,
+    zero: bool = False,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    # Xavier as in SD3/DiT; `zero` gives adaLN-Zero style identity-at-init.
+    init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
+    # eager_sharding=False: models must build without a mesh; the trainer
+    # places parameters from the logical names.
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(dtype),
+        kernel_init=nnx.with_partitioning(init, axes, eager_sharding=False),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters, in float32."""
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + _LN_EPS)
+
+
+def timestep_embedding(t: jax.Array, dim: int = _TIME_PROJ_DIM) -> jax.Array:
+    """diffusers ``Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)``."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_grid(dim: int, max_size: int, base_size: int) -> np.ndarray:
+    """diffusers ``get_2d_sincos_pos_embed`` as a ``[max, max, dim]`` grid."""
+    pos = np.arange(max_size, dtype=np.float64) / (max_size / base_size)
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+
+    def emb_1d(p: np.ndarray) -> np.ndarray:
+        out = np.einsum("m,d->md", p.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    # Row-major tokens; first half encodes the column (x), second the row (y).
+    cols, rows = np.meshgrid(pos, pos)
+    emb = np.concatenate([emb_1d(cols), emb_1d(rows)], axis=1)
+    return emb.reshape(max_size, max_size, dim).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Embeddings
+
+
+class PatchEmbed(nnx.Module):
+    """Patchify + Linear (== strided conv) + cropped fixed 2D sincos positions."""
+
+    def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+        self.patch_size = config.patch_size
+        self.max_size = config.pos_embed_max_size
+        self.base_size = config.sample_size // config.patch_size
+        self.dim = config.inner_dim
+        p = config.patch_size
+        self.proj = _linear(
+            p * p * config.in_channels, self.dim, (None, "embed"), dtype=config.dtype, rngs=rngs
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, h, w, c = x.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p
+        patches = x.reshape(b, gh, p, gw, p, c).transpose(0, 1, 3, 2, 4, 5)
+        tokens = self.proj(patches.reshape(b, gh * gw, p * p * c)).astype(jnp.float32)
+        # Centre crop of the max-size grid, as diffusers' cropped_pos_embed.
+        top, left = (self.max_size - gh) // 2, (self.max_size - gw) // 2
+        grid = _sincos_grid(self.dim, self.max_size, self.base_size)
+        pos = grid[top : top + gh, left : left + gw].reshape(gh * gw, self.dim)
+        return tokens + jnp.asarray(pos)[None]
+
+
+class _SiLUMLP(nnx.Module):
+    """``linear_1 -> SiLU -> linear_2`` (TimestepEmbedding / PixArtAlphaTextProjection)."""
+
+    def __init__(self, in_features: int, dim: int, *, dtype: str, rngs: nnx.Rngs):
+        self.linear_1 = _linear(in_features, dim, (None, "embed"), dtype=dtype, rngs=rngs)
+        self.linear_2 = _linear(dim, dim, ("embed", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(nnx.silu(self.linear_1(x))).astype(jnp.float32)
+
+
+class CombinedTimestepTextProjEmbeddings(nnx.Module):
+    def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+        dim = config.inner_dim
+        self.timestep_embedder = _SiLUMLP(_TIME_PROJ_DIM, dim, dtype=config.dtype, rngs=rngs)
+        self.text_embedder = _SiLUMLP(
+            config.pooled_projection_dim, dim, dtype=config.dtype, rngs=rngs
+        )
+
+    def __call__(self, timesteps: jax.Array, pooled: jax.Array) -> jax.Array:
+        """``timesteps`` [T, B] -> temb [B, T, D] (one MLP pass over all T*B)."""
+        n, b = timesteps.shape
+        t_emb = self.timestep_embedder(timestep_embedding(timesteps.reshape(-1)))
+        t_emb = t_emb.reshape(n, b, -1).transpose(1, 0, 2)
+        return t_emb + self.text_embedder(pooled)[:, None]
+
+
+# ---------------------------------------------------------------------------
+# Norms
+
+
+class AdaLayerNormZero(nnx.Module):
+    """SiLU -> Linear(n*D) modulation chunks; n=6 (SD3) or 9 (SD3.5 ZeroX)."""
+
+    def __init__(self, dim: int, n_chunks: int, *, dtype: str, rngs: nnx.Rngs):
+        self.n_chunks = n_chunks
+        self.linear = _linear(
+            dim, n_chunks * dim, ("embed", None), dtype=dtype, rngs=rngs, zero=True
+        )
+
+    def __call__(self, emb: jax.Array) -> list[jax.Array]:
+        """``emb`` [B, S, D] -> n chunks of [B, S, 1, D] (broadcast over tokens)."""
+        mod = self.linear(nnx.silu(emb)).astype(jnp.float32)
+        return [m[:, :, None] for m in jnp.split(mod, self.n_chunks, axis=-1)]
+
+
+class AdaLayerNormContinuous(nnx.Module):
+    """Final-style norm: LN(x) * (1 + scale) + shift with (scale, shift) order."""
+
+    def __init__(self, dim: int, *, dtype: str, rngs: nnx.Rngs):
+        self.linear = _linear(dim, 2 * dim, ("embed", None), dtype=dtype, rngs=rngs, zero=True)
+
+    def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
+        """``x`` [B, S, N, D], ``emb`` [B, S, D]."""
+        scale, shift = jnp.split(self.linear(nnx.silu(emb)).astype(jnp.float32), 2, axis=-1)
+        return _layer_norm(x) * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+def _modulate(x_norm: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x_norm * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------
+# Attention / MLP
+
+
+class JointAttention(nnx.Module):
+    """Multi-head attention over ``[context | image]``; context projections optional."""
+
+    def __init__(
+        self,
+        config: MMDiTConfig,
+        *,
+        joint: bool,
+        context_pre_only: bool,
+        rngs: nnx.Rngs,
+    ):
+        dim, dt = config.inner_dim, config.dtype
+        self.heads = config.num_attention_heads
+        self.head_dim = config.attention_head_dim
+        self.dtype = jnp.dtype(dt)
+        self.to_q = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+        self.to_k = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+        self.to_v = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+        self.to_out = _linear(dim, dim, ("heads", "embed"), dtype=dt, rngs=rngs)
+        self.norm_q = self._qk_norm(config, rngs)
+        self.norm_k = self._qk_norm(config, rngs)
+        if joint:
+            self.add_q_proj = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+            self.add_k_proj = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+            self.add_v_proj = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
+            self.norm_added_q = self._qk_norm(config, rngs)
+            self.norm_added_k = self._qk_norm(config, rngs)
+        # The last block's text stream ends after attention: no output projection.
+        self.to_add_out = (
+            _linear(dim, dim, ("heads", "embed"), dtype=dt, rngs=rngs)
+            if joint and not context_pre_only
+            else None
+        )
+
+    @staticmethod
+    def _qk_norm(config: MMDiTConfig, rngs: nnx.Rngs) -> nnx.RMSNorm | None:
+        if config.qk_norm is None:
+            return None
+        return nnx.RMSNorm(config.attention_head_dim, epsilon=_LN_EPS, dtype=jnp.float32, rngs=rngs)
+
+    def _heads(self, proj: nnx.Linear, norm: nnx.RMSNorm | None, x: jax.Array) -> jax.Array:
+        y = proj(x).reshape(*x.shape[:2], self.heads, self.head_dim)
+        if norm is not None:
+            y = norm(y.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+    def __call__(
+        self, x: jax.Array, c: jax.Array | None, key_mask: jax.Array
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """``x`` [B, Nx, D], ``c`` [B, Nc, D] or None, ``key_mask`` [B, Nc + Nx] bool."""
+        q = self._heads(self.to_q, self.norm_q, x)
+        k = self._heads(self.to_k, self.norm_k, x)
+        v = self._heads(self.to_v, None, x)
+        n_ctx = 0
+        if c is not None:
+            n_ctx = c.shape[1]
+            q = jnp.concatenate([self._heads(self.add_q_proj, self.norm_added_q, c), q], axis=1)
+            k = jnp.concatenate([self._heads(self.add_k_proj, self.norm_added_k, c), k], axis=1)
+            v = jnp.concatenate([self._heads(self.add_v_proj, None, c), v], axis=1)
+        # XLA path: logits and softmax in float32 even for bf16 inputs.
+        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+        out = out.reshape(*out.shape[:2], -1)
+        x_out = self.to_out(out[:, n_ctx:]).astype(jnp.float32)
+        if c is None or self.to_add_out is None:
+            return x_out, None
+        return x_out, self.to_add_out(out[:, :n_ctx]).astype(jnp.float32)
+
+
+class FeedForward(nnx.Module):
+    """``fc1 -> GELU(tanh) -> fc2`` with 4x hidden width."""
+
+    def __init__(self, dim: int, *, dtype: str, rngs: nnx.Rngs):
+        self.fc1 = _linear(dim, 4 * dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.fc2 = _linear(4 * dim, dim, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(nnx.gelu(self.fc1(x), approximate=True)).astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Blocks
+
+
+class JointTransformerBlock(nnx.Module):
+    """SD3 joint block; image stream [B, S, N, D], context stream [B, 1, Lt, D]."""
+
+    def __init__(
+        self,
+        config: MMDiTConfig,
+        *,
+        context_pre_only: bool,
+        dual_attention: bool,
+        rngs: nnx.Rngs,
+    ):
+        dim, dt = config.inner_dim, config.dtype
+        self.norm1 = AdaLayerNormZero(dim, 9 if dual_attention else 6, dtype=dt, rngs=rngs)
+        self.norm1_context: AdaLayerNormContinuous | AdaLayerNormZero
+        if context_pre_only:
+            self.norm1_context = AdaLayerNormContinuous(dim, dtype=dt, rngs=rngs)
+        else:
+            self.norm1_context = AdaLayerNormZero(dim, 6, dtype=dt, rngs=rngs)
+        self.attn = JointAttention(config, joint=True, context_pre_only=context_pre_only, rngs=rngs)
+        self.attn2 = (
+            JointAttention(config, joint=False, context_pre_only=False, rngs=rngs)
+            if dual_attention
+            else None
+        )
+        self.ff = FeedForward(dim, dtype=dt, rngs=rngs)
+        self.ff_context = None if context_pre_only else FeedForward(dim, dtype=dt, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        c: jax.Array,
+        temb_x: jax.Array,
+        temb_c: jax.Array,
+        joint_mask: jax.Array,
+        image_mask: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        b, s, n, d = x.shape
+        mods = self.norm1(temb_x)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
+        x_norm = _layer_norm(x)
+        c_mods: list[jax.Array] = []
+        if isinstance(self.norm1_context, AdaLayerNormContinuous):
+            c_in = self.norm1_context(c, temb_c)
+        else:
+            c_mods = self.norm1_context(temb_c)
+            c_in = _modulate(_layer_norm(c), c_mods[0], c_mods[1])
+
+        attn_x, attn_c = self.attn(
+            _modulate(x_norm, shift_msa, scale_msa).reshape(b, s * n, d),
+            c_in.reshape(b, -1, d),
+            joint_mask,
+        )
+        x = x + gate_msa * attn_x.reshape(b, s, n, d)
+        if self.attn2 is not None:
+            shift_msa2, scale_msa2, gate_msa2 = mods[6:]
+            x_in2 = _modulate(x_norm, shift_msa2, scale_msa2).reshape(b, s * n, d)
+            attn2_x, _ = self.attn2(x_in2, None, image_mask)
+            x = x + gate_msa2 * attn2_x.reshape(b, s, n, d)
+        x = x + gate_mlp * self.ff(_modulate(_layer_norm(x), shift_mlp, scale_mlp))
+
+        if attn_c is None or self.ff_context is None:  # context_pre_only: text stream ends
+            return x, c
+        _, _, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = c_mods
+        c = c + c_gate_msa * attn_c.reshape(c.shape)
+        c_ff = self.ff_context(_modulate(_layer_norm(c), c_shift_mlp, c_scale_mlp))
+        return x, c + c_gate_mlp * c_ff
+
+
+# ---------------------------------------------------------------------------
+# Model
+
+
+class MMDiT(nnx.Module):
+    """SD3-style MMDiT predicting the flow-matching velocity.
+
+    ``__call__(z, sigma, cond)``:
+      * ``z`` [B, H, W, C] float32 noisy target (channels-last).
+      * ``sigma`` [B] float32 in [0, 1] (1 = pure noise); the network sees
+        ``1000 * sigma`` as in SD3.
+      * ``cond``: ``"text"`` [B, Lt, joint_attention_dim], ``"text_mask"``
+        [B, Lt] bool (True = real token), ``"pooled"``
+        [B, pooled_projection_dim], and optionally ``"source"`` [B, H, W, C]
+        with ``"has_source"`` [B] bool. Without ``"source"`` the sequence has
+        no source slot (cheaper pure text-to-image); with it, rows whose
+        ``has_source`` is False ignore the source exactly.
+    Returns ``v`` [B, H, W, out_channels] float32.
+    """
+
+    def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dim, dt = config.inner_dim, config.dtype
+        self.pos_embed = PatchEmbed(config, rngs=rngs)
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(config, rngs=rngs)
+        self.context_embedder = _linear(
+            config.joint_attention_dim, dim, (None, "embed"), dtype=dt, rngs=rngs
+        )
+        # Zero so a text-to-image checkpoint is unchanged until edits train it.
+        self.source_embed = nnx.Param(
+            jnp.zeros((dim,), jnp.float32), out_sharding=("embed",), eager_sharding=False
+        )
+        self.transformer_blocks = nnx.List(
+            [
+                JointTransformerBlock(
+                    config,
+                    context_pre_only=i == config.num_layers - 1,
+                    dual_attention=i in config.dual_attention_layers,
+                    rngs=rngs,
+                )
+                for i in range(config.num_layers)
+            ]
+        )
+        self.norm_out = AdaLayerNormContinuous(dim, dtype=dt, rngs=rngs)
+        p = config.patch_size
+        self.proj_out = _linear(
+            dim, p * p * config.out_channels, ("embed", None), dtype=dt, rngs=rngs, zero=True
+        )
+
+    def _check_inputs(self, z: jax.Array, sigma: jax.Array, cond: Mapping[str, jax.Array]) -> None:
+        cfg = self.config
+        missing = [k for k in _COND_KEYS if k not in cond]
+        if missing:
+            raise KeyError(f"cond is missing {missing}; provide keys {_COND_KEYS}.")
+        if "source" in cond and "has_source" not in cond:
+            raise KeyError("cond has 'source' but no 'has_source' [B] bool; add it.")
+        if z.ndim != 4 or z.shape[-1] != cfg.in_channels:
+            raise ValueError(
+                f"z has shape {z.shape}; expected [B, H, W, {cfg.in_channels}] (channels-last)."
+            )
+        h, w = z.shape[1:3]
+        limit = cfg.pos_embed_max_size * cfg.patch_size
+        if h % cfg.patch_size or w % cfg.patch_size or h > limit or w > limit:
+            raise ValueError(
+                f"image size {h}x{w} must be a multiple of patch_size={cfg.patch_size} "
+                f"and at most {limit} (pos_embed_max_size*patch_size); resize the input."
+            )
+        if sigma.shape != z.shape[:1]:
+            raise ValueError(f"sigma has shape {sigma.shape}; expected [B]={z.shape[:1]}.")
+        if "source" in cond and cond["source"].shape != z.shape:
+            raise ValueError(
+                f"cond['source'] has shape {cond['source'].shape}; expected z's {z.shape}."
+            )
+
+    def __call__(self, z: jax.Array, sigma: jax.Array, cond: Mapping[str, jax.Array]) -> jax.Array:
+        self._check_inputs(z, sigma, cond)
+        b, h, w, _ = z.shape
+        p = self.config.patch_size
+        target = self.pos_embed(z)
+        n = target.shape[1]
+        text_mask = cond["text_mask"].astype(bool)
+        c = self.context_embedder(cond["text"]).astype(jnp.float32)[:, None]
+        t = 1000.0 * sigma.astype(jnp.float32)
+        if "source" in cond:
+            source = self.pos_embed(cond["source"]) + self.source_embed[...]
+            x = jnp.stack([source, target], axis=1)
+            # Segment order [source, target]: source is modulated as clean (t = 0).
+            temb_x = self.time_text_embed(jnp.stack([jnp.zeros_like(t), t]), cond["pooled"])
+            source_keys = jnp.broadcast_to(cond["has_source"].astype(bool)[:, None], (b, n))
+            image_mask = jnp.concatenate([source_keys, jnp.ones((b, n), bool)], axis=1)
+        else:
+            x = target[:, None]
+            temb_x = self.time_text_embed(t[None], cond["pooled"])
+            image_mask = jnp.ones((b, n), bool)
+        temb = temb_x[:, -1:]
+        joint_mask = jnp.concatenate([text_mask, image_mask], axis=1)
+
+        def run_block(
+            block: JointTransformerBlock, x: jax.Array, c: jax.Array
+        ) -> tuple[jax.Array, jax.Array]:
+            return block(x, c, temb_x, temb, joint_mask, image_mask)
+
+        step = nnx.remat(run_block) if self.config.remat else run_block
+        for block in self.transformer_blocks:
+            x, c = step(block, x, c)
+
+        out = self.proj_out(self.norm_out(x[:, -1:], temb)[:, 0]).astype(jnp.float32)
+        gh, gw = h // p, w // p
+        out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5)
+        return out.reshape(b, h, w, -1)

@@ -1,0 +1,53 @@
+"""python -m danceopd_jax.teachers --config=configs/t2i_edit.py --workdir=DIR [--ship]
+
+Trains (or reuses) every teacher a config defines, exactly as the main job would, and with
+--ship copies them into the package (danceopd_jax/assets/shapes_teachers/) so that the main job
+reuses them whenever its recipe matches. This is how the shipped teachers were made
+(launch/make_teachers.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from danceopd_jax.core.routing import Route
+from danceopd_jax.train.distill import build, format_scores, score_models
+from danceopd_jax.train.mesh import make_mesh
+from danceopd_jax.train.teachers import SHIPPED_DIR, prepare_teachers
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
+_EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher on held-out data.")
+_SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {SHIPPED_DIR}.")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
+    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
+    config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
+    _, world, models, backbone, text = build(config, workdir)
+    every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
+    teachers, text = prepare_teachers(config, every, models, backbone, text, world.train,
+                                      make_mesh(config.mesh.data), workdir, shipped_dir=None)
+    if _EVALUATE.value:
+        jobs = [(name, teachers[name], t.bucket, 1.0) for name, t in config.teachers.items()]
+        scores = score_models(config, models, world, text, jobs)
+        (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
+        print(format_scores(scores), flush=True)
+    if _SHIP.value:
+        for name in config.teachers:
+            dest = SHIPPED_DIR / name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(workdir / "teachers" / name, dest)
+            logging.info("shipped teacher %s -> %s", name, dest)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,229 @@
+"""The main job: world data -> teachers -> DanceOPD student -> scores.
+
+Each stage is reusable and resumable from the workdir:
+  <workdir>/config.json            the resolved config
+  <workdir>/data/                  cached world splits
+  <workdir>/teachers/<name>/       frozen teachers (Orbax + recipe.json)
+  <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
+  <workdir>/metrics.jsonl          training metrics
+  <workdir>/samples/*.png          sample grids
+  <workdir>/scores.json            final held-out scores
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from danceopd_jax.config import routes_of, validate
+from danceopd_jax.core.fields import cfg
+from danceopd_jax.core.routing import validate_routes
+from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.data.batches import RouteBatcher
+from danceopd_jax.data.shapes import dataset
+from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
+from danceopd_jax.eval.grids import save_grid
+from danceopd_jax.eval.shapes import generate_bucket, make_generator, score_bucket
+from danceopd_jax.models import lora
+from danceopd_jax.train.checkpoint import RunCheckpoints
+from danceopd_jax.train.loop import MetricsWriter, fit
+from danceopd_jax.train.mesh import make_mesh, put_replicated
+from danceopd_jax.train.model import Models, count, init_models, student_params_fn
+from danceopd_jax.train.state import TrainState, make_optimizer
+from danceopd_jax.train.step import make_danceopd_step
+from danceopd_jax.train.teachers import prepare_teachers
+
+log = logging.getLogger(__name__)
+Params = Any
+GRID_ROWS = 8
+
+
+class World:
+    """The shapes world's splits for one config, built once and cached in the workdir."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cache_dir: Path):
+        self.config, self.cache_dir = config, cache_dir
+        self.tokenizer = load_tokenizer()
+
+    @cache  # noqa: B019 - one World per run; buckets are large and immutable
+    def train(self, bucket: str) -> dict[str, np.ndarray]:
+        w = self.config.world
+        return dataset.load_split("train", bucket, w.train_size, w.seed, w.image_size,
+                                  self.cache_dir, self.tokenizer)
+
+    @cache  # noqa: B019
+    def heldout(self, bucket: str, num: int) -> dict[str, np.ndarray]:
+        w = self.config.world
+        return dataset.load_split("heldout", bucket, num, w.seed, w.image_size, self.cache_dir,
+                                  self.tokenizer)
+
+    def heldout_t2i(self) -> dict[str, np.ndarray]:
+        """Held-out single-object prompts: every attribute (shape, colour, cell, background)
+        is asked, so they measure the whole T2I capability."""
+        b = self.heldout("t2i", 4 * self.config.eval.num_t2i)
+        rows = np.flatnonzero(np.asarray(b["task"]).astype(str) == "single_object")
+        return {k: v[rows[: self.config.eval.num_t2i]] for k, v in b.items()}
+
+
+def build(config: ml_collections.ConfigDict, workdir: Path):
+    """Validate the config and build the static parts of a run (nothing compiled yet)."""
+    validate(config)
+    routes = routes_of(config)
+    validate_routes(routes, {n: t.kind for n, t in config.teachers.items()},
+                    dataset.BUCKET_HAS_SOURCE)
+    world = World(config, workdir / "data")
+    tok = world.tokenizer
+    null_ids, null_mask = encode(tok, [""])
+    models, backbone, text = init_models(config, len(tok), tok.eos_token_id, null_ids,
+                                         null_mask, config.seed)
+    return routes, world, models, backbone, text
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    workdir = Path(workdir).absolute()
+    routes, world, models, backbone, text = build(config, workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    mesh = make_mesh(config.mesh.data)
+    log.info("backbone %d params, text encoder %d params, %d device(s)", count(backbone),
+             count(text), mesh.size)
+    t0 = time.perf_counter()
+
+    teachers, text = prepare_teachers(config, routes, models, backbone, text, world.train,
+                                      mesh, workdir)
+    t_teachers = time.perf_counter() - t0
+
+    tc, d = config.training, config.danceopd
+    sigmas = make_sigmas(d.num_steps, d.shift, d.schedule)
+    optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
+    student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
+    frozen = put_replicated({"teachers": {r.teacher: teachers[r.teacher] for r in routes}
+                             | {"anchor": teachers["anchor"]}, "text": text}, mesh)
+    state = put_replicated(TrainState.create(initial_trainable(config, frozen), optimizer,
+                                             config.seed), mesh)
+    checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)
+    if checkpoints.latest_step() is not None:
+        state, _ = checkpoints.restore(state)
+        log.info("student: resuming from checkpoint step %d", int(state.step))
+
+    field = models.field()
+    step = make_danceopd_step(field, student_params, [cfg(field, r.cfg_alpha) for r in routes],
+                              [r.teacher for r in routes], models.conditioner(), optimizer,
+                              sigmas, d.query_k, d.query_bias)
+    batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
+                           tc.routing, tc.batch_size, config.seed)
+    grids = SampleGrids(config, models, world, routes, workdir / "samples")
+    t1 = time.perf_counter()
+    state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
+                steps=tc.steps, name="danceopd", checkpoints=checkpoints,
+                checkpoint_every=tc.checkpoint_every,
+                meta={"config": config.to_dict()}, metrics=MetricsWriter(workdir / "metrics.jsonl"),
+                log_every=tc.log_every,
+                on_interval=lambda s, n: grids.save(student_params(s.trainable, frozen), text, n),
+                interval_every=tc.sample_every)
+    checkpoints.close()
+    t_student = time.perf_counter() - t1
+
+    student = student_params(state.trainable, frozen)
+    grids.save(student, text, int(state.step))
+    scores = evaluate(config, models, world, routes, teachers, student, text)
+    scores["wall_time_s"] = {"teachers": t_teachers, "distill": t_student,
+                             "total": time.perf_counter() - t0}
+    (workdir / "scores.json").write_text(json.dumps(scores, indent=2))
+    log.info("scores:\n%s", format_scores(scores))
+    return scores
+
+
+def initial_trainable(config: ml_collections.ConfigDict, frozen: Params) -> Params:
+    """The student starts at the anchor: LoRA factors with a zero delta, or a full copy."""
+    tc = config.training
+    anchor = frozen["teachers"]["anchor"]
+    if tc.lora_rank > 0:
+        return {"lora": lora.init_lora(jax.random.key(config.seed), anchor, tc.lora_rank)}
+    return {"backbone": jax.tree.map(jnp.copy, anchor)}  # donated by the step: never alias
+
+
+class SampleGrids:
+    """Fixed held-out prompts and edits, sampled with the student at intervals."""
+
+    def __init__(self, config, models: Models, world: World, routes, out_dir: Path):
+        self.out_dir, self.seed = out_dir, config.seed
+        sigmas = make_sigmas(config.eval.sample_steps, config.danceopd.shift,
+                             config.danceopd.schedule)
+        self.generate = make_generator(models.field(), models.conditioner(), sigmas)
+        buckets = {r.bucket for r in routes} | {"t2i"}
+        self.buckets = {b: _head(world.heldout(b, config.eval.num_edit), GRID_ROWS)
+                        for b in sorted(buckets)}
+
+    def save(self, params: Params, text: Params, step: int) -> None:
+        for name, bucket in self.buckets.items():
+            images = generate_bucket(self.generate, params, text, bucket, self.seed, GRID_ROWS)
+            prompts = _prompts(bucket)
+            if name == "t2i":
+                rows = [[t, g] for t, g in zip(bucket["target"], images, strict=True)]
+                header = "ground truth | student"
+            else:
+                rows = [[s, t, g] for s, t, g in zip(bucket["source"], bucket["target"], images,
+                                                     strict=True)]
+                header = "source | target | student"
+            save_grid(self.out_dir / f"{name}_step{step:06d}.png", rows, prompts,
+                      f"{name} @ step {step}: {header}")
+
+
+def evaluate(config, models: Models, world: World, routes, teachers: dict[str, Params],
+             student: Params, text: Params) -> dict:
+    """Held-out scores of the anchor, each routed teacher (with its CFG) and the student
+    (single pass, no CFG) on T2I single-object prompts and on each route's bucket."""
+    jobs = [("anchor", teachers["anchor"], "t2i", 1.0)]
+    jobs += [(r.teacher, teachers[r.teacher], r.bucket, r.cfg_alpha) for r in routes]
+    jobs += [("student", student, b, 1.0) for b in ["t2i", *(r.bucket for r in routes)]]
+    return score_models(config, models, world, text, jobs)
+
+
+def score_models(config, models: Models, world: World, text: Params,
+                 jobs: list[tuple[str, Params, str, float]]) -> dict:
+    """{model: {"<bucket>@cfg<alpha>": scores}} for (model name, params, bucket, CFG alpha)
+    jobs, each sampled deterministically on the bucket's held-out evaluation set."""
+    e, d = config.eval, config.danceopd
+    sigmas = make_sigmas(e.sample_steps, d.shift, d.schedule)
+    results: dict[str, dict] = {}
+    for name, params, bucket, alpha in jobs:
+        key = f"{bucket}@cfg{alpha:g}"
+        if key in results.setdefault(name, {}):
+            continue
+        data = world.heldout_t2i() if bucket == "t2i" else world.heldout(bucket, e.num_edit)
+        gen = make_generator(models.field(), models.conditioner(), sigmas, alpha)
+        images = generate_bucket(gen, params, text, data, config.seed, e.batch_size)
+        results[name][key] = score_bucket(images, data)
+    return results
+
+
+def format_scores(scores: dict) -> str:
+    lines = [f"{'model':<14}{'eval set':<20}score   per task"]
+    for model, sets in scores.items():
+        if model == "wall_time_s":
+            continue
+        for name, s in sets.items():
+            tasks = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "score")
+            lines.append(f"{model:<14}{name:<20}{s['score']:.3f}   {tasks}")
+    w = scores.get("wall_time_s", {})
+    if w:
+        lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in w.items()))
+    return "\n".join(lines)
+
+
+def _head(bucket: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    return {k: v[:n] for k, v in bucket.items()}
+
+
+def _prompts(bucket: dict[str, np.ndarray]) -> list[str]:
+    return [json.loads(str(s))["text"] for s in bucket["spec"]]

@@ -1,0 +1,108 @@
+"""The training loop shared by teacher training and distillation.
+
+It owns everything around the jitted step: batches, placement on the mesh, checkpoints
+(periodic, final, and exact resume), non-finite detection, metrics (JSONL) and a progress bar.
+The device is never waited on except to read one step's scalars, one step late.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from danceopd_jax.train.checkpoint import RunCheckpoints
+from danceopd_jax.train.mesh import put_batch
+from danceopd_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+Update = Callable[[TrainState, Any, tuple], tuple[TrainState, dict]]  # (state, batch, slots)
+Batcher = Callable[[int], tuple[tuple, dict]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the run stopped without saving it."""
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, steps: int,
+        name: str, checkpoints: RunCheckpoints | None = None, checkpoint_every: int = 0,
+        meta: dict | None = None, metrics: MetricsWriter | None = None, log_every: int = 10,
+        on_interval: Callable[[TrainState, int], None] | None = None,
+        interval_every: int = 0) -> TrainState:
+    """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
+    and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
+    """
+    start = int(state.step)
+    pending: tuple[int, dict] | None = None
+    window: list[dict] = []
+    last_saved = checkpoints.latest_step() if checkpoints else None
+    tick = time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
+
+    def settle(step: int, m: dict) -> None:
+        """Read step `step`'s scalars; stop on a non-finite loss."""
+        nonlocal tick
+        m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
+        if not m["finite"]:
+            raise NonFiniteLossError(
+                f"{name}: the loss became non-finite at step {step} (loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}). Nothing after step {last_saved} was saved; the "
+                "last good checkpoint is that one. Lower the learning rate or check the data, "
+                "then rerun to resume.")
+        window.append(m)
+        bar.update(1)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            now = time.perf_counter()
+            record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+            record.update(step=step + 1, steps_per_sec=len(window) / (now - tick), phase=name)
+            record.pop("finite")
+            bar.set_postfix(loss=f"{record['loss']:.4g}", sps=f"{record['steps_per_sec']:.2f}")
+            if metrics:
+                metrics.write(record)
+            window.clear()
+            tick = now
+
+    try:
+        for step in range(start, steps):
+            slots, batch = batcher(step)
+            state, m = update(state, put_batch(batch, mesh), slots)
+            if pending:
+                settle(*pending)
+            pending = (step, m)
+            done = step + 1
+            save = checkpoints and (done == steps or (checkpoint_every and
+                                                      done % checkpoint_every == 0))
+            if save or (on_interval and interval_every and done % interval_every == 0):
+                settle(*pending)  # never save or show a state without checking its loss
+                pending = None
+            if save:
+                checkpoints.save(done, state, {**(meta or {}), "step": done})
+                last_saved = done
+            if on_interval and interval_every and done % interval_every == 0:
+                on_interval(state, done)
+        if pending:
+            settle(*pending)
+    finally:
+        bar.close()
+    return state

@@ -1,0 +1,108 @@
+"""Wiring: the backbone and text encoder as pure fields and a conditioner.
+
+The algorithm (core/) sees only fields (params, z, sigma, cond) -> v. This module builds them
+from Flax NNX modules: a module is split once into a static graph and a params pytree (plain
+nested dicts, which optax and Orbax handle directly), and merged back inside the jitted step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from danceopd_jax.core.fields import Field
+from danceopd_jax.models import lora
+from danceopd_jax.models.mmdit import MMDiT, tiny_config
+from danceopd_jax.models.text.clip import CLIPTextEncoder, tiny_text_config
+
+Params = Any
+
+
+@dataclass(frozen=True)
+class Models:
+    """Static halves of the backbone and the text encoder, plus the empty prompt's tokens."""
+
+    backbone: nnx.GraphDef
+    text: nnx.GraphDef
+    null_ids: np.ndarray  # [1, L] int32: the empty prompt, the unconditional branch of CFG
+    null_mask: np.ndarray  # [1, L] bool
+
+    def field(self) -> Field:
+        def velocity(params: Params, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
+            return nnx.merge(self.backbone, params)(z, sigma, cond)
+        return velocity
+
+    def encode_text(self, text_params: Params, input_ids: jax.Array,
+                    attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return nnx.merge(self.text, text_params)(input_ids, attention_mask)
+
+    def conditioner(self, prompt_dropout: float = 0.0):
+        """(params with a "text" entry, batch, key) -> cond, with the empty prompt under "null".
+
+        prompt_dropout replaces a sample's prompt by the empty one (teacher training, so CFG
+        has an unconditional model to work with)."""
+        def condition(params: Params, batch: dict, key: jax.Array) -> dict:
+            tokens, pooled = self.encode_text(params["text"], batch["input_ids"],
+                                              batch["attention_mask"])
+            null_tokens, null_pooled = self.encode_text(params["text"], self.null_ids,
+                                                        self.null_mask)
+            mask = batch["attention_mask"]
+            if prompt_dropout > 0:
+                drop = jax.random.bernoulli(key, prompt_dropout, (tokens.shape[0],))
+                tokens = jnp.where(drop[:, None, None], null_tokens, tokens)
+                pooled = jnp.where(drop[:, None], null_pooled, pooled)
+                mask = jnp.where(drop[:, None], jnp.asarray(self.null_mask), mask)
+            source = {k: batch[k] for k in ("source", "has_source") if k in batch}
+            return {"text": tokens, "text_mask": mask, "pooled": pooled, **source,
+                    "null": {"text": null_tokens, "text_mask": jnp.asarray(self.null_mask),
+                             "pooled": null_pooled}}
+        return condition
+
+
+def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int,
+                null_ids: np.ndarray, null_mask: np.ndarray,
+                seed: int) -> tuple[Models, Params, Params]:
+    """Build the world's tiny MMDiT and text encoder from config.model, freshly initialised."""
+    m = config.model
+    text_cfg = tiny_text_config(vocab_size=vocab_size, max_len=null_ids.shape[1],
+                                hidden=m.text_width, layers=m.text_layers, heads=m.text_heads,
+                                projection_dim=m.text_width, eos_token_id=eos_token_id)
+    backbone_cfg = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
+                               text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
+                               depth=m.depth, heads=m.heads)
+    if m.dtype != backbone_cfg.dtype:
+        backbone_cfg = type(backbone_cfg)(**{**backbone_cfg.__dict__, "dtype": m.dtype})
+    rngs = nnx.Rngs(seed)
+    backbone_graph, backbone_params = _split(MMDiT(backbone_cfg, rngs=rngs))
+    text_graph, text_params = _split(CLIPTextEncoder(text_cfg, rngs=rngs))
+    models = Models(backbone_graph, text_graph, np.asarray(null_ids, np.int32),
+                    np.asarray(null_mask, bool))
+    return models, backbone_params, text_params
+
+
+def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+    graph, state = nnx.split(module)
+    return graph, nnx.to_pure_dict(state)
+
+
+def count(params: Params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def student_params_fn(anchor: str, lora_alpha: float):
+    """How the student's field params come from (trainable, frozen).
+
+    Full fine-tuning trains a copy of the anchor ("backbone"); LoRA trains only the low-rank
+    factors ("lora") and merges them onto the frozen anchor teacher's own params, so the
+    student holds no second copy of the base."""
+    def student_params(trainable: Params, frozen: Params) -> Params:
+        if "lora" in trainable:
+            return lora.merge(frozen["teachers"][anchor], trainable["lora"], lora_alpha)
+        return trainable["backbone"]
+    return student_params

@@ -1,0 +1,60 @@
+"""The train state (everything a checkpoint must hold) and the optimizer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+class TrainState(struct.PyTreeNode):
+    """step, trainable params, optimizer state and the run's base PRNG key (as raw key data).
+
+    Every random draw of step s comes from fold_in(key, s), so (key, step) is the whole RNG
+    state and a restored run continues the same random stream.
+    """
+
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    key: jax.Array
+
+    @classmethod
+    def create(cls, trainable: Any, optimizer: optax.GradientTransformation,
+               seed: int) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                   opt_state=optimizer.init(trainable),
+                   key=jax.random.key_data(jax.random.key(seed)))
+
+    def step_key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.wrap_key_data(self.key), self.step)
+
+
+def make_optimizer(lr: float, weight_decay: float, grad_clip: float, warmup_steps: int = 0,
+                   decay_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (METHOD.md 8), optionally with a linear warm-up and a
+    cosine decay to zero at `decay_steps` (teachers; the student keeps a constant rate)."""
+    if lr <= 0:
+        raise ValueError(f"learning rate {lr} must be > 0.")
+    if decay_steps:
+        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
+    elif warmup_steps:
+        schedule = optax.linear_schedule(0.0, lr, warmup_steps)
+    else:
+        schedule = lr
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
+                    optimizer: optax.GradientTransformation) -> tuple[TrainState, jax.Array]:
+    """One optimizer update, skipped (state kept, step not advanced) if loss or grads are not
+    finite, so the last good state survives for the host to checkpoint and report."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    new = state.replace(step=state.step + 1, opt_state=opt_state,
+                        trainable=optax.apply_updates(state.trainable, updates))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state), finite

@@ -1,0 +1,81 @@
+"""The jitted update steps: DanceOPD for the student, flow matching for the teachers.
+
+Both are one pure function (state, frozen, batch) -> (state, metrics): randomness comes from
+the state's key folded with its step, routing slots are static (one compiled program per slot
+layout), and the state is donated so parameters are updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from danceopd_jax.core.fields import Field
+from danceopd_jax.core.methods import danceopd_loss, flow_matching_loss
+from danceopd_jax.core.query import sample_query
+from danceopd_jax.core.routing import Slot
+from danceopd_jax.train.state import TrainState, apply_if_finite
+
+Batch = dict[str, jax.Array]
+# (frozen params, batch, key) -> cond; the key drives optional prompt dropout.
+Conditioner = Callable[[Any, Batch, jax.Array], dict]
+# (trainable, frozen) -> the student's field params (identity, or a LoRA merge onto the base).
+StudentParams = Callable[[Any, Any], Any]
+
+
+def make_danceopd_step(student: Field, student_params: StudentParams,
+                       route_fields: Sequence[Field], route_teachers: Sequence[str],
+                       conditioner: Conditioner, optimizer: optax.GradientTransformation,
+                       sigmas: jax.Array, query_k: int, query_bias: str) -> Callable:
+    """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]]."""
+    num_steps = sigmas.shape[0] - 1
+
+    def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
+        k_noise, k_query, k_cond = jax.random.split(state.step_key(), 3)
+        cond = conditioner(frozen, batch, k_cond)
+        z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+        query_idx = sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias)
+        route_params = [frozen["teachers"][name] for name in route_teachers]
+
+        def loss_fn(trainable):
+            return danceopd_loss(student, student_params(trainable, frozen), route_fields,
+                                 route_params, slots, z0, cond, sigmas, query_idx)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        state, finite = apply_if_finite(state, grads, loss, optimizer)
+        return state, {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+
+    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,))
+
+
+def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,
+                            optimizer: optax.GradientTransformation,
+                            sigma_sampling: str = "uniform") -> Callable:
+    """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline)."""
+    if sigma_sampling not in ("uniform", "logit_normal"):
+        raise ValueError(f"sigma_sampling {sigma_sampling!r}: use 'uniform' or 'logit_normal'.")
+
+    def step(state: TrainState, frozen: Any, batch: Batch):
+        k_noise, k_sigma, k_cond = jax.random.split(state.step_key(), 3)
+        x0 = batch["target"]
+        eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
+        if sigma_sampling == "uniform":
+            sigma = jax.random.uniform(k_sigma, (x0.shape[0],))
+        else:  # SD3's logit-normal(0, 1)
+            sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (x0.shape[0],)))
+
+        def loss_fn(trainable):
+            # The text encoder may be trainable (anchor), so condition inside the loss.
+            params = {**frozen, **trainable}
+            return flow_matching_loss(field, field_params(trainable, frozen), x0,
+                                      conditioner(params, batch, k_cond), eps, sigma)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        state, finite = apply_if_finite(state, grads, loss, optimizer)
+        return state, {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+
+    return jax.jit(step, donate_argnums=(0,))

@@ -1,0 +1,132 @@
+"""The frozen teachers: made once by flow matching, then reused.
+
+Each teacher has a recipe (config.teachers.<name>: data bucket, starting point, steps, ...).
+The anchor is trained from scratch on T2I data together with the text encoder, which is then
+frozen for everyone; edit teachers are fine-tuned from the anchor on edit buckets.
+
+Lookup order for a teacher: the workdir (reused), then the checkpoints shipped with the package
+(reused only if their recipe.json equals this config's recipe), else it is trained and saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from danceopd_jax.core.routing import Route
+from danceopd_jax.data.batches import Bucket, RouteBatcher
+from danceopd_jax.train.checkpoint import RunCheckpoints, has_params, load_params, save_params
+from danceopd_jax.train.loop import MetricsWriter, fit
+from danceopd_jax.train.mesh import put_replicated
+from danceopd_jax.train.model import Models
+from danceopd_jax.train.state import TrainState, make_optimizer
+from danceopd_jax.train.step import make_flow_matching_step
+
+log = logging.getLogger(__name__)
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_teachers"
+Params = Any
+
+
+def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
+    """Everything that determines teacher `name`'s weights (its init chain included)."""
+    t = config.teachers[name]
+    return {"name": name, "teacher": t.to_dict(), "world": config.world.to_dict(),
+            "model": config.model.to_dict(), "seed": config.seed,
+            "init": None if t.init == "scratch" else recipe(config, t.init)}
+
+
+def needed_teachers(config: ml_collections.ConfigDict, routes: list[Route]) -> list[str]:
+    """The anchor, every routed teacher and what they start from, parents first."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        init = config.teachers[name].init
+        if init != "scratch":
+            visit(init)
+        if name not in order:
+            order.append(name)
+
+    for name in ["anchor", *(r.teacher for r in routes)]:
+        visit(name)
+    return order
+
+
+def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], models: Models,
+                     init_backbone: Params, init_text: Params,
+                     bucket: Callable[[str], Bucket], mesh: Mesh, workdir: Path,
+                     shipped_dir: Path | None = SHIPPED_DIR) -> tuple[dict[str, Params], Params]:
+    """Return ({teacher name: backbone params}, frozen text-encoder params).
+
+    shipped_dir=None never reuses shipped teachers (to reproduce them from scratch)."""
+    teachers: dict[str, Params] = {}
+    text = init_text
+    for name in needed_teachers(config, routes):
+        want = recipe(config, name)
+        like = {"backbone": init_backbone, **({"text": init_text} if name == "anchor" else {})}
+        here = workdir / "teachers" / name
+        if has_params(here):
+            params, got = load_params(here, like)
+            if got != want:
+                raise ValueError(
+                    f"teacher {name!r} in {here} was made with a different recipe than this "
+                    "config asks for (see its recipe.json). Use a new --workdir, or delete "
+                    f"{here} to train it again.")
+            log.info("teacher %-12s reused from %s", name, here)
+        elif shipped_dir and _recipe_at(shipped_dir / name) == want:
+            params, _ = load_params(shipped_dir / name, like)
+            log.info("teacher %-12s reused (shipped with the package: %s)", name,
+                     shipped_dir / name)
+        else:
+            init = {"backbone": init_backbone, "text": init_text} if name == "anchor" else {
+                "backbone": teachers[config.teachers[name].init]}
+            params = train_teacher(config, name, models, init, text, bucket, mesh, workdir)
+            save_params(here, params, want)
+            shutil.rmtree(workdir / "teachers" / "_runs" / name, ignore_errors=True)
+            log.info("teacher %-12s trained (%d steps) and saved to %s", name,
+                     config.teachers[name].steps, here)
+        teachers[name] = params["backbone"]
+        if name == "anchor":
+            text = params["text"]
+    return teachers, text
+
+
+def _recipe_at(directory: Path) -> dict | None:
+    return json.loads((directory / "recipe.json").read_text()) if has_params(directory) else None
+
+
+def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, init: Params,
+                  text: Params, bucket: Callable[[str], Bucket], mesh: Mesh,
+                  workdir: Path) -> Params:
+    """Flow matching on the teacher's bucket; the anchor also trains the text encoder.
+
+    Resumable: its run checkpoints live under workdir/teachers/_runs/<name> until it is done.
+    """
+    t = config.teachers[name]
+    optimizer = make_optimizer(t.lr, 0.0, 1.0, t.warmup_steps, decay_steps=t.steps)
+    trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
+    frozen = put_replicated({} if "text" in trainable else {"text": text}, mesh)
+    state = put_replicated(TrainState.create(trainable, optimizer, config.seed), mesh)
+    step = make_flow_matching_step(models.field(), lambda tr, fr: tr["backbone"],
+                                   models.conditioner(t.prompt_dropout), optimizer)
+    runs = RunCheckpoints(workdir / "teachers" / "_runs" / name)
+    if runs.latest_step() is not None:
+        state, _ = runs.restore(state)
+        log.info("teacher %s: resuming its training at step %d", name, int(state.step))
+    batcher = RouteBatcher({t.bucket: bucket(t.bucket)}, [Route(name, name, t.bucket, 1.0)],
+                           "per_sample", t.batch_size, config.seed)
+    state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
+                name=f"teacher:{name}", checkpoints=runs,
+                checkpoint_every=max(1000, t.steps // 10), log_every=100,
+                metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"))
+    runs.close()
+    return jax.device_get(state.trainable)
