@@ -19,11 +19,11 @@ def teacher(kind: str, bucket: str, init: str, steps: int, lr: float,
     `init` ("scratch" trains the text encoder too; otherwise the name of another teacher)."""
     return ml_collections.ConfigDict(dict(
         kind=kind, bucket=bucket, init=init, steps=steps, lr=lr, batch_size=batch_size,
-        prompt_dropout=prompt_dropout, warmup_steps=min(500, steps // 10)))
+        prompt_dropout=prompt_dropout))
 
 
 # The shipped teachers' recipes (launch/make_teachers.sh trains them on one GPU in minutes).
-ANCHOR_STEPS, JOINT_EDIT_STEPS, EDIT_STEPS = 24000, 16000, 12000
+ANCHOR_STEPS, JOINT_EDIT_STEPS, EDIT_STEPS = 12000, 8000, 5000
 
 
 def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
@@ -34,7 +34,7 @@ def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.world = dict(image_size=24, train_size=50000, seed=1234)
+    c.world = dict(image_size=24, train_size=30000, seed=1234)
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
                    text_heads=4, dtype="float32")
     c.teachers = ml_collections.ConfigDict()

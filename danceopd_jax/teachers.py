@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from danceopd_jax.core.routing import Route

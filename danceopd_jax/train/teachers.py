@@ -112,7 +112,7 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     Resumable: its run checkpoints live under workdir/teachers/_runs/<name> until it is done.
     """
     t = config.teachers[name]
-    optimizer = make_optimizer(t.lr, 0.0, 1.0, t.warmup_steps, decay_steps=t.steps)
+    optimizer = make_optimizer(t.lr, 0.0, 1.0, min(500, t.steps // 10), decay_steps=t.steps)
     trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
     frozen = put_replicated({} if "text" in trainable else {"text": text}, mesh)
     state = put_replicated(TrainState.create(trainable, optimizer, config.seed), mesh)
