@@ -1,11 +1,11 @@
 """T2I + edit fusion (the default): the T2I anchor and a joint local+global edit teacher."""
 
-from danceopd_jax.config import JOINT_EDIT_STEPS, base_config, route, teacher
+from danceopd_jax.config import base_config, edit_teacher, route
 
 
 def get_config():
     c = base_config()
-    c.teachers.joint_edit = teacher("edit", "joint_edit", "anchor", steps=JOINT_EDIT_STEPS, lr=5e-4)
+    c.teachers.joint_edit = edit_teacher("joint_edit")
     c.routes.t2i = route("anchor", "t2i", 0.5)
     c.routes.edit = route("joint_edit", "joint_edit", 0.5)
     return c

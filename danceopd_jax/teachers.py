@@ -25,6 +25,8 @@ from danceopd_jax.train.teachers import SHIPPED_DIR, prepare_teachers
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher on held-out data.")
+_REUSE = flags.DEFINE_bool("reuse_shipped", False,
+                           "Reuse shipped teachers whose recipe matches instead of retraining.")
 _SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {SHIPPED_DIR}.")
 
 
@@ -36,7 +38,8 @@ def main(argv: list[str]) -> None:
     _, world, models, backbone, text = build(config, workdir)
     every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
     teachers, text = prepare_teachers(config, every, models, backbone, text, world.train,
-                                      make_mesh(config.mesh.data), workdir, shipped_dir=None)
+                                      make_mesh(config.mesh.data), workdir,
+                                      shipped_dir=SHIPPED_DIR if _REUSE.value else None)
     if _EVALUATE.value:
         jobs = [(name, teachers[name], t.bucket, 1.0) for name, t in config.teachers.items()]
         scores = score_models(config, models, world, text, jobs)

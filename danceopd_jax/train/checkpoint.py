@@ -55,10 +55,10 @@ class RunCheckpoints:
                 meta=ocp.args.JsonRestore()))
         except Exception as e:  # orbax raises many types; all mean the same thing to a user
             raise CheckpointError(
-                f"checkpoint step {step} under {self.directory} cannot be read ({type(e).__name__}: "
-                f"{e}). It is corrupt or was written by a different model/optimizer config: delete "
-                f"{self.directory / str(step)} to resume from an earlier step, or use a new "
-                "--workdir.") from e
+                f"checkpoint step {step} under {self.directory} cannot be read "
+                f"({type(e).__name__}: {e}). It is corrupt or was written by a different "
+                f"model/optimizer config: delete {self.directory / str(step)} to resume from an "
+                "earlier step, or use a new --workdir.") from e
         return restored.state, restored.meta
 
     def close(self) -> None:

@@ -66,10 +66,10 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
         if not m["finite"]:
             raise NonFiniteLossError(
-                f"{name}: the loss became non-finite at step {step} (loss={m['loss']}, "
-                f"grad_norm={m['grad_norm']}). Nothing after step {last_saved} was saved; the "
-                "last good checkpoint is that one. Lower the learning rate or check the data, "
-                "then rerun to resume.")
+                f"{name}: the loss became non-finite at step {step + 1} (loss={m['loss']}, "
+                f"grad_norm={m['grad_norm']}); that update was not applied and nothing was saved "
+                f"after it: the last good checkpoint is step {last_saved}. Lower the learning "
+                "rate or check the data, then rerun to resume from it.")
         window.append(m)
         bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == steps:

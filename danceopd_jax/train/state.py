@@ -56,5 +56,5 @@ def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     new = state.replace(step=state.step + 1, opt_state=opt_state,
                         trainable=optax.apply_updates(state.trainable, updates))
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state), finite

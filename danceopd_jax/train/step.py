@@ -47,7 +47,7 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         state, finite = apply_if_finite(state, grads, loss, optimizer)
-        return state, {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+        return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
     return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,))
 
@@ -76,6 +76,6 @@ def make_flow_matching_step(field: Field, field_params: StudentParams, condition
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         state, finite = apply_if_finite(state, grads, loss, optimizer)
-        return state, {"loss": loss, "finite": finite, "grad_norm": optax.global_norm(grads), **aux}
+        return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
     return jax.jit(step, donate_argnums=(0,))

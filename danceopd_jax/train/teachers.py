@@ -126,7 +126,7 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
                            "per_sample", t.batch_size, config.seed)
     state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
                 name=f"teacher:{name}", checkpoints=runs,
-                checkpoint_every=max(1000, t.steps // 10), log_every=100,
+                checkpoint_every=max(100, t.steps // 8), log_every=100,
                 metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"))
     runs.close()
     return jax.device_get(state.trainable)

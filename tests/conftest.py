@@ -1,0 +1,50 @@
+"""Shared helpers: experiment configs at a size that trains in seconds on 2 CPU cores."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# The same backbone family as the default, shrunk: 12 px images (3x3 patches of 4 px).
+TINY = {
+    "world.image_size": 12, "world.train_size": 64,
+    "model.width": 32, "model.depth": 2, "model.heads": 2, "model.text_width": 16,
+    "model.text_layers": 1, "model.text_heads": 2,
+    "danceopd.num_steps": 4,
+    "training.steps": 4, "training.batch_size": 4, "training.checkpoint_every": 2,
+    "training.sample_every": 2, "training.log_every": 1,
+    "eval.num_t2i": 4, "eval.num_edit": 4, "eval.batch_size": 4, "eval.sample_steps": 4,
+}
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def tiny_config(name: str = "t2i_edit", **overrides) -> ml_collections.ConfigDict:
+    config = load_config(name)
+    for path, value in {**TINY, **overrides}.items():
+        node = config
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    for t in config.teachers.values():
+        t.steps, t.batch_size = 3, 8
+    return config
+
+
+def tiny_flags(name: str = "t2i_edit") -> list[str]:
+    """The same tiny settings as command-line overrides of the main job."""
+    config = load_config(name)
+    flags = [f"--config.{k}={v}" for k, v in TINY.items()]
+    for t in config.teachers:
+        flags += [f"--config.teachers.{t}.steps=3", f"--config.teachers.{t}.batch_size=8"]
+    return flags

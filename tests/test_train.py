@@ -1,0 +1,233 @@
+"""The trainer: batches, checkpoints and exact resume, non-finite losses, clear errors, and the
+main job end to end (teachers included) at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config, tiny_flags
+
+from danceopd_jax.core.routing import Route
+from danceopd_jax.data.batches import RouteBatcher
+from danceopd_jax.train import distill
+from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params, save_params
+from danceopd_jax.train.loop import NonFiniteLossError
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["phase"] == "danceopd"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    """One tiny main-job run (teachers trained from scratch), shared by the tests below."""
+    workdir = tmp_path_factory.mktemp("run")
+    scores = distill.run(tiny_config(), workdir)
+    return workdir, scores
+
+
+# --- batches --------------------------------------------------------------------------------
+
+def bucket(n: int, **arrays) -> dict[str, np.ndarray]:
+    """A T2I-like bucket of n blank 12 px rows."""
+    return {"target": np.zeros((n, 12, 12, 3), np.uint8),
+            "source": np.zeros((n, 12, 12, 3), np.uint8), "has_source": np.zeros(n, bool),
+            "input_ids": np.zeros((n, 4), np.int32), "attention_mask": np.ones((n, 4), bool),
+            **arrays}
+
+
+def test_batches_are_static_slots_and_reproducible():
+    n = 10
+    t2i = bucket(n, input_ids=np.arange(n)[:, None].repeat(4, 1))
+    edit = {**t2i, "has_source": np.ones(n, bool), "input_ids": 100 + t2i["input_ids"]}
+    routes = [Route("a", "anchor", "t2i", 0.25), Route("b", "edit", "edit", 0.75)]
+    batcher = RouteBatcher({"t2i": t2i, "edit": edit}, routes, "per_sample", 8, seed=3)
+    slots, batch = batcher(5)
+    assert [(s.route, s.start, s.stop) for s in slots] == [(0, 0, 2), (1, 2, 8)]
+    assert np.all(batch["input_ids"][:2] < 100) and np.all(batch["input_ids"][2:] >= 100)
+    assert not batch["has_source"][:2].any() and batch["has_source"][2:].all()
+    again = batcher(5)[1]
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)
+    assert not np.array_equal(batch["input_ids"], batcher(6)[1]["input_ids"])
+    assert batch["target"].dtype == np.float32 and batch["target"].min() == -1.0
+    per_step = RouteBatcher({"t2i": t2i, "edit": edit}, routes, "per_step", 8, seed=3)
+    (slot,), _ = per_step(0)
+    assert (slot.start, slot.stop) == (0, 8)
+
+
+def test_t2i_only_batches_have_no_source_slot():
+    n = 4
+    t2i = bucket(n)
+    _, batch = RouteBatcher({"t2i": t2i}, [Route("a", "anchor", "t2i", 1.0)], "per_sample", 2, 0)(0)
+    assert "source" not in batch and "has_source" not in batch
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def test_params_round_trip_and_missing_or_corrupt(tmp_path):
+    params = {"layer": {0: {"kernel": jnp.arange(6.0).reshape(2, 3)}}, "bias": jnp.ones(3)}
+    save_params(tmp_path / "m", params, {"recipe": 1})
+    restored, recipe = load_params(tmp_path / "m", params)
+    assert recipe == {"recipe": 1}
+    np.testing.assert_array_equal(restored["layer"][0]["kernel"], params["layer"][0]["kernel"])
+    with pytest.raises(CheckpointError, match="recipe.json is missing"):
+        load_params(tmp_path / "nowhere", params)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_params(tmp_path / "m", {"other": jnp.ones(2)})
+
+
+def test_run_checkpoint_missing_and_corrupt(tmp_path):
+    ckpts = RunCheckpoints(tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        ckpts.restore({"w": jnp.ones(3)})
+    ckpts.save(1, {"w": jnp.ones(3)}, {"note": "x"})
+    state, meta = ckpts.restore({"w": jnp.zeros(3)})
+    np.testing.assert_array_equal(state["w"], 1.0)
+    assert meta["note"] == "x"
+    for f in (tmp_path / "ck" / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="delete"):
+        RunCheckpoints(tmp_path / "ck").restore({"w": jnp.zeros(3)})
+
+
+# --- clear errors before anything compiles --------------------------------------------------
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"world.image_size": 15}, "not divisible by model.patch_size=4"),
+    ({"danceopd.query_k": 0}, "K=0"),
+    ({"training.routing": "sometimes"}, "training.routing"),
+])
+def test_bad_config_fails_fast(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        distill.build(tiny_config(**overrides), tmp_path)
+
+
+def test_bad_routes_fail_fast(tmp_path):
+    config = tiny_config()
+    config.routes.edit.teacher = "ghost"
+    with pytest.raises(ValueError, match="teacher 'ghost'"):
+        distill.build(config, tmp_path)
+    config = tiny_config()
+    config.routes.t2i.weight, config.routes.edit.weight = 0.0, 0.0
+    with pytest.raises(ValueError, match="all route weights are zero"):
+        distill.build(config, tmp_path)
+    config = tiny_config()
+    config.routes.edit.weight = -0.5
+    with pytest.raises(ValueError, match="weight -0.5"):
+        distill.build(config, tmp_path)
+    config = tiny_config()
+    config.routes.edit.bucket = "t2i"
+    with pytest.raises(ValueError, match="no source images"):
+        distill.build(config, tmp_path)
+
+
+def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", "danceopd_jax.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flag, match", [("--config.training.stepz=3", "stepz"),
+                                         ("--config.training.steps=many", "many")])
+def test_unknown_or_ill_typed_override_fails_before_compiling(tmp_path, flag, match):
+    out = run_main("--config=configs/t2i_edit.py", f"--workdir={tmp_path}", flag, timeout=120)
+    assert out.returncode != 0
+    assert match in out.stderr
+    assert not (tmp_path / "teachers").exists()
+
+
+# --- the main job, end to end ---------------------------------------------------------------
+
+@pytest.mark.slow
+def test_main_job_trains_checkpoints_samples_and_scores(trained):
+    workdir, scores = trained
+    assert (workdir / "teachers" / "anchor" / "recipe.json").is_file()
+    assert (workdir / "teachers" / "joint_edit" / "recipe.json").is_file()
+    assert RunCheckpoints(workdir / "checkpoints").latest_step() == 4
+    assert sorted(losses(workdir)) == [1, 2, 3, 4]
+    assert all(np.isfinite(v) for v in losses(workdir).values())
+    assert {p.name for p in (workdir / "samples").glob("*.png")} >= {
+        "t2i_step000004.png", "joint_edit_step000004.png", "t2i_step000002.png"}
+    assert set(scores) >= {"anchor", "joint_edit", "student"}
+    assert set(scores["student"]) == {"t2i@cfg1", "joint_edit@cfg1"}
+    assert json.loads((workdir / "scores.json").read_text())["student"] == scores["student"]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(trained, tmp_path):
+    """Stop after 2 steps, restart: steps 3-4 have the same losses as the uninterrupted run,
+    and the teachers are reused, not retrained."""
+    full, _ = trained
+    shutil.copytree(full / "teachers", tmp_path / "teachers")
+    distill.run(tiny_config(**{"training.steps": 2}), tmp_path)
+    distill.run(tiny_config(), tmp_path)
+    resumed, uninterrupted = losses(tmp_path), losses(full)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step] == uninterrupted[step], step
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
+    """A learning rate of 1e30 makes step 1's update finite but huge, so step 2's loss is not
+    finite: the run stops there, names the step, and step 1's checkpoint is the last one."""
+    full, _ = trained
+    shutil.copytree(full / "teachers", tmp_path / "teachers")
+    config = tiny_config(**{"training.lr": 1e30, "training.checkpoint_every": 1,
+                            "training.grad_clip": 0.0, "training.warmup_steps": 0})
+    with pytest.raises(NonFiniteLossError, match="non-finite at step 2") as err:
+        distill.run(config, tmp_path)
+    assert "last good checkpoint is step 1" in str(err.value)
+    assert RunCheckpoints(tmp_path / "checkpoints").latest_step() == 1
+
+
+@pytest.mark.slow
+def test_main_cli_and_sample_cli(trained, tmp_path):
+    workdir, _ = trained
+    out = subprocess.run(
+        [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={workdir}",
+         "--prompt=a red circle at the top left on a blue background",
+         f"--out={tmp_path / 't2i.png'}", "--num=2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "t2i.png").is_file()
+    src = next((workdir / "samples").glob("joint_edit_step*.png"))
+    out = subprocess.run(
+        [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={workdir}",
+         "--prompt=remove the red circle", f"--source={src}", f"--out={tmp_path / 'edit.png'}",
+         "--num=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    missing = subprocess.run(
+        [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={tmp_path / 'none'}",
+         "--prompt=x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "no config.json" in missing.stderr
+    # the real command line, reusing the run's teachers: 1 more step resumes from step 4
+    run = run_main("--config=configs/t2i_edit.py", f"--workdir={workdir}", *tiny_flags(),
+                   "--config.training.steps=5")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "reused" in run.stderr and "resuming from checkpoint step 4" in run.stderr
+    assert RunCheckpoints(workdir / "checkpoints").latest_step() == 5
+
+
+@pytest.mark.slow
+def test_lora_student_trains_only_low_rank_factors(trained, tmp_path):
+    full, _ = trained
+    shutil.copytree(full / "teachers", tmp_path / "teachers")
+    distill.run(tiny_config(**{"training.steps": 2, "training.lora_rank": 4}), tmp_path)
+    meta_state = tmp_path / "checkpoints" / "2" / "state"
+    assert meta_state.is_dir()
+    losses_lora = losses(tmp_path)
+    assert sorted(losses_lora) == [1, 2] and all(np.isfinite(v) for v in losses_lora.values())
+    # the first update starts from a zero LoRA delta: the student IS the anchor, so step 1's
+    # loss equals the full fine-tuning run's step 1 loss
+    assert losses_lora[1] == pytest.approx(losses(full)[1], rel=1e-5)
