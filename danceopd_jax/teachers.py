@@ -45,8 +45,10 @@ def main(argv: list[str]) -> None:
         scores = score_models(config, models, world, text, jobs)
         (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
         print(format_scores(scores), flush=True)
-    if _SHIP.value:
+    if _SHIP.value:  # what this run trained (a reused shipped teacher is already there)
         for name in config.teachers:
+            if not (workdir / "teachers" / name).is_dir():
+                continue
             dest = SHIPPED_DIR / name
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(workdir / "teachers" / name, dest)

@@ -333,13 +333,11 @@ def test_splits_are_disjoint(splits: dict[tuple[str, str], dict[str, np.ndarray]
         assert 0.35 < np.mean(novel) < 0.65, bucket
 
 
-def test_eval_set_and_load_split(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
+def test_heldout_split_and_load_split(tok: PreTrainedTokenizerFast, tmp_path: Path) -> None:
     built = dataset.build_split("heldout", "local_edit", 16, 3, SIZE, tok)
-    evals = dataset.eval_set("heldout", "local_edit", 16, 3, SIZE, tok)
-    assert not np.array_equal(built["source"], evals["source"])
     pairs = dataset.heldout_pairs(3)
-    assert all(dataset.is_heldout_scene(s, 3) for s in _scenes(evals))
-    assert any(o.pair in pairs for s in _scenes(evals) for o in s.objects)
+    assert all(dataset.is_heldout_scene(s, 3) for s in _scenes(built))
+    assert any(o.pair in pairs for s in _scenes(built) for o in s.objects)
     loaded = dataset.load_split("heldout", "local_edit", 16, 3, SIZE, tmp_path, tok)
     assert (tmp_path / "shapes_heldout_local_edit_16_3_24.npz").exists()
     reloaded = dataset.load_split("heldout", "local_edit", 16, 3, SIZE, tmp_path, tok)

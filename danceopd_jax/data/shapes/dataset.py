@@ -55,7 +55,7 @@ HELDOUT_PAIR_FRACTION = 0.15
 RESERVED_SCENE_MODULUS = 4  # 1 in 4 scene keys is reserved for the held-out side
 NOVEL_FRACTION = 0.5
 MAX_ATTEMPTS = 10_000
-_BUILD_STREAM, _EVAL_STREAM = 0, 1
+_BUILD_STREAM = 0
 # Which buckets carry a source image (edit data); routing validation needs this.
 BUCKET_HAS_SOURCE: dict[str, bool] = {b: b != "t2i" for b in BUCKETS}
 
@@ -184,21 +184,6 @@ def build_split(
     """
     return _build(split, bucket, num, seed, size, _BUILD_STREAM, tokenizer)
 
-
-def eval_set(
-    split: str,
-    bucket: str,
-    num: int,
-    seed: int,
-    size: int = 24,
-    tokenizer: PreTrainedTokenizerFast | None = None,
-) -> dict[str, np.ndarray]:
-    """Fixed evaluation prompts/sources for `split`.
-
-    Same world (held-out pairs, reserved scenes) as `build_split(seed)`, but its
-    own sample stream.
-    """
-    return _build(split, bucket, num, seed, size, _EVAL_STREAM, tokenizer)
 
 
 def load_split(
