@@ -231,3 +231,23 @@ def test_lora_student_trains_only_low_rank_factors(trained, tmp_path):
     # the first update starts from a zero LoRA delta: the student IS the anchor, so step 1's
     # loss equals the full fine-tuning run's step 1 loss
     assert losses_lora[1] == pytest.approx(losses(full)[1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cfg_absorption_runs_t2i_only_with_a_guided_teacher(trained, tmp_path):
+    """The CFG-absorption config: one T2I route whose teacher is the anchor under alpha 3.5
+    (no source slot anywhere), so the student's first loss is the guided-vs-plain gap."""
+    full, _ = trained
+    shutil.copytree(full / "teachers", tmp_path / "teachers")
+    scores = distill.run(tiny_config("cfg_absorption", **{"training.steps": 2}), tmp_path)
+    assert set(scores["anchor"]) == {"t2i@cfg1", "t2i@cfg3.5"}
+    first = losses(tmp_path)[1]
+    assert np.isfinite(first) and first > 0  # student == anchor, teacher == guided anchor
+
+
+@pytest.mark.slow
+def test_per_step_routing_runs(trained, tmp_path):
+    full, _ = trained
+    shutil.copytree(full / "teachers", tmp_path / "teachers")
+    distill.run(tiny_config(**{"training.steps": 2, "training.routing": "per_step"}), tmp_path)
+    assert sorted(losses(tmp_path)) == [1, 2]
