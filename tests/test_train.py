@@ -251,3 +251,28 @@ def test_per_step_routing_runs(trained, tmp_path):
     shutil.copytree(full / "teachers", tmp_path / "teachers")
     distill.run(tiny_config(**{"training.steps": 2, "training.routing": "per_step"}), tmp_path)
     assert sorted(losses(tmp_path)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path):
+    """A shipped teacher whose recipe matches is copied into the workdir (so sampling works from
+    the workdir alone); one whose recipe differs is trained instead."""
+    from danceopd_jax.config import routes_of
+    from danceopd_jax.train.mesh import make_mesh
+    from danceopd_jax.train.teachers import prepare_teachers
+
+    full, _ = trained
+    shipped = tmp_path / "shipped"
+    shutil.copytree(full / "teachers" / "anchor", shipped / "anchor")
+    config = tiny_config()
+    config.teachers.joint_edit.steps = 1  # recipe differs from anything shipped
+    routes, world, models, backbone, text = distill.build(config, tmp_path / "run")
+    teachers, _ = prepare_teachers(config, routes_of(config), models, backbone, text,
+                                   world.train, make_mesh(), tmp_path / "run", shipped)
+    assert (tmp_path / "run" / "teachers" / "anchor" / "recipe.json").is_file()
+    recipe = json.loads((tmp_path / "run" / "teachers" / "joint_edit" / "recipe.json").read_text())
+    assert recipe["teacher"]["steps"] == 1
+    np.testing.assert_array_equal(
+        teachers["anchor"]["proj_out"]["kernel"],
+        load_params(shipped / "anchor", {"backbone": backbone, "text": text})[0]["backbone"][
+            "proj_out"]["kernel"])

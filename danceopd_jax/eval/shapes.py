@@ -62,13 +62,13 @@ def score_bucket(images: np.ndarray, bucket: Bucket) -> dict[str, float]:
     correct = []
     for image, spec_json in zip(images, bucket["spec"], strict=True):
         spec = json.loads(str(spec_json))
-        if bool(spec.get("has_source", False)) or "source" in spec:
+        if "source" in spec:  # edits carry their source scene
             correct.append(score_edit(image, spec)["correct"])
         else:
             correct.append(score_t2i(image, spec)["all"])
     correct = np.asarray(correct, bool)
     tasks = np.asarray(bucket["task"]).astype(str)
     scores = {"score": float(correct.mean())}
-    for task in sorted(set(tasks)):
+    for task in sorted(set(tasks.tolist())):
         scores[task] = float(correct[tasks == task].mean())
     return scores

@@ -196,13 +196,17 @@ def score_models(config, models: Models, world: World, text: Params,
     e, d = config.eval, config.danceopd
     sigmas = make_sigmas(e.sample_steps, d.shift, d.schedule)
     results: dict[str, dict] = {}
+    generators: dict[float, object] = {}  # one compiled sampler per guidance scale
     for name, params, bucket, alpha in jobs:
         key = f"{bucket}@cfg{alpha:g}"
         if key in results.setdefault(name, {}):
             continue
         data = world.heldout_t2i() if bucket == "t2i" else world.heldout(bucket, e.num_edit)
-        gen = make_generator(models.field(), models.conditioner(), sigmas, alpha)
-        images = generate_bucket(gen, params, text, data, config.seed, e.batch_size)
+        if alpha not in generators:
+            generators[alpha] = make_generator(models.field(), models.conditioner(), sigmas,
+                                               alpha)
+        images = generate_bucket(generators[alpha], params, text, data, config.seed,
+                                 e.batch_size)
         results[name][key] = score_bucket(images, data)
     return results
 

@@ -5,7 +5,8 @@ The anchor is trained from scratch on T2I data together with the text encoder, w
 frozen for everyone; edit teachers are fine-tuned from the anchor on edit buckets.
 
 Lookup order for a teacher: the workdir (reused), then the checkpoints shipped with the package
-(reused only if their recipe.json equals this config's recipe), else it is trained and saved.
+(copied into the workdir, only if their recipe.json equals this config's recipe), else it is
+trained and saved.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
                     f"{here} to train it again.")
             log.info("teacher %-12s reused from %s", name, here)
         elif shipped_dir and _recipe_at(shipped_dir / name) == want:
-            params, _ = load_params(shipped_dir / name, like)
+            # Copied in, so the workdir alone serves sampling, export and later runs.
+            shutil.copytree(shipped_dir / name, here)
+            params, _ = load_params(here, like)
             log.info("teacher %-12s reused (shipped with the package: %s)", name,
                      shipped_dir / name)
         else:

@@ -55,7 +55,7 @@ HELDOUT_PAIR_FRACTION = 0.15
 RESERVED_SCENE_MODULUS = 4  # 1 in 4 scene keys is reserved for the held-out side
 NOVEL_FRACTION = 0.5
 MAX_ATTEMPTS = 10_000
-_BUILD_STREAM = 0
+_BUILD_STREAM = 0  # part of every split's seed: changing it changes the shipped data
 # Which buckets carry a source image (edit data); routing validation needs this.
 BUCKET_HAS_SOURCE: dict[str, bool] = {b: b != "t2i" for b in BUCKETS}
 
