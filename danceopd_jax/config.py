@@ -46,13 +46,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
-    c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low")
+    # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
+    c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
+                      full_rollout=False)
     c.training = dict(
         steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
         lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
         sample_every=200, max_to_keep=2)
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
-    c.mesh = dict(data=-1)
+    # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c
 
 

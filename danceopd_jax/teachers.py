@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     _, world, models, backbone, text = build(config, workdir)
     every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
     teachers, text = prepare_teachers(config, every, models, backbone, text, world.train,
-                                      make_mesh(config.mesh.data), workdir,
+                                      make_mesh(config.mesh), workdir,
                                       shipped_dir=SHIPPED_DIR if _REUSE.value else None)
     if _EVALUATE.value:
         jobs = [(name, teachers[name], t.bucket, 1.0) for name, t in config.teachers.items()]

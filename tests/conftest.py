@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,3 +50,19 @@ def tiny_flags(name: str = "t2i_edit") -> list[str]:
     for t in config.teachers:
         flags += [f"--config.teachers.{t}.steps=3", f"--config.teachers.{t}.batch_size=8"]
     return flags
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    """The DanceOPD losses a run logged, by step."""
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["phase"] == "danceopd"}
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> tuple[Path, dict]:
+    """One tiny main-job run (teachers trained from scratch), shared by the tests."""
+    from danceopd_jax.train import distill
+
+    workdir = tmp_path_factory.mktemp("run")
+    scores = distill.run(tiny_config(), workdir)
+    return workdir, scores

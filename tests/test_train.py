@@ -8,32 +8,17 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config, tiny_flags
+from conftest import ROOT, losses, tiny_config, tiny_flags
 
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import RouteBatcher
 from danceopd_jax.train import distill
 from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params, save_params
 from danceopd_jax.train.loop import NonFiniteLossError
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["phase"] == "danceopd"}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, dict]:
-    """One tiny main-job run (teachers trained from scratch), shared by the tests below."""
-    workdir = tmp_path_factory.mktemp("run")
-    scores = distill.run(tiny_config(), workdir)
-    return workdir, scores
-
 
 # --- batches --------------------------------------------------------------------------------
 

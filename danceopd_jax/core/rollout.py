@@ -19,16 +19,18 @@ def _sigma_at(sigmas: jax.Array, i: jax.Array, batch: int) -> jax.Array:
 
 
 def rollout_to(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, cond: Cond,
-               stop_at: jax.Array) -> tuple[jax.Array, jax.Array]:
+               stop_at: jax.Array, full: bool = False) -> tuple[jax.Array, jax.Array]:
     """States z_{stop_at[b, k]} of the Euler rollout from z0, and the number of forwards run.
 
     z0: [B, ...] noise; sigmas: [N+1]; stop_at: [B, K] int indices in [0, N-1].
     Returns ([B, K, ...] states, scalar count of field evaluations = max(stop_at)).
+    full=True runs all N steps whatever the indices (the reference implementation's cost;
+    same states, kept to measure what stopping early saves).
     """
     params = jax.lax.stop_gradient(params)
     z0 = jax.lax.stop_gradient(z0)
     batch, k = stop_at.shape
-    last = jnp.max(stop_at)
+    last = jnp.asarray(sigmas.shape[0] - 1, jnp.int32) if full else jnp.max(stop_at)
     expand = (slice(None), slice(None)) + (None,) * (z0.ndim - 1)
 
     def record(i, z, states):

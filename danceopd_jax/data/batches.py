@@ -1,8 +1,10 @@
 """Routed training batches from in-memory buckets, reproducible from (seed, step).
 
-A batch is the concatenation of its routing slots, each filled from its route's bucket. The
-rows drawn depend only on (seed, step, route), so a resumed run sees exactly the batches an
-uninterrupted run would have seen, and every process can compute any step's batch.
+A batch is `shards` blocks (one per data-parallel shard, train/mesh.py), each the
+concatenation of its routing slots, each slot filled from its route's bucket. The rows drawn
+depend only on (seed, step, shard, route), so a resumed run sees exactly the batches an
+uninterrupted run would have seen, and each process builds only its own shards' rows: the
+global batch is the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -45,28 +47,37 @@ def model_rows(bucket: Bucket, rows: np.ndarray, with_source: bool = True) -> di
 
 
 class RouteBatcher:
-    """Batches for a route table: `batcher(step) -> (slots, batch)`."""
+    """Batches for a route table: `batcher(step[, shard_range]) -> (slots, batch)`."""
 
     def __init__(self, buckets: Mapping[str, Bucket], routes: Sequence[Route], mode: str,
-                 batch_size: int, seed: int):
+                 batch_size: int, seed: int, shards: int = 1):
+        if batch_size % shards:
+            raise ValueError(f"batch size {batch_size} does not split into {shards} equal "
+                             "data-parallel shards; make it a multiple of the mesh's data x "
+                             f"fsdp size ({shards}).")
         for r in routes:
             if r.bucket not in buckets:
                 raise KeyError(f"route {r.name!r} needs bucket {r.bucket!r}, which was not loaded.")
             if len(buckets[r.bucket]["target"]) == 0:
                 raise ValueError(f"bucket {r.bucket!r} of route {r.name!r} is empty.")
         self.buckets, self.routes, self.mode = buckets, tuple(routes), mode
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.shards = batch_size, seed, shards
         self.weights = [r.weight for r in self.routes]
         # Static per run: a batch carries the source slot iff some route's data has sources.
         self.with_source = any(has_sources(buckets[r.bucket]) for r in self.routes)
 
-    def __call__(self, step: int) -> tuple[tuple[Slot, ...], dict[str, np.ndarray]]:
-        slots = step_slots(self.mode, self.seed, step, self.weights, self.batch_size)
+    def __call__(self, step: int, shard_range: range | None = None
+                 ) -> tuple[tuple[Slot, ...], dict[str, np.ndarray]]:
+        """The step's slots (tiling one shard) and the rows of shards `shard_range` (default:
+        all of them, i.e. the global batch)."""
+        slots = step_slots(self.mode, self.seed, step, self.weights,
+                           self.batch_size // self.shards)
         parts = []
-        for s in slots:
-            bucket = self.buckets[self.routes[s.route].bucket]
-            rng = np.random.default_rng([self.seed, step, s.route, _BATCH_STREAM])
-            rows = rng.integers(0, len(bucket["target"]), size=s.stop - s.start)
-            parts.append(model_rows(bucket, rows, self.with_source))
+        for shard in shard_range or range(self.shards):
+            for s in slots:
+                bucket = self.buckets[self.routes[s.route].bucket]
+                rng = np.random.default_rng([self.seed, step, shard, s.route, _BATCH_STREAM])
+                rows = rng.integers(0, len(bucket["target"]), size=s.stop - s.start)
+                parts.append(model_rows(bucket, rows, self.with_source))
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return slots, batch

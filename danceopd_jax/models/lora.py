@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 # Attention projections (joint + dual) and both MLPs of every MMDiT block.
 DEFAULT_TARGETS = (
@@ -97,4 +98,19 @@ def merge(params: PyTree, lora: PyTree, alpha: float) -> PyTree:
             a, b = sub["a"], sub["b"]
             delta = (alpha / a.shape[1]) * (a @ b)
             out[k] = (base + delta).astype(base.dtype)
+    return out
+
+
+def axes(base_axes: PyTree, lora: PyTree) -> PyTree:
+    """Logical axis names of a LoRA tree: ``a`` keeps its kernel's input axis, ``b`` its
+    output axis, and the rank axis is "lora_rank", so LoRA shards like the base it adapts."""
+    out: PyTree = {}
+    for k, sub in lora.items():
+        base = base_axes[k]
+        if "a" in sub and "b" in sub and not isinstance(sub["a"], dict):
+            names = tuple(base) + (None,) * (2 - len(tuple(base)))
+            out[k] = {"a": PartitionSpec(names[0], "lora_rank"),
+                      "b": PartitionSpec("lora_rank", names[1])}
+        else:
+            out[k] = axes(base, sub)
     return out

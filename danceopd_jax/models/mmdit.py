@@ -63,6 +63,9 @@ class MMDiTConfig:
     qk_norm: str | None = None
     dtype: str = "float32"
     remat: bool = False
+    # jax.nn.dot_product_attention's implementation: "xla" (any platform) or "cudnn" (fused
+    # flash attention on NVIDIA GPUs, bf16/fp16 only).
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.sample_size % self.patch_size:
@@ -97,12 +100,31 @@ class MMDiTConfig:
             )
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm={self.qk_norm!r} is unsupported; use None or 'rms_norm'.")
+        if self.attention not in ("xla", "cudnn"):
+            raise ValueError(f"attention={self.attention!r}: use 'xla' or 'cudnn' (GPU).")
         if self.dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
 
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+
+def sd35_medium_config(**overrides) -> MMDiTConfig:
+    """SD3.5-Medium's transformer (MMDiT-X, 2.24B parameters; diffusers' config.json values)."""
+    return MMDiTConfig(**{
+        "num_layers": 24, "num_attention_heads": 24, "caption_projection_dim": 1536,
+        "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)),
+        "qk_norm": "rms_norm", **overrides})
+
+
+def mmdit_6b_config(**overrides) -> MMDiTConfig:
+    """A 6.05B-parameter member of the family (18 joint blocks, width 3072 = 24 heads x 128):
+    the size of today's 6B image DiTs such as Z-Image, for planning memory and throughput."""
+    return MMDiTConfig(**{
+        "num_layers": 18, "num_attention_heads": 24, "attention_head_dim": 128,
+        "caption_projection_dim": 3072, "pos_embed_max_size": 192, "qk_norm": "rms_norm",
+        **overrides})
 
 
 def tiny_config(
@@ -309,6 +331,7 @@ class JointAttention(nnx.Module):
         self.heads = config.num_attention_heads
         self.head_dim = config.attention_head_dim
         self.dtype = jnp.dtype(dt)
+        self.implementation = config.attention
         self.to_q = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
         self.to_k = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
         self.to_v = _linear(dim, dim, ("embed", "heads"), dtype=dt, rngs=rngs)
@@ -354,7 +377,8 @@ class JointAttention(nnx.Module):
             k = jnp.concatenate([self._heads(self.add_k_proj, self.norm_added_k, c), k], axis=1)
             v = jnp.concatenate([self._heads(self.add_v_proj, None, c), v], axis=1)
         # XLA path: logits and softmax in float32 even for bf16 inputs.
-        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :])
+        out = jax.nn.dot_product_attention(q, k, v, mask=key_mask[:, None, None, :],
+                                           implementation=self.implementation)
         out = out.reshape(*out.shape[:2], -1)
         x_out = self.to_out(out[:, n_ctx:]).astype(jnp.float32)
         if c is None or self.to_add_out is None:

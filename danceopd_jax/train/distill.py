@@ -36,9 +36,9 @@ from danceopd_jax.eval.shapes import generate_bucket, make_generator, score_buck
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import MetricsWriter, fit
-from danceopd_jax.train.mesh import make_mesh, put_replicated
+from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
-from danceopd_jax.train.state import TrainState, make_optimizer
+from danceopd_jax.train.state import make_optimizer, place_state
 from danceopd_jax.train.step import make_danceopd_step
 from danceopd_jax.train.teachers import prepare_teachers
 
@@ -93,9 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     routes, world, models, backbone, text = build(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
-    mesh = make_mesh(config.mesh.data)
-    log.info("backbone %d params, text encoder %d params, %d device(s)", count(backbone),
-             count(text), mesh.size)
+    mesh = make_mesh(config.mesh)
+    log.info("backbone %d params, text encoder %d params, mesh %s over %d process(es)",
+             count(backbone), count(text), dict(mesh.shape), jax.process_count())
     t0 = time.perf_counter()
 
     teachers, text = prepare_teachers(config, routes, models, backbone, text, world.train,
@@ -106,21 +106,25 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     sigmas = make_sigmas(d.num_steps, d.shift, d.schedule)
     optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
     student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
-    frozen = put_replicated({"teachers": {r.teacher: teachers[r.teacher] for r in routes}
-                             | {"anchor": teachers["anchor"]}, "text": text}, mesh)
-    state = put_replicated(TrainState.create(initial_trainable(config, frozen), optimizer,
-                                             config.seed), mesh)
+    names = sorted({r.teacher for r in routes} | {"anchor"})
+    frozen = {"teachers": {n: teachers[n] for n in names}, "text": text}
+    frozen_axes = {"teachers": {n: models.backbone_axes for n in names}, "text": models.text_axes}
+    trainable = initial_trainable(config, frozen)
+    state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
+                                           frozen, frozen_axes, optimizer, config.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)
     if checkpoints.latest_step() is not None:
         state, _ = checkpoints.restore(state)
         log.info("student: resuming from checkpoint step %d", int(state.step))
 
     field = models.field()
+    shards = batch_shards(mesh)
     step = make_danceopd_step(field, student_params, [cfg(field, r.cfg_alpha) for r in routes],
                               [r.teacher for r in routes], models.conditioner(), optimizer,
-                              sigmas, d.query_k, d.query_bias)
+                              sigmas, d.query_k, d.query_bias, shards, shardings,
+                              d.full_rollout)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
-                           tc.routing, tc.batch_size, config.seed)
+                           tc.routing, tc.batch_size, config.seed, shards)
     grids = SampleGrids(config, models, world, routes, workdir / "samples")
     t1 = time.perf_counter()
     state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
@@ -128,12 +132,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                 checkpoint_every=tc.checkpoint_every,
                 meta={"config": config.to_dict()}, metrics=MetricsWriter(workdir / "metrics.jsonl"),
                 log_every=tc.log_every,
-                on_interval=lambda s, n: grids.save(student_params(s.trainable, frozen), text, n),
+                on_interval=lambda s, n: grids.save(
+                    to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
                 interval_every=tc.sample_every)
     checkpoints.close()
     t_student = time.perf_counter() - t1
 
-    student = student_params(state.trainable, frozen)
+    student = to_host(student_params(state.trainable, frozen))
+    if jax.process_index() != 0:  # process 0 samples, scores and writes the results
+        return {}
     grids.save(student, text, int(state.step))
     scores = evaluate(config, models, world, routes, teachers, student, text)
     scores["wall_time_s"] = {"teachers": t_teachers, "distill": t_student,
@@ -165,6 +172,8 @@ class SampleGrids:
                         for b in sorted(buckets)}
 
     def save(self, params: Params, text: Params, step: int) -> None:
+        if jax.process_index() != 0:
+            return
         for name, bucket in self.buckets.items():
             images = generate_bucket(self.generate, params, text, bucket, self.seed, GRID_ROWS)
             prompts = _prompts(bucket)

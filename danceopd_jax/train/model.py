@@ -26,12 +26,21 @@ Params = Any
 
 @dataclass(frozen=True)
 class Models:
-    """Static halves of the backbone and the text encoder, plus the empty prompt's tokens."""
+    """Static halves of the backbone and the text encoder, their parameters' logical axis
+    names (train/mesh.py places parameters by them), plus the empty prompt's tokens."""
 
     backbone: nnx.GraphDef
     text: nnx.GraphDef
+    backbone_axes: Params  # the params tree's structure, PartitionSpec leaves of logical names
+    text_axes: Params
     null_ids: np.ndarray  # [1, L] int32: the empty prompt, the unconditional branch of CFG
     null_mask: np.ndarray  # [1, L] bool
+
+    def trainable_axes(self, trainable: Params) -> Params:
+        """Logical axes of a trainable tree: {"backbone"[, "text"]} or {"lora"}."""
+        axes = {"backbone": self.backbone_axes, "text": self.text_axes}
+        return {k: lora.axes(self.backbone_axes, v) if k == "lora" else axes[k]
+                for k, v in trainable.items()}
 
     def field(self) -> Field:
         def velocity(params: Params, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
@@ -79,16 +88,17 @@ def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id
     if m.dtype != backbone_cfg.dtype:
         backbone_cfg = type(backbone_cfg)(**{**backbone_cfg.__dict__, "dtype": m.dtype})
     rngs = nnx.Rngs(seed)
-    backbone_graph, backbone_params = _split(MMDiT(backbone_cfg, rngs=rngs))
-    text_graph, text_params = _split(CLIPTextEncoder(text_cfg, rngs=rngs))
-    models = Models(backbone_graph, text_graph, np.asarray(null_ids, np.int32),
-                    np.asarray(null_mask, bool))
+    backbone_graph, backbone_params, backbone_axes = _split(MMDiT(backbone_cfg, rngs=rngs))
+    text_graph, text_params, text_axes = _split(CLIPTextEncoder(text_cfg, rngs=rngs))
+    models = Models(backbone_graph, text_graph, backbone_axes, text_axes,
+                    np.asarray(null_ids, np.int32), np.asarray(null_mask, bool))
     return models, backbone_params, text_params
 
 
-def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params]:
+def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
+    """(static graph, params as plain dicts, the params' logical axis names)."""
     graph, state = nnx.split(module)
-    return graph, nnx.to_pure_dict(state)
+    return graph, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
 
 def count(params: Params) -> int:

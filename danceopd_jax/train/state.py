@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.sharding import Mesh
+
+from danceopd_jax.train.mesh import StepShardings, put
 
 
 class TrainState(struct.PyTreeNode):
@@ -58,3 +61,19 @@ def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
                         trainable=optax.apply_updates(state.trainable, updates))
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state), finite
+
+
+def place_state(mesh: Mesh, trainable: Any, trainable_axes: Any, frozen: Any, frozen_axes: Any,
+                optimizer: optax.GradientTransformation,
+                seed: int) -> tuple[TrainState, Any, StepShardings]:
+    """A fresh TrainState and the frozen params, laid out on the mesh by the sharding rules.
+
+    The optimizer state is created directly in its shards (never whole on one device)."""
+    def create(t: Any) -> TrainState:
+        return TrainState.create(t, optimizer, seed)
+
+    shardings = StepShardings.create(mesh, jax.eval_shape(create, trainable), trainable_axes,
+                                     frozen, frozen_axes, optimizer)
+    trainable = put(trainable, shardings.state.trainable)
+    state = jax.jit(create, out_shardings=shardings.state)(trainable)
+    return state, put(frozen, shardings.frozen), shardings

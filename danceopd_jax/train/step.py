@@ -2,7 +2,9 @@
 
 Both are one pure function (state, frozen, batch) -> (state, metrics): randomness comes from
 the state's key folded with its step, routing slots are static (one compiled program per slot
-layout), and the state is donated so parameters are updated in place.
+layout), and the state is donated so parameters are updated in place. Given StepShardings
+(train/mesh.py) the step is compiled with them as explicit in/out shardings; the math never
+depends on the mesh.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from danceopd_jax.core.fields import Field
 from danceopd_jax.core.methods import danceopd_loss, flow_matching_loss
 from danceopd_jax.core.query import sample_query
 from danceopd_jax.core.routing import Slot
+from danceopd_jax.train.mesh import StepShardings
 from danceopd_jax.train.state import TrainState, apply_if_finite
 
 Batch = dict[str, jax.Array]
@@ -30,8 +33,12 @@ StudentParams = Callable[[Any, Any], Any]
 def make_danceopd_step(student: Field, student_params: StudentParams,
                        route_fields: Sequence[Field], route_teachers: Sequence[str],
                        conditioner: Conditioner, optimizer: optax.GradientTransformation,
-                       sigmas: jax.Array, query_k: int, query_bias: str) -> Callable:
-    """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]]."""
+                       sigmas: jax.Array, query_k: int, query_bias: str, shards: int = 1,
+                       shardings: StepShardings | None = None,
+                       full_rollout: bool = False) -> Callable:
+    """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]].
+
+    The batch is `shards` blocks, each tiled by the slots (train/mesh.py)."""
     num_steps = sigmas.shape[0] - 1
 
     def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
@@ -43,18 +50,21 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
 
         def loss_fn(trainable):
             return danceopd_loss(student, student_params(trainable, frozen), route_fields,
-                                 route_params, slots, z0, cond, sigmas, query_idx)
+                                 route_params, slots, z0, cond, sigmas, query_idx, shards,
+                                 full_rollout)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         state, finite = apply_if_finite(state, grads, loss, optimizer)
         return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,))
+    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,),
+                   **(shardings.jit_kwargs() if shardings else {}))
 
 
 def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,
                             optimizer: optax.GradientTransformation,
-                            sigma_sampling: str = "uniform") -> Callable:
+                            sigma_sampling: str = "uniform",
+                            shardings: StepShardings | None = None) -> Callable:
     """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline)."""
     if sigma_sampling not in ("uniform", "logit_normal"):
         raise ValueError(f"sigma_sampling {sigma_sampling!r}: use 'uniform' or 'logit_normal'.")
@@ -78,4 +88,4 @@ def make_flow_matching_step(field: Field, field_params: StudentParams, condition
         state, finite = apply_if_finite(state, grads, loss, optimizer)
         return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), **(shardings.jit_kwargs() if shardings else {}))

@@ -27,9 +27,9 @@ from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import Bucket, RouteBatcher
 from danceopd_jax.train.checkpoint import RunCheckpoints, has_params, load_params, save_params
 from danceopd_jax.train.loop import MetricsWriter, fit
-from danceopd_jax.train.mesh import put_replicated
+from danceopd_jax.train.mesh import batch_shards, to_host
 from danceopd_jax.train.model import Models
-from danceopd_jax.train.state import TrainState, make_optimizer
+from danceopd_jax.train.state import make_optimizer, place_state
 from danceopd_jax.train.step import make_flow_matching_step
 
 log = logging.getLogger(__name__)
@@ -117,19 +117,22 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     t = config.teachers[name]
     optimizer = make_optimizer(t.lr, 0.0, 1.0, min(500, t.steps // 10), decay_steps=t.steps)
     trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
-    frozen = put_replicated({} if "text" in trainable else {"text": text}, mesh)
-    state = put_replicated(TrainState.create(trainable, optimizer, config.seed), mesh)
+    frozen = {} if "text" in trainable else {"text": text}
+    frozen_axes = {} if "text" in trainable else {"text": models.text_axes}
+    state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
+                                           frozen, frozen_axes, optimizer, config.seed)
     step = make_flow_matching_step(models.field(), lambda tr, fr: tr["backbone"],
-                                   models.conditioner(t.prompt_dropout), optimizer)
+                                   models.conditioner(t.prompt_dropout), optimizer,
+                                   shardings=shardings)
     runs = RunCheckpoints(workdir / "teachers" / "_runs" / name)
     if runs.latest_step() is not None:
         state, _ = runs.restore(state)
         log.info("teacher %s: resuming its training at step %d", name, int(state.step))
     batcher = RouteBatcher({t.bucket: bucket(t.bucket)}, [Route(name, name, t.bucket, 1.0)],
-                           "per_sample", t.batch_size, config.seed)
+                           "per_sample", t.batch_size, config.seed, batch_shards(mesh))
     state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
                 name=f"teacher:{name}", checkpoints=runs,
                 checkpoint_every=max(100, t.steps // 8), log_every=100,
                 metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"))
     runs.close()
-    return jax.device_get(state.trainable)
+    return to_host(state.trainable)

@@ -76,11 +76,27 @@ def tiny_text_config(
 
 
 def _linear(
-    in_features: int, out_features: int, cfg: CLIPTextConfig, rngs: nnx.Rngs, *, bias: bool = True
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    cfg: CLIPTextConfig,
+    rngs: nnx.Rngs,
+    *,
+    bias: bool = True,
 ) -> nnx.Linear:
+    # Logical axis names as in the MMDiT; the trainer maps them to mesh axes.
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), axes, eager_sharding=False)
     return nnx.Linear(
-        in_features, out_features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), rngs=rngs
+        in_features, out_features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), kernel_init=init,
+        rngs=rngs,
     )
+
+
+def _embed(num: int, cfg: CLIPTextConfig, axes: tuple[str | None, str], rngs: nnx.Rngs):
+    init = nnx.with_partitioning(nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                                                   out_axis=0),
+                                 axes, eager_sharding=False)  # nnx.Embed's default init
+    return nnx.Embed(num, cfg.hidden_size, embedding_init=init, rngs=rngs)
 
 
 def _layer_norm(cfg: CLIPTextConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -89,8 +105,8 @@ def _layer_norm(cfg: CLIPTextConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
-        self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs)
-        self.position_embedding = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size, rngs=rngs)
+        self.token_embedding = _embed(cfg.vocab_size, cfg, ("vocab", "embed"), rngs)
+        self.position_embedding = _embed(cfg.max_position_embeddings, cfg, (None, "embed"), rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         positions = jnp.arange(input_ids.shape[1])
@@ -101,10 +117,10 @@ class CLIPAttention(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
-        self.q_proj = _linear(d, d, cfg, rngs)
-        self.k_proj = _linear(d, d, cfg, rngs)
-        self.v_proj = _linear(d, d, cfg, rngs)
-        self.out_proj = _linear(d, d, cfg, rngs)
+        self.q_proj = _linear(d, d, ("embed", "heads"), cfg, rngs)
+        self.k_proj = _linear(d, d, ("embed", "heads"), cfg, rngs)
+        self.v_proj = _linear(d, d, ("embed", "heads"), cfg, rngs)
+        self.out_proj = _linear(d, d, ("heads", "embed"), cfg, rngs)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         b, n, d = x.shape
@@ -118,8 +134,8 @@ class CLIPAttention(nnx.Module):
 class CLIPMLP(nnx.Module):
     def __init__(self, cfg: CLIPTextConfig, *, rngs: nnx.Rngs):
         self.quick = cfg.hidden_act == "quick_gelu"
-        self.fc1 = _linear(cfg.hidden_size, cfg.intermediate_size, cfg, rngs)
-        self.fc2 = _linear(cfg.intermediate_size, cfg.hidden_size, cfg, rngs)
+        self.fc1 = _linear(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), cfg, rngs)
+        self.fc2 = _linear(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), cfg, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.fc1(x)
@@ -166,7 +182,7 @@ class CLIPTextEncoder(nnx.Module):
         self.encoder = CLIPEncoder(config, rngs=rngs)
         self.final_layer_norm = _layer_norm(config, rngs)
         self.text_projection = _linear(
-            config.hidden_size, config.projection_dim, config, rngs, bias=False
+            config.hidden_size, config.projection_dim, ("embed", None), config, rngs, bias=False
         )
 
     def __call__(

@@ -1,0 +1,90 @@
+"""python -m danceopd_jax.bench [--config=configs/t2i_edit.py] [--preset=toy|sd35m-shape]
+
+Times the DanceOPD train step and its alternatives on this machine's first device and prints a
+table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
+step (the rollout forwards actually run, the teachers, the student's forward and backward),
+achieved TFLOP/s, MFU against the device's bf16 peak, the compiled step's memory. Ratios are
+against the first row, measured in the same run.
+
+  toy          the config's own shapes-world model and batch (what the main job trains)
+  sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, 333 text
+               tokens, an edit source in the sequence: 512^2 at batch 8 and 1024^2 at batch 2
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
+from danceopd_jax.models.mmdit import sd35_medium_config, tiny_config
+from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"], "What to measure.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
+_OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
+_CUDNN = flags.DEFINE_bool("cudnn", True, "sd35m-shape on a GPU: cuDNN fused attention.")
+
+
+def workloads() -> list[Workload]:
+    c = _CONFIG.value
+    if _PRESET.value == "toy":
+        m = c.model
+        model = tiny_config(image_size=c.world.image_size, patch_size=m.patch_size,
+                            text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
+                            depth=m.depth, heads=m.heads)
+        model = dataclasses.replace(model, dtype=m.dtype)
+        return [Workload(model, c.world.image_size, c.training.batch_size, MAX_TEXT_LEN,
+                         num_steps=c.danceopd.num_steps)]
+    # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
+    attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
+    model = sd35_medium_config(dtype="bfloat16", remat=True, attention=attention)
+    return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
+                                                               vae_factor=8)]
+
+
+def table(results: list[Result]) -> str:
+    base = results[0].step_s
+    rows = ["| variant | compile s | step ms | samples/s | GFLOP/step | TFLOP/s | MFU | "
+            "memory GiB | rollout fwd | step cost vs row 1 |", "|" + " --- |" * 10]
+    for r in results:
+        mfu = f"{100 * r.mfu:.1f}%" if r.mfu is not None else "n/a"
+        mem = f"{r.memory_gib:.3g}" if r.memory_gib is not None else "n/a"
+        rows.append(f"| {r.variant} | {r.compile_s:.1f} | {1e3 * r.step_s:.1f} | "
+                    f"{r.samples_per_s:.1f} | {r.flops_per_step / 1e9:.3g} | {r.tflops:.3g} | "
+                    f"{mfu} | {mem} | {r.rollout_forwards:.1f} | {r.step_s / base:.2f}x |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+    report = {"device": device.device_kind, "backend": jax.default_backend(),
+              "jax": jax.__version__, "preset": _PRESET.value, "workloads": []}
+    for work in workloads():
+        print(f"\n{work.image_size}^2 (latent {work.latent}^2), batch {work.batch}, "
+              f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
+              f"attention {work.model.attention}, remat {work.model.remat}")
+        results = bench_workload(work, _STEPS.value, _WARMUP.value)
+        seconds, tflops = student_fwd_bwd(work, _STEPS.value, _WARMUP.value)
+        print(table(results))
+        print(f"student forward+backward alone: {1e3 * seconds:.1f} ms, {tflops:.3g} TFLOP/s")
+        report["workloads"].append({
+            "image_size": work.image_size, "batch": work.batch, "dtype": work.model.dtype,
+            "attention": work.model.attention, "remat": work.model.remat,
+            "results": [dataclasses.asdict(r) for r in results],
+            "student_fwd_bwd": {"seconds": seconds, "tflops": tflops}})
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,193 @@
+"""Measuring the DanceOPD step: compile time, step time, samples/s, model FLOPs, MFU, memory.
+
+Each variant is the real train step (train/step.py) on random weights and random inputs of a
+preset's shape, with conditions precomputed as a real-model run would have them (no text
+encoder in the step). Variants differ only in the step's static settings, so their ratios
+isolate one choice each: stopping the rollout at the query index, dense queries, routing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from danceopd_jax.core.fields import cfg
+from danceopd_jax.core.routing import Slot, per_sample_slots
+from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
+from danceopd_jax.train.mesh import make_mesh, put
+from danceopd_jax.train.state import make_optimizer, place_state
+from danceopd_jax.train.step import make_danceopd_step
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmarked shape: `batch` samples of `image_size` px, latents `vae_factor` times
+    smaller (1 = pixel space), an edit source in every sequence, `text_tokens` text tokens."""
+
+    model: MMDiTConfig
+    image_size: int
+    batch: int
+    text_tokens: int
+    vae_factor: int = 1
+    num_steps: int = 16
+
+    @property
+    def latent(self) -> int:
+        return self.image_size // self.vae_factor
+
+    def shape(self) -> Shape:
+        grid = self.latent // self.model.patch_size
+        return Shape(self.batch, grid * grid, self.text_tokens, with_source=True)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    query_k: int = 1
+    query_bias: str = "low"
+    full_rollout: bool = False
+    routing: str = "per_sample"
+
+
+def variants(num_steps: int) -> list[Variant]:
+    return [
+        Variant("DanceOPD K=1, rollout stops at the query"),
+        Variant("DanceOPD K=1, full rollout (reference)", full_rollout=True),
+        Variant(f"dense K=N={num_steps} (DiffusionOPD cost)", query_k=num_steps,
+                query_bias="dense"),
+        Variant("DanceOPD K=1, per-step routing", routing="per_step"),
+    ]
+
+
+@dataclass
+class Result:
+    variant: str
+    compile_s: float
+    step_s: float  # median
+    samples_per_s: float
+    flops_per_step: float  # mean over the timed steps (the rollout length varies)
+    tflops: float  # achieved: all timed FLOPs / all timed seconds
+    mfu: float | None
+    memory_gib: float | None  # the compiled step's arguments + temporaries, per device
+    rollout_forwards: float
+    extra: dict = field(default_factory=dict)
+
+
+def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
+    m, b = work.model, work.batch
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
+        "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
+        "has_source": jnp.ones((b,), bool),
+        "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.joint_attention_dim)),
+        "text_mask": jnp.ones((b, work.text_tokens), bool),
+        "pooled": jnp.zeros((b, m.pooled_projection_dim)),
+    }
+
+
+def precomputed_conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
+    """Conditions that arrive precomputed with the batch (no text encoder in the step)."""
+    del frozen, key
+    return {k: v for k, v in batch.items() if k != "target"}
+
+
+def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
+                   which: list[Variant] | None = None,
+                   log: Callable[[str], None] = print) -> list[Result]:
+    """Every variant's step on one device, random weights (student = anchor; the edit
+    teacher shares the anchor's weights, which changes no cost)."""
+    graph, params = nnx.split(MMDiT(work.model, rngs=nnx.Rngs(0)))
+    axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    params = nnx.to_pure_dict(params)
+
+    def field_fn(p: Any, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
+        return nnx.merge(graph, p)(z, sigma, cond)
+
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    optimizer = make_optimizer(1e-5, 0.0, 1.0)
+    sigmas = make_sigmas(work.num_steps, 1.0, "clean")
+    batch = _random_cond(jax.random.key(1), work)
+    device = jax.devices()[0]
+    peak = peak_tflops(device.device_kind)
+    results = []
+    for v in which or variants(work.num_steps):
+        frozen = {"teachers": {"anchor": params}}
+        trainable = {"backbone": jax.tree.map(jnp.copy, params)}
+        state, frozen, shardings = place_state(
+            mesh, trainable, {"backbone": axes}, frozen, {"teachers": {"anchor": axes}},
+            optimizer, seed=0)
+        step = make_danceopd_step(field_fn, lambda t, f: t["backbone"], [cfg(field_fn, 1.0)] * 2,
+                                  ["anchor", "anchor"], precomputed_conditioner, optimizer,
+                                  sigmas, v.query_k, v.query_bias, 1, shardings, v.full_rollout)
+        slots = ((Slot(0, 0, work.batch),) if v.routing == "per_step"
+                 else per_sample_slots([0.25, 0.75], work.batch))
+        placed = put(batch, shardings.batch)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, frozen, placed, slots).compile()
+        compile_s = time.perf_counter() - t0
+        memory = _memory_gib(compiled)
+        times, forwards = [], []
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            state, metrics = compiled(state, frozen, placed)
+            n = int(metrics["rollout_forwards"])  # waits for the step
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                forwards.append(n)
+        flops = [danceopd_step_flops(work.model, work.shape(), n, v.query_k).total
+                 for n in forwards]
+        tflops = sum(flops) / sum(times) / 1e12
+        step_s = statistics.median(times)
+        r = Result(v.name, compile_s, step_s, work.batch / step_s, float(np.mean(flops)),
+                   tflops, tflops / peak if peak else None, memory, float(np.mean(forwards)))
+        log(f"  {r.variant}: {r.step_s * 1e3:.1f} ms/step, compile {r.compile_s:.1f} s")
+        results.append(r)
+        del state, frozen, compiled
+    return results
+
+
+def _memory_gib(compiled: Any) -> float | None:
+    try:
+        m = compiled.memory_analysis()
+        total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                 - m.alias_size_in_bytes)
+        return total / 2**30
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def student_fwd_bwd(work: Workload, steps: int = 10, warmup: int = 2) -> tuple[float, float]:
+    """(seconds, achieved TFLOP/s) of the student's plain forward+backward on the batch at a
+    random noise level: the MFU target of the fast path."""
+    graph, params = nnx.split(MMDiT(work.model, rngs=nnx.Rngs(0)))
+    params = nnx.to_pure_dict(params)
+    batch = _random_cond(jax.random.key(2), work)
+    cond = precomputed_conditioner(None, batch, None)
+
+    @jax.jit
+    def grads(p: Any) -> Any:
+        def loss(p: Any) -> jax.Array:
+            v = nnx.merge(graph, p)(batch["target"], jnp.full((work.batch,), 0.5), cond)
+            return jnp.mean(jnp.square(v))
+        return jax.grad(loss)(p)
+
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(grads(params))
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return seconds, 3 * forward_flops(work.model, work.shape()) / seconds / 1e12
+

@@ -1,0 +1,101 @@
+"""The benchmark's FLOP count, the full-rollout baseline, the bench command and the PyTorch
+peer (on a tiny shape; the real measurement is benchmarks/gpu_side_by_side.sh)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import ROOT, tiny_flags
+from flax import nnx
+
+from danceopd_jax.core.rollout import rollout_to
+from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
+
+
+@pytest.mark.parametrize("dual, with_source", [((), False), ((0,), True)])
+def test_forward_flops_match_xla_cost_analysis(dual, with_source):
+    """The analytic count is the matrix products; XLA also counts elementwise work, so ours is
+    a little lower, never higher."""
+    config = MMDiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
+                         num_layers=2, attention_head_dim=32, num_attention_heads=4,
+                         joint_attention_dim=64, caption_projection_dim=128,
+                         pooled_projection_dim=32, pos_embed_max_size=8,
+                         dual_attention_layers=dual, qk_norm="rms_norm")
+    graph, params = nnx.split(MMDiT(config, rngs=nnx.Rngs(0)))
+    b, t = 2, 8
+    z = jnp.zeros((b, 16, 16, 4))
+    cond = {"text": jnp.zeros((b, t, 64)), "text_mask": jnp.ones((b, t), bool),
+            "pooled": jnp.zeros((b, 32))}
+    if with_source:
+        cond |= {"source": z, "has_source": jnp.ones(b, bool)}
+    forward = jax.jit(lambda p, z, c: nnx.merge(graph, p)(z, jnp.zeros(b), c))
+    cost = forward.lower(params, z, cond).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
+    ours = forward_flops(config, Shape(b, 64, t, with_source))
+    assert 0.9 * xla < ours <= xla
+
+
+def test_step_flops_count_rollout_teachers_and_student():
+    config = MMDiTConfig(num_layers=2)
+    shape = Shape(4, 64, 8, True)
+    f = forward_flops(config, shape)
+    f4 = forward_flops(config, Shape(16, 64, 8, True))
+    step = danceopd_step_flops(config, shape, rollout_forwards=5, query_k=4, cfg_passes=2)
+    assert (step.rollout, step.teachers, step.student) == (5 * f, 2 * f4, 3 * f4)
+    assert step.total == 5 * f + 5 * f4
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("cpu") is None
+
+
+def test_full_rollout_reaches_the_same_states_with_all_n_forwards():
+    def field(params, z, sigma, cond):
+        return params * z + sigma[:, None]
+
+    z0 = jnp.arange(6.0).reshape(3, 2)
+    sigmas = make_sigmas(8, 1.0, "clean")
+    stop = jnp.array([[2], [5], [1]])
+    early, n_early = rollout_to(field, 0.3, z0, sigmas, {}, stop)
+    full, n_full = rollout_to(field, 0.3, z0, sigmas, {}, stop, full=True)
+    assert (int(n_early), int(n_full)) == (5, 8)
+    assert jnp.array_equal(early, full)
+
+
+@pytest.mark.slow
+def test_bench_command_compares_the_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", *tiny_flags(),
+                          "--steps=2", "--warmup=1", f"--out={out}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| DanceOPD K=1, rollout stops at the query |" in run.stdout
+    (work,) = json.loads(out.read_text())["workloads"]
+    rows = {r["variant"].split(",")[0] + r["variant"].split(",")[-1]: r for r in work["results"]}
+    stop, full = rows["DanceOPD K=1 rollout stops at the query"], rows[
+        "DanceOPD K=1 full rollout (reference)"]
+    assert full["rollout_forwards"] == 4 >= stop["rollout_forwards"]  # N = 4 in the tiny config
+    dense = next(r for k, r in rows.items() if k.startswith("dense"))
+    assert dense["flops_per_step"] > 2 * stop["flops_per_step"]  # 4 queries vs 1
+    assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in work["results"])
+    assert work["student_fwd_bwd"]["tflops"] > 0
+
+
+@pytest.mark.slow
+def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
+    pytest.importorskip("diffusers")
+    out = tmp_path / "peer.json"
+    run = subprocess.run([sys.executable, "benchmarks/torch_peer.py", "--preset=tiny",
+                          "--modes=batched,reference-loop,fwd-bwd", "--steps=1", "--warmup=1",
+                          f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (work,) = json.loads(out.read_text())["workloads"]
+    modes = {r["mode"]: r for r in work["results"]}
+    assert modes["reference-loop"]["rollout_forwards"] == [16 * work["batch"]]
+    assert all(0 <= n <= 15 for n in modes["batched"]["rollout_forwards"])
+    assert all(r["samples_per_s"] > 0 for r in work["results"])
