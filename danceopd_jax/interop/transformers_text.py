@@ -1,0 +1,127 @@
+"""transformers ``CLIPTextModelWithProjection`` -> our ``CLIPTextEncoder``.
+
+Our module names are transformers' with the ``text_model.`` prefix dropped
+(``text_projection`` has none). Linear ``weight`` ``[out, in]`` -> ``kernel`` ``[in, out]``
+(transposed); LayerNorm ``weight`` -> ``scale``; Embedding ``weight`` -> ``embedding``
+(unchanged ``[num, hidden]``); ``bias`` unchanged. ``text_model.embeddings.position_ids``
+(an ``arange`` buffer that older checkpoints store) is skipped.
+
+Our encoder returns transformers' ``(last_hidden_state, text_embeds)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from danceopd_jax.interop._common import (
+    ParamPath,
+    assemble,
+    iter_safetensors,
+    kernel_from_weight,
+    param_shapes,
+    path_from_dotted,
+    read_config,
+    to_numpy,
+)
+from danceopd_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder
+
+WEIGHTS_STEM = "model"
+_PREFIX = "text_model."
+_TOP_LEVEL = "text_projection"
+_POSITION_IDS = "text_model.embeddings.position_ids"
+_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps", "eos_token_id",
+)
+_LEGACY_EOS = 2
+_FIX = (
+    "Fix: use the config.json that belongs to these weights and a transformers "
+    "CLIPTextModelWithProjection checkpoint (e.g. <pipeline>/text_encoder)."
+)
+
+
+def config_from_transformers(config: Mapping[str, Any]) -> CLIPTextConfig:
+    """transformers ``CLIPTextConfig`` dict (``config.json``) -> our ``CLIPTextConfig``.
+
+    Legacy configs say ``eos_token_id=2``, for which transformers pools at the highest token
+    id; that is the EOS token, the last vocabulary id, in CLIP's tokenizer, so it becomes
+    ``vocab_size - 1``.
+    """
+    missing = [k for k in _FIELDS if k not in config]
+    if missing:
+        raise ValueError(
+            f"CLIP text config lacks {missing}; pass the config.json of a transformers "
+            "CLIPTextModelWithProjection (model_type 'clip_text_model')."
+        )
+    fields = {k: config[k] for k in _FIELDS}
+    if fields["eos_token_id"] == _LEGACY_EOS:
+        fields["eos_token_id"] = fields["vocab_size"] - 1
+    return CLIPTextConfig(**fields)
+
+
+def our_path(name: str) -> ParamPath:
+    """transformers state-dict name -> our param path (names only)."""
+    module, _, leaf = name.removeprefix(_PREFIX).rpartition(".")
+    kind = module.rpartition(".")[2]
+    if leaf == "weight":
+        if "layer_norm" in kind:
+            leaf = "scale"
+        elif kind.endswith("_embedding"):
+            leaf = "embedding"
+        else:
+            leaf = "kernel"
+    return path_from_dotted(module, leaf)
+
+
+def to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
+    """One transformers state-dict entry -> (our param path, float32 array in our layout)."""
+    path, array = our_path(name), to_numpy(tensor)
+    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+
+
+def to_transformers(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:
+    """One of our params -> (transformers state-dict name, float32 array in its layout)."""
+    *module_parts, leaf = (str(p) for p in path)
+    array = to_numpy(array)
+    prefix = "" if path[0] == _TOP_LEVEL else _PREFIX
+    weight = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
+    return f"{prefix}{'.'.join(module_parts)}.{weight}", array.T if leaf == "kernel" else array
+
+
+def convert_state_dict(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    config: CLIPTextConfig,
+    what: str = "transformers CLIPTextModelWithProjection state dict",
+) -> dict:
+    """transformers state dict (a mapping or ``(name, tensor)`` pairs; numpy or torch tensors)
+    -> our params (nested dict of float32 numpy).
+
+    Raises ``ValueError`` naming every missing, unexpected or mis-shaped key.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return assemble(
+        ((name, t) for name, t in items if name != _POSITION_IDS),
+        our_path,
+        to_ours,
+        to_transformers,
+        param_shapes(lambda rngs: CLIPTextEncoder(config, rngs=rngs)),
+        what,
+        _FIX,
+    )
+
+
+def load_transformers_clip(directory: str | os.PathLike) -> tuple[CLIPTextConfig, dict]:
+    """Read a transformers CLIP text folder (``config.json`` plus ``model.safetensors`` or its
+    sharded ``.index.json``), one shard and one tensor at a time; never imports torch.
+
+    Returns ``(config, params)`` for ``CLIPTextEncoder(config, ...)``.
+    """
+    config = config_from_transformers(read_config(directory))
+    params = convert_state_dict(
+        iter_safetensors(directory, WEIGHTS_STEM), config, what=f"checkpoint {directory}"
+    )
+    return config, params
