@@ -16,9 +16,12 @@ from danceopd_jax.models.lora import init_lora, merge
 from danceopd_jax.models.mmdit import (
     MMDiT,
     MMDiTConfig,
+    block_groups,
     param_count,
+    stack_blocks,
     timestep_embedding,
     tiny_config,
+    unstack_blocks,
 )
 from danceopd_jax.models.text import CLIPTextEncoder, tiny_text_config
 
@@ -323,3 +326,40 @@ def test_lora_merge_math(base_params) -> None:
 def test_lora_regex_without_match_raises(base_params) -> None:
     with pytest.raises(ValueError, match=r"nothing_here.*kernel"):
         init_lora(jax.random.key(0), base_params, rank=2, targets="nothing_here")
+
+
+def test_scanned_layers_equal_the_unrolled_blocks() -> None:
+    """scan_layers stacks each run of same-kind blocks (here dual x2, plain x2, last x1) and
+    gives the unrolled model's outputs and gradients from the same (stacked) weights."""
+    cfg = MMDiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=5,
+                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                      caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8,
+                      dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    scanned = dataclasses.replace(cfg, scan_layers=True, remat=True)
+    assert [(g.start, g.stop) for g in block_groups(cfg)] == [(0, 2), (2, 4), (4, 5)]
+    graph, state = nnx.split(MMDiT(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                          nnx.to_pure_dict(state))
+    s_graph, s_state = nnx.split(MMDiT(scanned, rngs=nnx.Rngs(0)))
+    stacked = stack_blocks(params, cfg)
+    kernel = nnx.to_pure_dict(nnx.get_partition_spec(s_state))["block_groups"][0]["attn"]
+    assert kernel["to_q"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "heads")
+    z = jax.random.normal(jax.random.key(0), (2, 16, 16, 4))
+    cond = {"text": jax.random.normal(jax.random.key(1), (2, 5, 32)),
+            "text_mask": jnp.ones((2, 5), bool), "pooled": jnp.ones((2, 16)), "source": z,
+            "has_source": jnp.array([True, False])}
+
+    def loss(graph, state, p):
+        nnx.replace_by_pure_dict(state, p)
+        return jnp.mean(nnx.merge(graph, state)(z, jnp.array([0.3, 0.8]), cond) ** 2)
+
+    l_unrolled, g_unrolled = jax.value_and_grad(lambda p: loss(graph, state, p))(params)
+    l_scanned, g_scanned = jax.value_and_grad(lambda p: loss(s_graph, s_state, p))(stacked)
+    np.testing.assert_allclose(l_scanned, l_unrolled, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(unstack_blocks(g_scanned, cfg)), jax.tree.leaves(g_unrolled),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    back = unstack_blocks(stacked, cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
+                                                     jax.tree.leaves(params), strict=True))

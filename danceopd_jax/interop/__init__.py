@@ -2,5 +2,5 @@
 
 Loading needs only ``safetensors`` and numpy (never torch). ``diffusers_sd3`` maps
 ``SD3Transformer2DModel`` <-> ``MMDiT``; ``transformers_text`` maps
-``CLIPTextModelWithProjection`` -> ``CLIPTextEncoder``.
+``CLIPTextModelWithProjection`` -> ``CLIPTextEncoder`` and ``T5EncoderModel`` -> ``T5Encoder``.
 """

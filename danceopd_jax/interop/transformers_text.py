@@ -1,18 +1,22 @@
-"""transformers ``CLIPTextModelWithProjection`` -> our ``CLIPTextEncoder``.
+"""transformers text encoders -> ours: ``CLIPTextModelWithProjection`` -> ``CLIPTextEncoder``
+and ``T5EncoderModel`` -> ``T5Encoder``.
 
-Our module names are transformers' with the ``text_model.`` prefix dropped
-(``text_projection`` has none). Linear ``weight`` ``[out, in]`` -> ``kernel`` ``[in, out]``
-(transposed); LayerNorm ``weight`` -> ``scale``; Embedding ``weight`` -> ``embedding``
-(unchanged ``[num, hidden]``); ``bias`` unchanged. ``text_model.embeddings.position_ids``
-(an ``arange`` buffer that older checkpoints store) is skipped.
+Our module names are transformers' (for CLIP with the ``text_model.`` prefix dropped;
+``text_projection`` has none). Linear ``weight`` ``[out, in]`` -> ``kernel`` ``[in, out]``
+(transposed); (RMS) LayerNorm ``weight`` -> ``scale``; Embedding ``weight`` -> ``embedding``
+(unchanged ``[num, features]``); ``bias`` unchanged. Skipped: CLIP's
+``text_model.embeddings.position_ids`` (an ``arange`` buffer that older checkpoints store) and
+T5's ``encoder.embed_tokens.weight`` when ``shared.weight`` is present (transformers ties the
+former to the latter; a checkpoint holding only the former loads it as ``shared``).
 
-Our encoder returns transformers' ``(last_hidden_state, text_embeds)``.
+Our CLIP encoder returns transformers' ``(last_hidden_state, text_embeds)``, our T5 encoder
+its ``last_hidden_state``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +32,7 @@ from danceopd_jax.interop._common import (
     to_numpy,
 )
 from danceopd_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder
+from danceopd_jax.models.text.t5 import T5Config, T5Encoder
 
 WEIGHTS_STEM = "model"
 _PREFIX = "text_model."
@@ -38,9 +43,21 @@ _FIELDS = (
     "max_position_embeddings", "projection_dim", "hidden_act", "layer_norm_eps", "eos_token_id",
 )
 _LEGACY_EOS = 2
+_EMBEDDINGS = ("shared", "relative_attention_bias")  # Embedding modules not named *_embedding
 _FIX = (
     "Fix: use the config.json that belongs to these weights and a transformers "
     "CLIPTextModelWithProjection checkpoint (e.g. <pipeline>/text_encoder)."
+)
+_T5_SHARED = "shared.weight"
+_T5_TIED = "encoder.embed_tokens.weight"
+_T5_FIELDS = (
+    "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
+    "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+    "feed_forward_proj",
+)
+_T5_FIX = (
+    "Fix: use the config.json that belongs to these weights and a transformers T5EncoderModel "
+    "checkpoint (e.g. <pipeline>/text_encoder_3)."
 )
 
 
@@ -63,14 +80,25 @@ def config_from_transformers(config: Mapping[str, Any]) -> CLIPTextConfig:
     return CLIPTextConfig(**fields)
 
 
+def t5_config_from_transformers(config: Mapping[str, Any]) -> T5Config:
+    """transformers ``T5Config`` dict (``config.json``) -> our ``T5Config``."""
+    missing = [k for k in _T5_FIELDS if k not in config]
+    if missing:
+        raise ValueError(
+            f"T5 config lacks {missing}; pass the config.json of a transformers T5EncoderModel "
+            "(model_type 't5')."
+        )
+    return T5Config(**{k: config[k] for k in _T5_FIELDS})
+
+
 def our_path(name: str) -> ParamPath:
-    """transformers state-dict name -> our param path (names only)."""
+    """transformers state-dict name (CLIP or T5) -> our param path (names only)."""
     module, _, leaf = name.removeprefix(_PREFIX).rpartition(".")
     kind = module.rpartition(".")[2]
     if leaf == "weight":
         if "layer_norm" in kind:
             leaf = "scale"
-        elif kind.endswith("_embedding"):
+        elif kind.endswith("_embedding") or kind in _EMBEDDINGS:
             leaf = "embedding"
         else:
             leaf = "kernel"
@@ -83,11 +111,16 @@ def to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
     return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
 
 
-def to_transformers(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:
-    """One of our params -> (transformers state-dict name, float32 array in its layout)."""
+def to_transformers(
+    path: ParamPath, array: Any, prefix: str = _PREFIX
+) -> tuple[str, np.ndarray]:
+    """One of our params -> (transformers state-dict name, float32 array in its layout).
+
+    ``prefix`` is CLIP's ``text_model.``; T5 names have none (``prefix=""``).
+    """
     *module_parts, leaf = (str(p) for p in path)
     array = to_numpy(array)
-    prefix = "" if path[0] == _TOP_LEVEL else _PREFIX
+    prefix = "" if path[0] == _TOP_LEVEL else prefix
     weight = "weight" if leaf in ("kernel", "scale", "embedding") else leaf
     return f"{prefix}{'.'.join(module_parts)}.{weight}", array.T if leaf == "kernel" else array
 
@@ -122,6 +155,64 @@ def load_transformers_clip(directory: str | os.PathLike) -> tuple[CLIPTextConfig
     """
     config = config_from_transformers(read_config(directory))
     params = convert_state_dict(
+        iter_safetensors(directory, WEIGHTS_STEM), config, what=f"checkpoint {directory}"
+    )
+    return config, params
+
+
+def _t5_path(name: str) -> ParamPath:
+    return our_path(_T5_SHARED if name == _T5_TIED else name)
+
+
+def _t5_to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
+    return to_ours(_T5_SHARED if name == _T5_TIED else name, tensor)
+
+
+def _t5_to_transformers(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:
+    return to_transformers(path, array, prefix="")
+
+
+def _untie(items: Iterable[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """transformers' tie, streamed: ``encoder.embed_tokens.weight`` also maps to ``shared``; it
+    is dropped after ``shared.weight``, and overwritten by a ``shared.weight`` that follows."""
+    seen_shared = False
+    for name, tensor in items:
+        seen_shared |= name == _T5_SHARED
+        if not (seen_shared and name == _T5_TIED):
+            yield name, tensor
+
+
+def convert_t5_state_dict(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    config: T5Config,
+    what: str = "transformers T5EncoderModel state dict",
+) -> dict:
+    """transformers ``T5EncoderModel`` state dict (a mapping or ``(name, tensor)`` pairs; numpy
+    or torch tensors) -> our ``T5Encoder`` params (nested dict of float32 numpy).
+
+    Raises ``ValueError`` naming every missing, unexpected or mis-shaped key.
+    """
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return assemble(
+        _untie(items),
+        _t5_path,
+        _t5_to_ours,
+        _t5_to_transformers,
+        param_shapes(lambda rngs: T5Encoder(config, rngs=rngs)),
+        what,
+        _T5_FIX,
+    )
+
+
+def load_transformers_t5(directory: str | os.PathLike) -> tuple[T5Config, dict]:
+    """Read a transformers T5 encoder folder (``config.json`` plus ``model.safetensors`` or its
+    sharded ``.index.json``, as SD3's ``text_encoder_3``), one shard and one tensor at a time;
+    never imports torch.
+
+    Returns ``(config, params)`` for ``T5Encoder(config, ...)``.
+    """
+    config = t5_config_from_transformers(read_config(directory))
+    params = convert_t5_state_dict(
         iter_safetensors(directory, WEIGHTS_STEM), config, what=f"checkpoint {directory}"
     )
     return config, params

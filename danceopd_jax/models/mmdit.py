@@ -63,6 +63,10 @@ class MMDiTConfig:
     qk_norm: str | None = None
     dtype: str = "float32"
     remat: bool = False
+    # Stack each run of identical blocks and apply it with one scan (compile time grows with
+    # the number of distinct block kinds, not with depth). Params then live under
+    # "block_groups" with a leading "layers" axis: convert with stack_blocks / unstack_blocks.
+    scan_layers: bool = False
     # jax.nn.dot_product_attention's implementation: "xla" (any platform) or "cudnn" (fused
     # flash attention on NVIDIA GPUs, bf16/fp16 only).
     attention: str = "xla"
@@ -125,6 +129,41 @@ def mmdit_6b_config(**overrides) -> MMDiTConfig:
         "num_layers": 18, "num_attention_heads": 24, "attention_head_dim": 128,
         "caption_projection_dim": 3072, "pos_embed_max_size": 192, "qk_norm": "rms_norm",
         **overrides})
+
+
+def block_groups(config: MMDiTConfig) -> list[range]:
+    """Runs of consecutive blocks of the same kind (dual attention or not; the last block's
+    text stream ends early), in order: what scan_layers stacks together."""
+    def kind(i: int) -> tuple[bool, bool]:
+        return i in config.dual_attention_layers, i == config.num_layers - 1
+
+    groups: list[range] = []
+    for i in range(config.num_layers):
+        if groups and kind(groups[-1].start) == kind(i):
+            groups[-1] = range(groups[-1].start, i + 1)
+        else:
+            groups.append(range(i, i + 1))
+    return groups
+
+
+def stack_blocks(params: dict, config: MMDiTConfig) -> dict:
+    """Per-block params ("transformer_blocks": {i: tree}) -> the scanned layout
+    ("block_groups": {g: tree with a leading layers axis})."""
+    out = {k: v for k, v in params.items() if k != "transformer_blocks"}
+    blocks = params["transformer_blocks"]
+    out["block_groups"] = {
+        g: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in group])
+        for g, group in enumerate(block_groups(config))}
+    return out
+
+
+def unstack_blocks(params: dict, config: MMDiTConfig) -> dict:
+    """The inverse of stack_blocks."""
+    out = {k: v for k, v in params.items() if k != "block_groups"}
+    out["transformer_blocks"] = {
+        i: jax.tree.map(lambda x, j=j: x[j], params["block_groups"][g])
+        for g, group in enumerate(block_groups(config)) for j, i in enumerate(group)}
+    return out
 
 
 def tiny_config(
@@ -470,6 +509,29 @@ class JointTransformerBlock(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
+# Scanned layers
+
+
+def _stacked(block, group: range, rngs: nnx.Rngs) -> JointTransformerBlock:
+    """len(group) blocks of one kind as one module whose params have a leading layers axis."""
+    @nnx.split_rngs(splits=len(group))
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> JointTransformerBlock:
+        return block(group.start, rngs)
+
+    return make(rngs)
+
+
+def _scan(step, stacked: JointTransformerBlock, carry: tuple[jax.Array, jax.Array]):
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def body(block: JointTransformerBlock, carry: tuple[jax.Array, jax.Array]):
+        return step(block, *carry)
+
+    return body(stacked, carry)
+
+
+# ---------------------------------------------------------------------------
 # Model
 
 
@@ -501,17 +563,20 @@ class MMDiT(nnx.Module):
         self.source_embed = nnx.Param(
             jnp.zeros((dim,), jnp.float32), out_sharding=("embed",), eager_sharding=False
         )
-        self.transformer_blocks = nnx.List(
-            [
-                JointTransformerBlock(
-                    config,
-                    context_pre_only=i == config.num_layers - 1,
-                    dual_attention=i in config.dual_attention_layers,
-                    rngs=rngs,
-                )
-                for i in range(config.num_layers)
-            ]
-        )
+        def block(i: int, rngs: nnx.Rngs) -> JointTransformerBlock:
+            return JointTransformerBlock(
+                config,
+                context_pre_only=i == config.num_layers - 1,
+                dual_attention=i in config.dual_attention_layers,
+                rngs=rngs,
+            )
+
+        if config.scan_layers:
+            self.block_groups = nnx.List([_stacked(block, group, rngs)
+                                          for group in block_groups(config)])
+        else:
+            self.transformer_blocks = nnx.List(
+                [block(i, rngs) for i in range(config.num_layers)])
         self.norm_out = AdaLayerNormContinuous(dim, dtype=dt, rngs=rngs)
         p = config.patch_size
         self.proj_out = _linear(
@@ -572,8 +637,12 @@ class MMDiT(nnx.Module):
             return block(x, c, temb_x, temb, joint_mask, image_mask)
 
         step = nnx.remat(run_block) if self.config.remat else run_block
-        for block in self.transformer_blocks:
-            x, c = step(block, x, c)
+        if self.config.scan_layers:
+            for group in self.block_groups:
+                x, c = _scan(step, group, (x, c))
+        else:
+            for block in self.transformer_blocks:
+                x, c = step(block, x, c)
 
         out = self.proj_out(self.norm_out(x[:, -1:], temb)[:, 0]).astype(jnp.float32)
         gh, gw = h // p, w // p

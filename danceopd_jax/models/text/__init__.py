@@ -10,6 +10,8 @@ from typing import Protocol
 import jax
 
 from danceopd_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder, tiny_text_config
+from danceopd_jax.models.text.sd3 import SD3TextEncoders, sd3_conditions
+from danceopd_jax.models.text.t5 import T5Config, T5Encoder
 
 
 class TextEncoder(Protocol):
@@ -23,4 +25,5 @@ class TextEncoder(Protocol):
     ) -> tuple[jax.Array, jax.Array]: ...
 
 
-__all__ = ["CLIPTextConfig", "CLIPTextEncoder", "TextEncoder", "tiny_text_config"]
+__all__ = ["CLIPTextConfig", "CLIPTextEncoder", "SD3TextEncoders", "T5Config", "T5Encoder",
+           "TextEncoder", "sd3_conditions", "tiny_text_config"]

@@ -162,18 +162,22 @@ class CLIPEncoder(nnx.Module):
             [CLIPEncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)]
         )
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array) -> list[jax.Array]:
+        """transformers' ``hidden_states``: the embeddings, then every layer's output."""
+        states = [x]
         for layer in self.layers:
-            x = layer(x, mask)
-        return x
+            states.append(layer(states[-1], mask))
+        return states
 
 
 class CLIPTextEncoder(nnx.Module):
     """``(input_ids [B, L] int32, attention_mask [B, L] bool) -> (tokens, pooled)``.
 
-    ``tokens`` [B, L, hidden] is the final-LayerNorm'd last hidden state;
-    ``pooled`` [B, projection_dim] projects the hidden state at the first
-    ``eos_token_id`` (the last real token when a row has no EOS).
+    ``tokens`` [B, L, hidden] is the final-LayerNorm'd last hidden state, or with
+    ``output_hidden_layer=i`` transformers' ``hidden_states[i]`` (0: the embeddings, k: layer
+    k's output, negative from the end; no final LayerNorm), e.g. -2 for SD3's penultimate
+    layer. ``pooled`` [B, projection_dim] always projects the final-LayerNorm'd last hidden
+    state at the first ``eos_token_id`` (the last real token when a row has no EOS).
     """
 
     def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
@@ -186,9 +190,16 @@ class CLIPTextEncoder(nnx.Module):
         )
 
     def __call__(
-        self, input_ids: jax.Array, attention_mask: jax.Array
+        self, input_ids: jax.Array, attention_mask: jax.Array, *,
+        output_hidden_layer: int | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         b, n = input_ids.shape
+        depth = self.config.num_hidden_layers
+        if output_hidden_layer is not None and not -depth - 1 <= output_hidden_layer <= depth:
+            raise ValueError(
+                f"output_hidden_layer={output_hidden_layer} is outside [{-depth - 1}, {depth}] "
+                f"(hidden_states of {depth} layers); use e.g. -2 for the penultimate layer."
+            )
         if n > self.config.max_position_embeddings:
             raise ValueError(
                 f"input_ids length {n} exceeds max_position_embeddings="
@@ -202,10 +213,12 @@ class CLIPTextEncoder(nnx.Module):
         keys = attention_mask.astype(bool)
         causal = jnp.tril(jnp.ones((n, n), bool))
         mask = causal[None, None] & keys[:, None, None, :]
-        hidden = self.final_layer_norm(self.encoder(self.embeddings(input_ids), mask))
+        states = self.encoder(self.embeddings(input_ids), mask)
+        hidden = self.final_layer_norm(states[-1])
 
         is_eos = input_ids == self.config.eos_token_id
         last_real = jnp.maximum(keys.sum(-1) - 1, 0)
         pos = jnp.where(is_eos.any(-1), jnp.argmax(is_eos, axis=-1), last_real)
         pooled = hidden[jnp.arange(b), pos]
-        return hidden, self.text_projection(pooled).astype(jnp.float32)
+        tokens = hidden if output_hidden_layer is None else states[output_hidden_layer]
+        return tokens, self.text_projection(pooled).astype(jnp.float32)
