@@ -7,8 +7,9 @@ achieved TFLOP/s, MFU against the device's bf16 peak, the compiled step's memory
 against the first row, measured in the same run.
 
   toy          the config's own shapes-world model and batch (what the main job trains)
-  sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, 333 text
-               tokens, an edit source in the sequence: 512^2 at batch 8 and 1024^2 at batch 2
+  sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, scanned
+               layers, 333 text tokens, an edit source in the sequence: 512^2 at batch 8 and
+               1024^2 at batch 2
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def workloads() -> list[Workload]:
                          num_steps=c.danceopd.num_steps)]
     # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
     attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
-    model = sd35_medium_config(dtype="bfloat16", remat=True, attention=attention)
+    model = sd35_medium_config(dtype="bfloat16", remat=True, attention=attention,
+                               scan_layers=True)
     return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
                                                                vae_factor=8)]
 
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> None:
     for work in workloads():
         print(f"\n{work.image_size}^2 (latent {work.latent}^2), batch {work.batch}, "
               f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
-              f"attention {work.model.attention}, remat {work.model.remat}")
+              f"attention {work.model.attention}, remat {work.model.remat}, "
+              f"scanned layers {work.model.scan_layers}")
         results = bench_workload(work, _STEPS.value, _WARMUP.value)
         seconds, tflops = student_fwd_bwd(work, _STEPS.value, _WARMUP.value)
         print(table(results))
@@ -79,6 +82,7 @@ def main(argv: list[str]) -> None:
         report["workloads"].append({
             "image_size": work.image_size, "batch": work.batch, "dtype": work.model.dtype,
             "attention": work.model.attention, "remat": work.model.remat,
+            "scan_layers": work.model.scan_layers,
             "results": [dataclasses.asdict(r) for r in results],
             "student_fwd_bwd": {"seconds": seconds, "tflops": tflops}})
     if _OUT.value:

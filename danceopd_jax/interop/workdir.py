@@ -1,0 +1,96 @@
+"""A trained workdir's student: restored from its latest checkpoint, exported to diffusers.
+
+Used by the sample and export command lines. The export formats:
+
+* ``export_diffusers``: the student's (merged) backbone as a diffusers
+  ``SD3Transformer2DModel`` folder, plus ``source_embed.npy``, the edit conditioning diffusers
+  has no place for (``examples/torch_edit_sd3.py`` runs edits with both).
+* ``export_lora``: a LoRA student's factors as a diffusers LoRA file, to load on top of the
+  workdir's anchor teacher (the base it was trained on).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from danceopd_jax.interop.diffusers_sd3 import save_diffusers_transformer
+from danceopd_jax.interop.peft_lora import save_diffusers_lora
+from danceopd_jax.models.mmdit import MMDiTConfig
+from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params
+from danceopd_jax.train.distill import World, build, initial_trainable
+from danceopd_jax.train.model import Models, student_params_fn
+from danceopd_jax.train.state import TrainState, make_optimizer
+
+Params = Any
+SOURCE_EMBED_FILE = "source_embed.npy"
+
+
+@dataclass(frozen=True)
+class Student:
+    """A workdir's trained student and what running or exporting it needs."""
+
+    config: ml_collections.ConfigDict
+    world: World
+    models: Models
+    params: Params  # the student's backbone params (a LoRA student's merged onto the anchor)
+    text: Params  # the frozen text encoder
+    anchor: Params  # the frozen anchor teacher's backbone: a LoRA student's base
+    lora: Params | None  # the trained LoRA tree; None for full fine-tuning
+    lora_alpha: float
+
+    @property
+    def backbone_config(self) -> MMDiTConfig:
+        return nnx.merge(self.models.backbone, self.params).config
+
+
+def load_student(workdir: str | Path) -> Student:
+    """The student of a ``danceopd_jax.main`` workdir at its latest checkpoint (from
+    ``config.json``, ``checkpoints/`` and the anchor teacher under ``teachers/anchor``)."""
+    workdir = Path(workdir).absolute()
+    config_file = workdir / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{workdir} has no config.json; is it a danceopd_jax.main workdir?")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    _, world, models, backbone, text = build(config, workdir)
+    anchor, _ = load_params(workdir / "teachers" / "anchor", {"backbone": backbone, "text": text})
+    tc = config.training
+    frozen = {"teachers": {"anchor": anchor["backbone"]}, "text": anchor["text"]}
+    optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
+    like = TrainState.create(initial_trainable(config, frozen), optimizer, config.seed)
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    state, _ = checkpoints.restore(like)
+    checkpoints.close()
+    alpha = tc.lora_alpha or float(tc.lora_rank)
+    params = student_params_fn("anchor", alpha)(state.trainable, frozen)
+    return Student(config, world, models, params, anchor["text"], anchor["backbone"],
+                   state.trainable.get("lora"), alpha)
+
+
+def export_diffusers(student: Student, out: str | Path) -> Path:
+    """Write the student as a diffusers ``SD3Transformer2DModel`` folder ``out`` and its source
+    embedding (dropped from that folder: diffusers has no edit conditioning) to
+    ``out/source_embed.npy``; return the latter's path."""
+    out = Path(out)
+    save_diffusers_transformer(student.backbone_config, student.params, out,
+                               drop_source_embed=True)
+    path = out / SOURCE_EMBED_FILE
+    np.save(path, np.asarray(student.params["source_embed"], np.float32))
+    return path
+
+
+def export_lora(student: Student, out: str | Path) -> Path:
+    """Write a LoRA student's factors as a diffusers LoRA under ``out`` (a folder or a
+    ``.safetensors`` file); return the file written."""
+    if student.lora is None:
+        raise ValueError(
+            "this workdir's student was trained with full fine-tuning (training.lora_rank=0), so "
+            "it has no LoRA to export; use --format=diffusers to export the whole transformer."
+        )
+    return save_diffusers_lora(student.lora, student.lora_alpha, out)
