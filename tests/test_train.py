@@ -145,6 +145,8 @@ def test_main_job_trains_checkpoints_samples_and_scores(trained):
         "t2i_step000004.png", "joint_edit_step000004.png", "t2i_step000002.png"}
     assert set(scores) >= {"anchor", "joint_edit", "student"}
     assert set(scores["student"]) == {"t2i@cfg1", "joint_edit@cfg1"}
+    kinds = scores["edit_breakdown"]["student"]["joint_edit@cfg1"]
+    assert all(r["correct"] <= min(r["changed"], r["preserved"]) for r in kinds.values())
     assert json.loads((workdir / "scores.json").read_text())["student"] == scores["student"]
 
 

@@ -72,3 +72,16 @@ def score_bucket(images: np.ndarray, bucket: Bucket) -> dict[str, float]:
     for task in sorted(set(tasks.tolist())):
         scores[task] = float(correct[tasks == task].mean())
     return scores
+
+
+def edit_breakdown(images: np.ndarray, bucket: Bucket) -> dict[str, dict[str, float]]:
+    """Per edit kind (style edits split by style): the fractions where the instructed change
+    happened ("changed"), the rest was preserved ("preserved"), and both ("correct")."""
+    rows: dict[str, list[dict[str, bool]]] = {}
+    for image, spec_json in zip(images, bucket["spec"], strict=True):
+        spec = json.loads(str(spec_json))
+        kind = spec["kind"] + (f"/{spec['style']}" if spec.get("style") else "")
+        rows.setdefault(kind, []).append(score_edit(image, spec))
+    return {kind: {k: float(np.mean([r[k] for r in rs])) for k in ("changed", "preserved",
+                                                                  "correct")}
+            for kind, rs in sorted(rows.items())}

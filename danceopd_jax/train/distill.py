@@ -32,7 +32,12 @@ from danceopd_jax.data.batches import RouteBatcher
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
 from danceopd_jax.eval.grids import save_grid
-from danceopd_jax.eval.shapes import generate_bucket, make_generator, score_bucket
+from danceopd_jax.eval.shapes import (
+    edit_breakdown,
+    generate_bucket,
+    make_generator,
+    score_bucket,
+)
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import MetricsWriter, fit
@@ -201,10 +206,12 @@ def evaluate(config, models: Models, world: World, routes, teachers: dict[str, P
 def score_models(config, models: Models, world: World, text: Params,
                  jobs: list[tuple[str, Params, str, float]]) -> dict:
     """{model: {"<bucket>@cfg<alpha>": scores}} for (model name, params, bucket, CFG alpha)
-    jobs, each sampled deterministically on the bucket's held-out evaluation set."""
+    jobs, each sampled deterministically on the bucket's held-out evaluation set; plus
+    "edit_breakdown": {model: {eval set: {edit kind: changed / preserved / correct}}}."""
     e, d = config.eval, config.danceopd
     sigmas = make_sigmas(e.sample_steps, d.shift, d.schedule)
     results: dict[str, dict] = {}
+    breakdown: dict[str, dict] = {}
     generators: dict[float, object] = {}  # one compiled sampler per guidance scale
     for name, params, bucket, alpha in jobs:
         key = f"{bucket}@cfg{alpha:g}"
@@ -217,17 +224,24 @@ def score_models(config, models: Models, world: World, text: Params,
         images = generate_bucket(generators[alpha], params, text, data, config.seed,
                                  e.batch_size)
         results[name][key] = score_bucket(images, data)
-    return results
+        if bucket != "t2i":
+            breakdown.setdefault(name, {})[key] = edit_breakdown(images, data)
+    return {**results, "edit_breakdown": breakdown}
 
 
 def format_scores(scores: dict) -> str:
     lines = [f"{'model':<14}{'eval set':<20}score   per task"]
     for model, sets in scores.items():
-        if model == "wall_time_s":
+        if model in ("wall_time_s", "edit_breakdown"):
             continue
         for name, s in sets.items():
             tasks = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "score")
             lines.append(f"{model:<14}{name:<20}{s['score']:.3f}   {tasks}")
+    for model, sets in scores.get("edit_breakdown", {}).items():
+        for name, kinds in sets.items():
+            lines.append(f"{model} on {name}, per edit kind (changed / preserved / correct): "
+                         + ", ".join(f"{kind} {r['changed']:.2f}/{r['preserved']:.2f}/"
+                                     f"{r['correct']:.2f}" for kind, r in kinds.items()))
     w = scores.get("wall_time_s", {})
     if w:
         lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in w.items()))
