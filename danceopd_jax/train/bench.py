@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -80,7 +80,6 @@ class Result:
     mfu: float | None
     memory_gib: float | None  # the compiled step's arguments + temporaries, per device
     rollout_forwards: float
-    extra: dict = field(default_factory=dict)
 
 
 def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
