@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, METHODS
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
 
@@ -46,9 +47,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
+    # The training objective (README "Methods"): DanceOPD or a baseline of METHOD.md 7, each
+    # with the same trainer, optimizer and number of steps.
+    c.method = "danceopd"
     # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
     c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
                       full_rollout=False)
+    # Options of the baselines. diffusion_opd: dsigma "true" (the schedule's) or "uniform"
+    # (1/N, the reference). flow_opd: SDE noise level eta, G rollouts per prompt (group; the
+    # batch's prompts times G are rolled out), PPO clip, advantage clip, advantage "kl" (the
+    # reference) or "log_ratio". weight_merge: "average" (route-weighted) or "task_arithmetic"
+    # (each teacher's delta times merge_scale). off_policy and soft_mix use danceopd's query_k
+    # and query_bias.
+    c.baselines = dict(dsigma="true", eta=0.7, group=16, ppo_clip=1e-4, adv_clip=5.0,
+                       advantage="kl", merge="average", merge_scale=1.0)
     c.training = dict(
         steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
         lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
@@ -73,6 +85,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"size dividing {size} (e.g. {[p for p in (1, 2, 3, 4, 6, 8) if size % p == 0]}).")
     d = config.danceopd
     validate_query(d.num_steps, d.query_k, d.query_bias)
+    validate_method(config)
     if config.training.routing not in ROUTING_MODES:
         raise ValueError(f"training.routing={config.training.routing!r}; use one of "
                          f"{ROUTING_MODES}.")
@@ -87,3 +100,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")
+
+
+def validate_method(config: ml_collections.ConfigDict) -> None:
+    """config.method and its options in config.baselines."""
+    method, b = config.method, config.baselines
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {METHODS} "
+                         "(--config.method=...).")
+    for name, value, choices in [("dsigma", b.dsigma, DSIGMA_MODES),
+                                 ("advantage", b.advantage, FLOW_ADVANTAGES),
+                                 ("merge", b.merge, MERGE_MODES)]:
+        if value not in choices:
+            raise ValueError(f"baselines.{name}={value!r} is unknown; use one of {choices}.")
+    for name in ("eta", "ppo_clip", "adv_clip"):
+        if not b[name] > 0:
+            raise ValueError(f"baselines.{name}={b[name]}: it must be > 0.")
+    if b.group < 1:
+        raise ValueError(f"baselines.group={b.group}: Flow-OPD needs at least 1 rollout per "
+                         "prompt (METHOD.md uses 16; fewer keeps a CPU run affordable).")
+    if method == "weight_merge" and config.training.lora_rank > 0:
+        raise ValueError(f"method='weight_merge' with training.lora_rank="
+                         f"{config.training.lora_rank}: a merged student is a full set of "
+                         "weights, not a LoRA; set training.lora_rank=0.")
