@@ -4,6 +4,9 @@ before anything compiles."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +17,13 @@ from danceopd_jax.config import validate
 from danceopd_jax.core import methods, schedule
 from danceopd_jax.core.rollout import rollout_to, sde_rollout
 from danceopd_jax.core.routing import Route, Slot
+from danceopd_jax.data.batches import RouteBatcher
+from danceopd_jax.interop.workdir import load_student
+from danceopd_jax.train import distill
+from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
+from danceopd_jax.train.mesh import make_mesh, put
+from danceopd_jax.train.model import student_params_fn
+from danceopd_jax.train.state import make_optimizer, place_state
 
 SHAPE = (2, 2, 1)  # one tiny latent per sample
 STUDENT = {"a": -0.3, "b": 0.2, "d": 0.0}
@@ -100,24 +110,22 @@ def np_log_prob(x, mean, std):
 
 
 @pytest.mark.parametrize("advantage", ["kl", "log_ratio"])
-def test_flow_opd_reproduces_the_sde_draws_kl_advantage_clip_and_ppo_value(advantage):
+def test_flow_opd_sde_rollout_kl_advantage_clip_and_ppo_value(advantage):
     """2 prompts x G=2 rollouts, N=3 SDE steps; the teacher of prompt 1 is far enough from the
     student that some advantages hit the clip at 5 and others do not."""
     n, group, eta = 3, 2, 0.7
     sigmas = schedule.make_sigmas(n)
     s = np.asarray(sigmas, np.float64)
-    key = jax.random.key(7)
-    z0 = normal(1, (2, group, *SHAPE))
+    z0, noise = normal(1, (2, group, *SHAPE)), normal(7, (2, group, n, *SHAPE))
     c = np.repeat(COND, group)  # rollout g of prompt b is row b*G + g
     teacher_of_row = [0, 0, 1, 1]
-    noise = [np.asarray(jax.random.normal(k, (4, *SHAPE)), np.float64)
-             for k in jax.random.split(key, n)]
+    rows_noise = noise.reshape(4, n, *SHAPE)
     z, kls, log_ps = z0.reshape(4, *SHAPE), [], []
     for i in range(n):
         mean_s, std = np_sde_mean_std(z, np_field(STUDENT, z, s[i], c), s[i], s[i + 1], eta)
         mean_t, _ = np_sde_mean_std(z, np_routed(z, s[i], c, teacher_of_row), s[i], s[i + 1],
                                     eta)
-        z_next = mean_s + std * noise[i]
+        z_next = mean_s + std * rows_noise[:, i]
         if advantage == "kl":
             kls.append(np.mean((mean_s - mean_t).reshape(4, -1) ** 2, axis=1) / (2 * std ** 2))
         else:
@@ -129,14 +137,16 @@ def test_flow_opd_reproduces_the_sde_draws_kl_advantage_clip_and_ppo_value(advan
     assert np.any(np.abs(kl) > 5) and np.any(np.abs(kl) < 5)  # the clip binds on some only
     want = np.mean(-adv)  # one update per rollout: ratio = 1, so the PPO clip is inactive
 
-    states, log_p_old = sde_rollout(field, jax_params(STUDENT), jnp.asarray(z0.reshape(4, *SHAPE),
-                                    jnp.float32), sigmas, cond_of(c), key, eta)
+    states, log_p_old = sde_rollout(field, jax_params(STUDENT),
+                                    jnp.asarray(z0.reshape(4, *SHAPE), jnp.float32), sigmas,
+                                    cond_of(c), jnp.asarray(rows_noise, jnp.float32), eta)
     np.testing.assert_allclose(states[:, -1], z, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(log_p_old, np.stack(log_ps, axis=1), rtol=1e-5)
 
     loss, aux = jax.jit(lambda p: methods.flow_opd_loss(
         field, p, [field, field], [jax_params(t) for t in TEACHERS], SLOTS,
-        jnp.asarray(z0, jnp.float32), cond_of(COND), sigmas, key, eta=eta, ppo_clip=1e-4,
+        jnp.asarray(z0, jnp.float32), cond_of(COND), sigmas, jnp.asarray(noise, jnp.float32),
+        eta=eta, ppo_clip=1e-4,
         adv_clip=5.0, advantage=advantage))(jax_params(STUDENT))
     np.testing.assert_allclose(float(loss), want, rtol=1e-4)
     np.testing.assert_allclose(float(aux["teacher_kl"]), np.mean(kl), rtol=1e-4)
@@ -237,30 +247,36 @@ def test_weight_merge_average_and_task_arithmetic():
 
 # --- where the gradient flows ---------------------------------------------------------------
 
-def losses_of(method, sigmas, z0, key):
-    """The method's loss as a function of (student params, teacher params)."""
-    cond = cond_of(COND)
-    idx = jnp.array([[2, 3], [1, 3]])
-    eps = jnp.asarray(normal(9, (2, 2, *SHAPE)), jnp.float32)
+def inputs(batch, n, seed=8):
+    """Noise and query indices for a batch of `batch` samples and an n-step schedule."""
+    return {"z0": normal(seed, (batch, *SHAPE)), "eps": normal(seed + 1, (batch, 2, *SHAPE)),
+            "noise": normal(seed + 2, (batch, 1, n, *SHAPE)),
+            "idx": np.array([[2, 3], [1, 3]] * (batch // 2))}
+
+
+def losses_of(method, sigmas, x, slots=SLOTS, shards=1):
+    """The method's loss as a function of (student params, teacher params); x from inputs()."""
+    cond = cond_of(np.tile(COND, shards))
+    z0, eps, noise = (jnp.asarray(x[k], jnp.float32) for k in ("z0", "eps", "noise"))
+    idx = jnp.asarray(x["idx"])
     return {
         "diffusion_opd": lambda p, t: methods.diffusion_opd_loss(
-            field, p, [field] * 2, t, SLOTS, z0, cond, sigmas, "true")[0],
+            field, p, [field] * 2, t, slots, z0, cond, sigmas, "true", shards)[0],
         "soft_mix": lambda p, t: methods.soft_mix_loss(
-            field, p, [field] * 2, t, [0.5, 0.5], z0, cond, sigmas, idx)[0],
+            field, p, [field] * 2, t, [0.5, 0.5], z0, cond, sigmas, idx, shards)[0],
         "off_policy": lambda p, t: methods.off_policy_loss(
-            field, p, [field] * 2, t, SLOTS, z0, [True, False], 2 * z0, eps, cond, sigmas,
-            idx)[0],
+            field, p, [field] * 2, t, slots, z0, [True, False], 2 * z0, eps, cond, sigmas,
+            idx, shards)[0],
         "flow_opd": lambda p, t: methods.flow_opd_loss(
-            field, p, [field] * 2, t, SLOTS, z0[:, None], cond, sigmas, key,
-            advantage="log_ratio")[0],
+            field, p, [field] * 2, t, slots, z0[:, None], cond, sigmas, noise,
+            advantage="log_ratio", shards=shards)[0],
     }[method]
 
 
 @pytest.mark.parametrize("method", ["diffusion_opd", "soft_mix", "off_policy", "flow_opd"])
 def test_teachers_get_no_gradient(method):
     sigmas = schedule.make_sigmas(4)
-    z0 = jnp.asarray(normal(8, (2, *SHAPE)), jnp.float32)
-    loss = losses_of(method, sigmas, z0, jax.random.key(3))
+    loss = losses_of(method, sigmas, inputs(2, 4))
     teachers = [jax_params(t) for t in TEACHERS]
     grad_student, grad_teachers = jax.grad(loss, argnums=(0, 1))(jax_params(STUDENT), teachers)
     assert all(float(g) == 0.0 for g in jax.tree.leaves(grad_teachers))
@@ -271,7 +287,7 @@ def test_diffusion_opd_gradient_is_that_of_the_predictions_at_fixed_states():
     sigmas = schedule.make_sigmas(4, shift=3.0)
     z0 = jnp.asarray(normal(8, (2, *SHAPE)), jnp.float32)
     teachers = [jax_params(t) for t in TEACHERS]
-    loss = losses_of("diffusion_opd", sigmas, z0, None)
+    loss = losses_of("diffusion_opd", sigmas, {**inputs(2, 4), "z0": z0})
     idx = jnp.broadcast_to(jnp.arange(4), (2, 4))
     zq, _ = rollout_to(field, jax_params(STUDENT), z0, sigmas, cond_of(COND), idx)
     zq = zq.reshape(8, *SHAPE)
@@ -292,11 +308,12 @@ def test_diffusion_opd_gradient_is_that_of_the_predictions_at_fixed_states():
 def test_flow_opd_gradient_is_the_policy_gradient_at_fixed_transitions():
     """d loss = mean(-A d log p(z_{i+1} | z_i)) with the rollout and A held fixed."""
     sigmas = schedule.make_sigmas(4)
-    z0 = jnp.asarray(normal(8, (2, *SHAPE)), jnp.float32)
-    key = jax.random.key(3)
+    x = inputs(2, 4)
     teachers = [jax_params(t) for t in TEACHERS]
-    got = jax.grad(losses_of("flow_opd", sigmas, z0, key))(jax_params(STUDENT), teachers)
-    states, _ = sde_rollout(field, jax_params(STUDENT), z0, sigmas, cond_of(COND), key, 0.7)
+    got = jax.grad(losses_of("flow_opd", sigmas, x))(jax_params(STUDENT), teachers)
+    states, _ = sde_rollout(field, jax_params(STUDENT), jnp.asarray(x["z0"], jnp.float32),
+                            sigmas, cond_of(COND), jnp.asarray(x["noise"][:, 0], jnp.float32),
+                            0.7)
     z, z_next = states[:, :-1].reshape(8, *SHAPE), states[:, 1:].reshape(8, *SHAPE)
     s, s1 = jnp.tile(sigmas[:-1], 2), jnp.tile(sigmas[1:], 2)
     cq = methods.repeat_cond(cond_of(COND), 4)
@@ -310,6 +327,21 @@ def test_flow_opd_gradient_is_the_policy_gradient_at_fixed_transitions():
     want = jax.grad(lambda p: jnp.mean(-jnp.clip(adv, -5, 5) * log_p(p)))(jax_params(STUDENT))
     for k in STUDENT:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["diffusion_opd", "soft_mix", "off_policy", "flow_opd"])
+def test_two_shard_blocks_route_like_one(method):
+    """A batch of two identical shard blocks (slots tiling each) gives the one-block loss and
+    gradient: every method keeps the slot layout through its repeats (train/mesh.py)."""
+    sigmas = schedule.make_sigmas(4)
+    one = inputs(2, 4)
+    two = {k: np.concatenate([v, v]) for k, v in one.items()}
+    teachers = [jax_params(t) for t in TEACHERS]
+    want = jax.value_and_grad(losses_of(method, sigmas, one))(jax_params(STUDENT), teachers)
+    got = jax.value_and_grad(losses_of(method, sigmas, two, shards=2))(jax_params(STUDENT),
+                                                                       teachers)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-8)
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -331,3 +363,70 @@ def test_bad_method_settings_fail_validation(overrides, match):
 def test_every_method_validates():
     for method in methods.METHODS:
         validate(tiny_config(method=method))
+
+
+# --- the trainer runs every method ----------------------------------------------------------
+
+ONE_LAYER = {"model.depth": 1}  # the wiring is under test, not the backbone: compile less
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny config's routes, world, models and frozen params (random weights; an edit
+    teacher unlike the anchor, so the losses are not ~0)."""
+    routes, world, models, backbone, text = distill.build(tiny_config(**ONE_LAYER),
+                                                          tmp_path_factory.mktemp("m"))
+    edit = jax.tree.map(lambda x: x * 1.5 + 0.01, backbone)
+    return routes, world, models, {"teachers": {"anchor": backbone, "joint_edit": edit},
+                                   "text": text}
+
+
+# DanceOPD's own step runs end to end in test_train.py.
+METRICS = {"diffusion_opd": {"rollout_forwards"},
+           "flow_opd": {"rollout_forwards", "teacher_kl", "clip_fraction"},
+           "off_policy": {"endpoint_forwards"}, "soft_mix": {"teachers_per_query"},
+           "sft_mix": set()}
+
+
+@pytest.mark.parametrize("method", sorted(METRICS))
+def test_every_training_method_takes_a_step(tiny_run, method):
+    """distill.method_update (what the main job runs) for each method: one step on the tiny
+    MMDiT updates the student, with a finite loss and the method's forward counts."""
+    routes, world, models, frozen = tiny_run
+    config = tiny_config(method=method, **ONE_LAYER, **{"baselines.group": 2})
+    frozen_axes = {"teachers": {n: models.backbone_axes for n in frozen["teachers"]},
+                   "text": models.text_axes}
+    optimizer = make_optimizer(1e-3, 0.0, 1.0)
+    trainable = distill.initial_trainable(config, frozen)
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
+                                           frozen, frozen_axes, optimizer, config.seed)
+    update = distill.method_update(config, routes, models, student_params_fn("anchor", 0.0),
+                                   optimizer, schedule.make_sigmas(4), 1, shardings, frozen)
+    before = np.asarray(state.trainable["backbone"]["proj_out"]["kernel"])
+    slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
+                                "per_sample", 4, config.seed)(0)
+    state, metrics = update(state, put(batch, shardings.batch), slots)
+    assert bool(metrics["finite"]) and float(metrics["loss"]) > 0
+    assert METRICS[method] <= set(metrics)
+    assert int(state.step) == 1
+    assert not np.array_equal(state.trainable["backbone"]["proj_out"]["kernel"], before)
+
+
+@pytest.mark.slow
+def test_weight_merge_skips_training_and_saves_the_merged_student(trained, tmp_path):
+    """No optimisation: checkpoint step 0 holds anchor + 0.75 (joint_edit - anchor) for the
+    0.25 / 0.75 routes, load_student restores it, and the student is scored."""
+    shutil.copytree(trained[0] / "teachers", tmp_path / "teachers")
+    scores = distill.run(tiny_config(method="weight_merge"), tmp_path)
+    assert RunCheckpoints(tmp_path / "checkpoints").latest_step() == 0
+    assert not (tmp_path / "metrics.jsonl").exists()
+    student = load_student(tmp_path)
+    like = {"backbone": student.params}
+    anchor = load_params(tmp_path / "teachers" / "anchor", {**like, "text": student.text})[0]
+    edit = load_params(tmp_path / "teachers" / "joint_edit", like)[0]
+    want = methods.merge_weights(anchor["backbone"], [edit["backbone"]], [0.75])
+    for got, w in zip(jax.tree.leaves(student.params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(got, w, rtol=1e-6)
+    assert set(scores["student"]) == {"t2i@cfg1", "joint_edit@cfg1"}
+    assert json.loads((tmp_path / "config.json").read_text())["method"] == "weight_merge"

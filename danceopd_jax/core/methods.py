@@ -215,15 +215,16 @@ def off_policy_loss(student: Field, params: Params, route_fields: Sequence[Field
 
 def flow_opd_loss(student: Field, params: Params, route_fields: Sequence[Field],
                   route_params: Sequence[Params], slots: Sequence[Slot], z0: jax.Array,
-                  cond: Cond, sigmas: jax.Array, key: jax.Array, *, eta: float = 0.7,
+                  cond: Cond, sigmas: jax.Array, noise: jax.Array, *, eta: float = 0.7,
                   ppo_clip: float = 1e-4, adv_clip: float = 5.0, advantage: str = "kl",
                   shards: int = 1) -> tuple[jax.Array, dict]:
     """Flow-OPD (METHOD.md 7): an SDE policy gradient with the teacher's transition as reward.
 
-    z0: [B, G, ...] noise of G rollouts per prompt (rollout g of prompt b is row b*G + g).
+    z0: [B, G, ...] starting noise of G rollouts per prompt (rollout g of prompt b is row
+    b*G + g); noise: [B, G, N, ...] the SDE's draws, step i's in noise[:, :, i].
     1. Roll out the student with the SDE of schedule.sde_transition (noise level eta), all N
        steps, under stop-gradient, recording each transition's log-probability log p_old
-       (rollout.sde_rollout; step i's noise comes from jax.random.split(key, N)[i]).
+       (rollout.sde_rollout).
     2. At every visited state z_i (dense, B*G*N transitions) the student (with gradient) and
        the sample's routed teacher (without) give velocities, hence Gaussian transition means
        mu_s, mu_t with the same std s_i = g(sigma_i) * sqrt(sigma_i - sigma_{i+1}).
@@ -251,7 +252,8 @@ def flow_opd_loss(student: Field, params: Params, route_fields: Sequence[Field],
     rollouts = batch * group
     cond_g = repeat_cond(cond, group)
     states, log_p_old = sde_rollout(student, params, z0.reshape((rollouts,) + z0.shape[2:]),
-                                    sigmas, cond_g, key, eta)
+                                    sigmas, cond_g, noise.reshape((rollouts,) + noise.shape[2:]),
+                                    eta)
     shape = (rollouts * n,) + states.shape[2:]
     z, z_next = states[:, :-1].reshape(shape), states[:, 1:].reshape(shape)
     sigma, sigma_next = jnp.tile(sigmas[:-1], rollouts), jnp.tile(sigmas[1:], rollouts)

@@ -53,26 +53,27 @@ def rollout_to(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, c
 
 
 def sde_rollout(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, cond: Cond,
-                key: jax.Array, eta: float) -> tuple[jax.Array, jax.Array]:
+                noise: jax.Array, eta: float) -> tuple[jax.Array, jax.Array]:
     """The whole N-step SDE trajectory from z0 (schedule.sde_transition) and its log-probs.
 
-    Step i draws its noise from jax.random.split(key, N)[i]. Returns ([B, N+1, ...] states
-    z_0 .. z_N, [B, N] float32 log-probabilities of each transition z_i -> z_{i+1}).
+    noise: [B, N, ...] standard normal draws, step i's in noise[:, i]. Returns
+    ([B, N+1, ...] float32 states z_0 .. z_N, [B, N] float32 log-probabilities of each
+    transition z_i -> z_{i+1} under the policy that sampled it).
     """
     params = jax.lax.stop_gradient(params)
     batch = z0.shape[0]
 
     def step(z, xs):
-        i, k = xs
+        i, xi = xs
         v = field(params, z, _sigma_at(sigmas, i, batch), cond)
         mean, std = sde_transition(z, v, sigmas[i], sigmas[i + 1], eta)
-        z_next = mean + std * jax.random.normal(k, z.shape, jnp.float32)
+        z_next = mean + std * xi
         return z_next, (z_next, gaussian_log_prob(z_next, mean, std))
 
-    n = sigmas.shape[0] - 1
-    _, (states, log_probs) = jax.lax.scan(step, z0.astype(jnp.float32),
-                                          (jnp.arange(n), jax.random.split(key, n)))
-    states = jnp.concatenate([z0[None].astype(jnp.float32), states])
+    z0 = z0.astype(jnp.float32)
+    _, (states, log_probs) = jax.lax.scan(
+        step, z0, (jnp.arange(sigmas.shape[0] - 1), jnp.moveaxis(noise, 1, 0)))
+    states = jnp.concatenate([z0[None], states])
     return jax.lax.stop_gradient((jnp.moveaxis(states, 0, 1), log_probs.T))
 
 

@@ -116,10 +116,11 @@ def flow_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: ja
     def objective(params, route_params, slots, batch, cond, k_noise, k_query):
         del k_query  # dense: every transition is used
         k_z0, k_sde = jax.random.split(k_noise)
-        shape = batch["target"].shape
-        z0 = jax.random.normal(k_z0, (shape[0], group) + shape[1:], jnp.float32)
+        b, *image = batch["target"].shape
+        z0 = jax.random.normal(k_z0, (b, group, *image), jnp.float32)
+        noise = jax.random.normal(k_sde, (b, group, sigmas.shape[0] - 1, *image), jnp.float32)
         return flow_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
-                             sigmas, k_sde, eta=eta, ppo_clip=ppo_clip, adv_clip=adv_clip,
+                             sigmas, noise, eta=eta, ppo_clip=ppo_clip, adv_clip=adv_clip,
                              advantage=advantage, shards=shards)
     return objective
 
