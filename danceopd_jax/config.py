@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.world = dict(image_size=24, train_size=30000, seed=1234)
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
-                   text_heads=4, dtype="float32")
+                   text_heads=4, dtype="float32", remat="none")
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
