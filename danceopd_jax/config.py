@@ -49,8 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
     c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
                       full_rollout=False)
+    # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
+    # config.seed the teachers, so runs with other training seeds share the same teachers.
     c.training = dict(
-        steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
+        seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
         lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
         sample_every=200, max_to_keep=2)
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
@@ -87,3 +89,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Set dotted fields ("training.steps": 20) in place, as `--config.training.steps=20`
+    would; a value may be a callable of the config (e.g. K = the config's N). A field the
+    config does not have is an error (a typo must not silently do nothing)."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"override {path!r}: the config has no such field; known fields "
+                           f"there: {sorted(node.keys())}.")
+        node[leaf] = value(config) if callable(value) else value
+    return config
