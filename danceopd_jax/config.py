@@ -52,9 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
     # config.seed the teachers, so runs with other training seeds share the same teachers.
     c.training = dict(
-        seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
-        lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
-        sample_every=200, max_to_keep=2)
+        seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
+        warmup_steps=20, lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100,
+        log_every=10, sample_every=200, max_to_keep=2)
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
