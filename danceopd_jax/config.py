@@ -43,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.world = dict(image_size=24, train_size=30000, seed=1234)
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
-                   text_heads=4, dtype="float32")
+                   text_heads=4, dtype="float32", remat="none")
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
@@ -61,10 +61,12 @@ def base_config() -> ml_collections.ConfigDict:
     # and query_bias.
     c.baselines = dict(dsigma="true", eta=0.7, group=16, ppo_clip=1e-4, adv_clip=5.0,
                        advantage="kl", merge="average", merge_scale=1.0)
+    # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
+    # config.seed the teachers, so runs with other training seeds share the same teachers.
     c.training = dict(
-        steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
-        lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
-        sample_every=200, max_to_keep=2)
+        seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
+        warmup_steps=20, lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100,
+        log_every=10, sample_every=200, max_to_keep=2)
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -123,3 +125,19 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"method='weight_merge' with training.lora_rank="
                          f"{config.training.lora_rank}: a merged student is a full set of "
                          "weights, not a LoRA; set training.lora_rank=0.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Set dotted fields ("training.steps": 20) in place, as `--config.training.steps=20`
+    would; a value may be a callable of the config (e.g. K = the config's N). A field the
+    config does not have is an error (a typo must not silently do nothing)."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"override {path!r}: the config has no such field; known fields "
+                           f"there: {sorted(node.keys())}.")
+        node[leaf] = value(config) if callable(value) else value
+    return config

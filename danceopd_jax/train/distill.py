@@ -126,7 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     frozen_axes = {"teachers": {n: models.backbone_axes for n in names}, "text": models.text_axes}
     trainable = initial_trainable(config, frozen)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
-                                           frozen, frozen_axes, optimizer, config.seed)
+                                           frozen, frozen_axes, optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)
     if checkpoints.latest_step() is not None:
         state, _ = checkpoints.restore(state)
@@ -134,7 +134,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     shards = batch_shards(mesh)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
-                           tc.routing, tc.batch_size, config.seed, shards)
+                           tc.routing, tc.batch_size, tc.seed, shards)
     grids = SampleGrids(config, models, world, routes, workdir / "samples")
     t1 = time.perf_counter()
     if config.method == "weight_merge":  # no optimisation: the student is the teachers' merge
@@ -215,7 +215,7 @@ def initial_trainable(config: ml_collections.ConfigDict, frozen: Params) -> Para
     tc = config.training
     anchor = frozen["teachers"]["anchor"]
     if tc.lora_rank > 0:
-        return {"lora": lora.init_lora(jax.random.key(config.seed), anchor, tc.lora_rank)}
+        return {"lora": lora.init_lora(jax.random.key(tc.seed), anchor, tc.lora_rank)}
     return {"backbone": jax.tree.map(jnp.copy, anchor)}  # donated by the step: never alias
 
 
