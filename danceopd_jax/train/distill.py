@@ -195,7 +195,8 @@ def method_update(config: ml_collections.ConfigDict, routes: list[Route], models
             objective = soft_mix_objective(field, fields, [r.weight for r in routes], sigmas,
                                            d.query_k, d.query_bias, shards, d.full_rollout)
         case _:
-            raise ValueError(f"method {config.method!r} has no training step.")
+            raise ValueError(f"method {config.method!r} has no training step (weight_merge "
+                             "trains nothing; run() merges the teachers instead).")
     step = make_distill_step(objective, student_params, [r.teacher for r in routes],
                              models.conditioner(), optimizer, shardings)
     return lambda state, batch, slots: step(state, frozen, batch, slots)
