@@ -33,8 +33,10 @@ from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.eval.shapes import (
+    Generators,
     edit_breakdown,
     generate_bucket,
+    judge,
     make_generator,
     score_bucket,
 )
@@ -209,23 +211,21 @@ def score_models(config, models: Models, world: World, text: Params,
     jobs, each sampled deterministically on the bucket's held-out evaluation set; plus
     "edit_breakdown": {model: {eval set: {edit kind: changed / preserved / correct}}}."""
     e, d = config.eval, config.danceopd
-    sigmas = make_sigmas(e.sample_steps, d.shift, d.schedule)
+    generators = Generators(models.field(), models.conditioner(),
+                            make_sigmas(e.sample_steps, d.shift, d.schedule))
     results: dict[str, dict] = {}
     breakdown: dict[str, dict] = {}
-    generators: dict[float, object] = {}  # one compiled sampler per guidance scale
     for name, params, bucket, alpha in jobs:
         key = f"{bucket}@cfg{alpha:g}"
         if key in results.setdefault(name, {}):
             continue
         data = world.heldout_t2i() if bucket == "t2i" else world.heldout(bucket, e.num_edit)
-        if alpha not in generators:
-            generators[alpha] = make_generator(models.field(), models.conditioner(), sigmas,
-                                               alpha)
-        images = generate_bucket(generators[alpha], params, text, data, config.seed,
+        images = generate_bucket(generators(alpha), params, text, data, config.seed,
                                  e.batch_size)
-        results[name][key] = score_bucket(images, data)
+        verdicts = judge(images, data)
+        results[name][key] = score_bucket(verdicts)
         if bucket != "t2i":
-            breakdown.setdefault(name, {})[key] = edit_breakdown(images, data)
+            breakdown.setdefault(name, {})[key] = edit_breakdown(verdicts)
     return {**results, "edit_breakdown": breakdown}
 
 
