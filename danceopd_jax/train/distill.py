@@ -7,6 +7,7 @@ Each stage is reusable and resumable from the workdir:
   <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
   <workdir>/metrics.jsonl          training metrics
   <workdir>/samples/*.png          sample grids
+  <workdir>/curve.jsonl            held-out scores vs step (config.eval.curve_every > 0)
   <workdir>/scores.json            final held-out scores
 """
 
@@ -40,9 +41,10 @@ from danceopd_jax.eval.shapes import (
     make_generator,
     score_bucket,
 )
+from danceopd_jax.eval.shapesbench import Job, ShapesBench
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints
-from danceopd_jax.train.loop import MetricsWriter, fit
+from danceopd_jax.train.loop import MetricsWriter, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
 from danceopd_jax.train.state import make_optimizer, place_state
@@ -133,15 +135,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                            tc.routing, tc.batch_size, config.seed, shards)
     grids = SampleGrids(config, models, world, routes, workdir / "samples")
+    curve = Curve(config, models, world, routes, workdir / "curve.jsonl", int(state.step))
+
+    def on_host(show):  # every process gathers the student; process 0 shows it
+        return lambda s, n: show(to_host(student_params(s.trainable, frozen)),
+                                 to_host(frozen["text"]), n)
+
+    on_interval, interval_every = every((tc.sample_every, on_host(grids.save)),
+                                        (config.eval.curve_every, on_host(curve.record)))
+    if config.eval.curve_every and int(state.step) == 0:
+        on_host(curve.record)(state, 0)  # the curve starts at the anchor
     t1 = time.perf_counter()
     state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
                 steps=tc.steps, name="danceopd", checkpoints=checkpoints,
                 checkpoint_every=tc.checkpoint_every,
                 meta={"config": config.to_dict()}, metrics=MetricsWriter(workdir / "metrics.jsonl"),
-                log_every=tc.log_every,
-                on_interval=lambda s, n: grids.save(
-                    to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
-                interval_every=tc.sample_every)
+                log_every=tc.log_every, on_interval=on_interval, interval_every=interval_every)
     checkpoints.close()
     t_student = time.perf_counter() - t1
 
@@ -193,6 +202,36 @@ class SampleGrids:
                 header = "source | target | student"
             save_grid(self.out_dir / f"{name}_step{step:06d}.png", rows, prompts,
                       f"{name} @ step {step}: {header}")
+
+
+class Curve:
+    """Quick held-out ShapesBench scores of the student during distillation, appended to
+    `path` (curve.jsonl) by process 0 as {"step", "t2i": the GenEval-style mean, "edit": the
+    GEditBench-style combined mean, null when no route trains edits}, for score-vs-step plots.
+    Sampled like the final scores (config.eval.sample_steps, the run's seed) on
+    config.eval.curve_num prompts / edits per category."""
+
+    def __init__(self, config, models: Models, world: World, routes, path: Path, start: int):
+        self.path, self.seed = path, config.seed
+        edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
+        self.tasks = ("t2i", "edit") if edits else ("t2i",)
+        self.bench = None
+        if config.eval.curve_every and jax.process_index() == 0:
+            e = config.eval
+            self.bench = ShapesBench(config, models, world, sample_steps=e.sample_steps,
+                                     num=e.curve_num, batch_size=e.batch_size)
+            if path.exists():  # a resumed run scores the steps after `start` again
+                rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= start]
+                path.write_text("".join(f"{r}\n" for r in rows))
+
+    def record(self, params: Params, text: Params, step: int) -> None:
+        if self.bench is None:
+            return
+        scores = self.bench.score(Job("student", params, tasks=self.tasks), text, self.seed)
+        row = {"step": step, "t2i": scores["t2i"]["mean"],
+               "edit": scores["edit"]["mean"]["correct"] if "edit" in scores else None}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def evaluate(config, models: Models, world: World, routes, teachers: dict[str, Params],
