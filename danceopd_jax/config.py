@@ -67,7 +67,11 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=20, lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100,
         log_every=10, sample_every=200, max_to_keep=2)
-    c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
+    # curve_every > 0: every that many distillation steps, append quick held-out ShapesBench
+    # scores of the student ({"step", "t2i", "edit"}, curve_num prompts / edits per category)
+    # to <workdir>/curve.jsonl, for score-vs-step plots.
+    c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128, curve_every=0,
+                  curve_num=8)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

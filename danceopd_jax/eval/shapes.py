@@ -1,13 +1,13 @@
-"""Scoring fields on the shapes world with its exact-ground-truth parser.
+"""Sampling fields on the shapes world and judging the samples with its exact parser.
 
-Used by the main job to print, at the end, how well the anchor, the teachers and the student
-do on held-out T2I prompts and edits.
+Shared by the main job's end-of-run scores (train/distill.py) and ShapesBench
+(eval/shapesbench.py): one sampler, one judge, different summaries.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,6 +21,8 @@ from danceopd_jax.data.shapes.parser import score_edit, score_t2i
 
 Params = Any
 Conditioner = Callable[[Params, dict, jax.Array], dict]
+Verdict = dict[str, Any]
+EDIT_KEYS = ("changed", "preserved", "correct")
 
 
 def make_generator(field: Field, conditioner: Conditioner, sigmas: jax.Array,
@@ -37,13 +39,29 @@ def make_generator(field: Field, conditioner: Conditioner, sigmas: jax.Array,
     return generate
 
 
+class Generators:
+    """One compiled sampler per CFG scale for one sampling schedule, built on first use, so
+    scoring many models at the same scale compiles once."""
+
+    def __init__(self, field: Field, conditioner: Conditioner, sigmas: jax.Array):
+        self.field, self.conditioner, self.sigmas = field, conditioner, sigmas
+        self._built: dict[float, Callable] = {}
+
+    def __call__(self, cfg_alpha: float) -> Callable:
+        if cfg_alpha not in self._built:
+            self._built[cfg_alpha] = make_generator(self.field, self.conditioner, self.sigmas,
+                                                    cfg_alpha)
+        return self._built[cfg_alpha]
+
+
 def to_uint8(x: jax.Array) -> jax.Array:
     return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def generate_bucket(generate: Callable, params: Params, text_params: Params, bucket: Bucket,
                     seed: int, batch_size: int) -> np.ndarray:
-    """Deterministic samples for every row of an evaluation bucket (fixed noise per row)."""
+    """Deterministic samples for every row of an evaluation bucket: the same (seed, batch_size)
+    gives the same noise for each row, whatever the model."""
     n = len(bucket["target"])
     out = []
     for start in range(0, n, batch_size):
@@ -56,32 +74,41 @@ def generate_bucket(generate: Callable, params: Params, text_params: Params, buc
     return np.concatenate(out)
 
 
-def score_bucket(images: np.ndarray, bucket: Bucket) -> dict[str, float]:
-    """Fraction of rows judged correct: T2I rows by every attribute the prompt asked, edit rows
-    by the instructed change AND preservation of the rest; also per task (category / kind)."""
-    correct = []
-    for image, spec_json in zip(images, bucket["spec"], strict=True):
+def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
+    """The parser's verdict on each row: its "task" (T2I category or edit kind), "kind" (the
+    edit kind, style edits split by style) and "correct" (T2I: every attribute the prompt
+    asked; edits: the instructed change made AND the rest preserved); edit rows also carry
+    "changed" and "preserved"."""
+    verdicts = []
+    for image, spec_json, task in zip(images, bucket["spec"], bucket["task"], strict=True):
         spec = json.loads(str(spec_json))
+        task = str(task)
         if "source" in spec:  # edits carry their source scene
-            correct.append(score_edit(image, spec)["correct"])
+            kind = task + (f"/{spec['style']}" if spec.get("style") else "")
+            verdicts.append({"task": task, "kind": kind, **score_edit(image, spec)})
         else:
-            correct.append(score_t2i(image, spec)["all"])
-    correct = np.asarray(correct, bool)
-    tasks = np.asarray(bucket["task"]).astype(str)
-    scores = {"score": float(correct.mean())}
-    for task in sorted(set(tasks.tolist())):
-        scores[task] = float(correct[tasks == task].mean())
-    return scores
+            verdicts.append({"task": task, "kind": task, "correct": score_t2i(image, spec)["all"]})
+    return verdicts
 
 
-def edit_breakdown(images: np.ndarray, bucket: Bucket) -> dict[str, dict[str, float]]:
+def rates(verdicts: Sequence[Verdict], by: str, keys: Sequence[str]) -> dict[str, dict[str,
+                                                                                    float]]:
+    """{group: {key: fraction true}} over the verdicts grouped by their `by` field."""
+    groups: dict[str, list[Verdict]] = {}
+    for v in verdicts:
+        groups.setdefault(v[by], []).append(v)
+    return {g: {k: float(np.mean([v[k] for v in vs])) for k in keys}
+            for g, vs in sorted(groups.items())}
+
+
+def score_bucket(verdicts: Sequence[Verdict]) -> dict[str, float]:
+    """Fraction of rows judged correct, overall ("score") and per task."""
+    per_task = rates(verdicts, "task", ("correct",))
+    return {"score": float(np.mean([v["correct"] for v in verdicts])),
+            **{task: r["correct"] for task, r in per_task.items()}}
+
+
+def edit_breakdown(verdicts: Sequence[Verdict]) -> dict[str, dict[str, float]]:
     """Per edit kind (style edits split by style): the fractions where the instructed change
     happened ("changed"), the rest was preserved ("preserved"), and both ("correct")."""
-    rows: dict[str, list[dict[str, bool]]] = {}
-    for image, spec_json in zip(images, bucket["spec"], strict=True):
-        spec = json.loads(str(spec_json))
-        kind = spec["kind"] + (f"/{spec['style']}" if spec.get("style") else "")
-        rows.setdefault(kind, []).append(score_edit(image, spec))
-    return {kind: {k: float(np.mean([r[k] for r in rs])) for k in ("changed", "preserved",
-                                                                  "correct")}
-            for kind, rs in sorted(rows.items())}
+    return rates(verdicts, "kind", EDIT_KEYS)

@@ -1,6 +1,7 @@
-"""A trained workdir's student: restored from its latest checkpoint, exported to diffusers.
+"""A trained workdir's student (restored from its latest checkpoint) and teachers, and the
+student exported to diffusers.
 
-Used by the sample and export command lines. The export formats:
+Used by the sample, evaluate and export command lines. The export formats:
 
 * ``export_diffusers``: the student's (merged) backbone as a diffusers
   ``SD3Transformer2DModel`` folder, plus ``source_embed.npy``, the edit conditioning diffusers
@@ -71,6 +72,19 @@ def load_student(workdir: str | Path) -> Student:
     params = student_params_fn("anchor", alpha)(state.trainable, frozen)
     return Student(config, world, models, params, anchor["text"], anchor["backbone"],
                    state.trainable.get("lora"), alpha)
+
+
+def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Params, dict]:
+    """Teacher `name`'s backbone params from ``<workdir>/teachers/<name>/`` and its recipe
+    (``recipe["teacher"]["kind"]`` is "t2i" or "edit")."""
+    teachers = Path(workdir).absolute() / "teachers"
+    if not (teachers / name / "recipe.json").is_file():
+        have = sorted(p.name for p in teachers.glob("*") if (p / "recipe.json").is_file())
+        raise CheckpointError(f"{teachers} has no teacher {name!r}; it has {have}.")
+    # The anchor was saved with the text encoder it trained (train/teachers.py).
+    like = {"backbone": student.anchor, **({"text": student.text} if name == "anchor" else {})}
+    params, recipe = load_params(teachers / name, like)
+    return params["backbone"], recipe
 
 
 def export_diffusers(student: Student, out: str | Path) -> Path:

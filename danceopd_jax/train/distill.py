@@ -7,6 +7,7 @@ Each stage is reusable and resumable from the workdir:
   <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
   <workdir>/metrics.jsonl          training metrics
   <workdir>/samples/*.png          sample grids
+  <workdir>/curve.jsonl            held-out scores vs step (config.eval.curve_every > 0)
   <workdir>/scores.json            final held-out scores
 """
 
@@ -34,14 +35,17 @@ from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.eval.shapes import (
+    Generators,
     edit_breakdown,
     generate_bucket,
+    judge,
     make_generator,
     score_bucket,
 )
+from danceopd_jax.eval.shapesbench import Job, ShapesBench
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints
-from danceopd_jax.train.loop import MetricsWriter, Update, fit
+from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
 from danceopd_jax.train.state import make_optimizer, place_state
@@ -136,6 +140,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                            tc.routing, tc.batch_size, tc.seed, shards)
     grids = SampleGrids(config, models, world, routes, workdir / "samples")
+    curve = Curve(config, models, world, routes, workdir / "curve.jsonl", int(state.step))
+
+    def on_host(show):  # every process gathers the student; process 0 shows it
+        return lambda s, n: show(to_host(student_params(s.trainable, frozen)),
+                                 to_host(frozen["text"]), n)
+
+    on_interval, interval_every = every((tc.sample_every, on_host(grids.save)),
+                                        (config.eval.curve_every, on_host(curve.record)))
+    if config.eval.curve_every and int(state.step) == 0:
+        on_host(curve.record)(state, 0)  # the curve starts at the anchor
     t1 = time.perf_counter()
     if config.method == "weight_merge":  # no optimisation: the student is the teachers' merge
         state = state.replace(trainable={"backbone": merged_teachers(config, routes, frozen)})
@@ -148,9 +162,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                     checkpoints=checkpoints, checkpoint_every=tc.checkpoint_every,
                     meta={"config": config.to_dict()},
                     metrics=MetricsWriter(workdir / "metrics.jsonl"), log_every=tc.log_every,
-                    on_interval=lambda s, n: grids.save(
-                        to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
-                    interval_every=tc.sample_every)
+                    on_interval=on_interval, interval_every=interval_every)
     checkpoints.close()
     t_student = time.perf_counter() - t1
 
@@ -249,6 +261,36 @@ class SampleGrids:
                       f"{name} @ step {step}: {header}")
 
 
+class Curve:
+    """Quick held-out ShapesBench scores of the student during distillation, appended to
+    `path` (curve.jsonl) by process 0 as {"step", "t2i": the GenEval-style mean, "edit": the
+    GEditBench-style combined mean, null when no route trains edits}, for score-vs-step plots.
+    Sampled like the final scores (config.eval.sample_steps, the run's seed) on
+    config.eval.curve_num prompts / edits per category."""
+
+    def __init__(self, config, models: Models, world: World, routes, path: Path, start: int):
+        self.path, self.seed = path, config.seed
+        edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
+        self.tasks = ("t2i", "edit") if edits else ("t2i",)
+        self.bench = None
+        if config.eval.curve_every and jax.process_index() == 0:
+            e = config.eval
+            self.bench = ShapesBench(config, models, world, sample_steps=e.sample_steps,
+                                     num=e.curve_num, batch_size=e.batch_size)
+            if path.exists():  # a resumed run scores the steps after `start` again
+                rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= start]
+                path.write_text("".join(f"{r}\n" for r in rows))
+
+    def record(self, params: Params, text: Params, step: int) -> None:
+        if self.bench is None:
+            return
+        scores = self.bench.score(Job("student", params, tasks=self.tasks), text, self.seed)
+        row = {"step": step, "t2i": scores["t2i"]["mean"],
+               "edit": scores["edit"]["mean"]["correct"] if "edit" in scores else None}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def evaluate(config, models: Models, world: World, routes, teachers: dict[str, Params],
              student: Params, text: Params) -> dict:
     """Held-out scores of the anchor, each routed teacher (with its CFG) and the student
@@ -265,23 +307,21 @@ def score_models(config, models: Models, world: World, text: Params,
     jobs, each sampled deterministically on the bucket's held-out evaluation set; plus
     "edit_breakdown": {model: {eval set: {edit kind: changed / preserved / correct}}}."""
     e, d = config.eval, config.danceopd
-    sigmas = make_sigmas(e.sample_steps, d.shift, d.schedule)
+    generators = Generators(models.field(), models.conditioner(),
+                            make_sigmas(e.sample_steps, d.shift, d.schedule))
     results: dict[str, dict] = {}
     breakdown: dict[str, dict] = {}
-    generators: dict[float, object] = {}  # one compiled sampler per guidance scale
     for name, params, bucket, alpha in jobs:
         key = f"{bucket}@cfg{alpha:g}"
         if key in results.setdefault(name, {}):
             continue
         data = world.heldout_t2i() if bucket == "t2i" else world.heldout(bucket, e.num_edit)
-        if alpha not in generators:
-            generators[alpha] = make_generator(models.field(), models.conditioner(), sigmas,
-                                               alpha)
-        images = generate_bucket(generators[alpha], params, text, data, config.seed,
+        images = generate_bucket(generators(alpha), params, text, data, config.seed,
                                  e.batch_size)
-        results[name][key] = score_bucket(images, data)
+        verdicts = judge(images, data)
+        results[name][key] = score_bucket(verdicts)
         if bucket != "t2i":
-            breakdown.setdefault(name, {})[key] = edit_breakdown(images, data)
+            breakdown.setdefault(name, {})[key] = edit_breakdown(verdicts)
     return {**results, "edit_breakdown": breakdown}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -84,6 +85,23 @@ class MetricsWriter:
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def every(*hooks: tuple[int, Callable[[TrainState, int], None]]
+          ) -> tuple[Callable[[TrainState, int], None] | None, int]:
+    """Several (interval, callback) hooks as fit's one (on_interval, interval_every): it runs
+    at the intervals' greatest common divisor and calls the hooks whose interval divides the
+    step. Hooks with interval 0 are off."""
+    hooks = tuple((n, fn) for n, fn in hooks if n > 0)
+    if not hooks:
+        return None, 0
+
+    def on_interval(state: TrainState, step: int) -> None:
+        for n, fn in hooks:
+            if step % n == 0:
+                fn(state, step)
+
+    return on_interval, math.gcd(*(n for n, _ in hooks))
 
 
 def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, steps: int,

@@ -1,0 +1,88 @@
+"""ShapesBench on a trained workdir: which models to score, and where the reports go.
+
+Models are named as on the command line: "student" or a teacher under
+``<workdir>/teachers/``, optionally with a CFG scale, "anchor@cfg3.5". A teacher is scored on
+what it was trained for (its recipe's kind: T2I or edits) and, unless given, at the CFG scale
+the workdir's routes query it with; the student on both tasks, without CFG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from danceopd_jax.config import routes_of
+from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
+from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown
+from danceopd_jax.interop.workdir import Student, load_student, load_teacher
+
+CFG_TAG = "@cfg"
+
+
+def default_models(student: Student) -> list[str]:
+    """The student, the anchor and every routed teacher."""
+    routed = [r.teacher for r in routes_of(student.config)]
+    return ["student", *dict.fromkeys(["anchor", *routed])]
+
+
+def parse_model(spec: str) -> tuple[str, float | None]:
+    """"anchor@cfg3.5" -> ("anchor", 3.5); "student" -> ("student", None)."""
+    name, tag, alpha = spec.partition(CFG_TAG)
+    try:
+        if not name or (tag and float(alpha) <= 0):
+            raise ValueError
+        return name, float(alpha) if tag else None
+    except ValueError:
+        raise ValueError(f"model {spec!r} is not NAME or NAME{CFG_TAG}ALPHA (ALPHA > 0), e.g. "
+                         f"'student' or 'anchor{CFG_TAG}3.5'.") from None
+
+
+def workdir_jobs(workdir: str | Path, student: Student, specs: Sequence[str]) -> list[Job]:
+    """One Job per model spec (see the module docstring)."""
+    route_alpha = {r.teacher: r.cfg_alpha for r in routes_of(student.config)}
+    jobs = []
+    for spec in specs:
+        name, alpha = parse_model(spec)
+        if name == "student":
+            jobs.append(Job(spec, student.params, alpha or 1.0))
+            continue
+        params, recipe = load_teacher(workdir, student, name)
+        kind = recipe["teacher"]["kind"]
+        jobs.append(Job(spec, params, alpha or route_alpha.get(name, 1.0),
+                        ("t2i",) if kind == "t2i" else ("edit",)))
+    return jobs
+
+
+def report_path(workdir: str | Path, split: str, sample_steps: int) -> Path:
+    """``<workdir>/eval/shapesbench_<split>_steps<N>.json`` (the markdown beside it, .md)."""
+    return Path(workdir) / "eval" / f"shapesbench_{split}_steps{sample_steps}.json"
+
+
+def evaluate_workdir(workdir: str | Path, *, models: Sequence[str] | None = None,
+                     split: str = "heldout", seeds: Sequence[int] = (0, 1, 2),
+                     sample_steps: int = 16, num: int = 32, batch_size: int | None = None,
+                     fd: bool = True, cache_dir: str | Path | None = None,
+                     recipe: ClassifierRecipe = DEFAULT_RECIPE) -> tuple[dict, Path]:
+    """Score a workdir's models with ShapesBench and write the report as JSON and markdown.
+
+    The FD classifier (made by `recipe`) is cached in `cache_dir` (default
+    ``<workdir>/data/fd_classifier``); batch_size defaults to the workdir's
+    config.eval.batch_size. Returns (report, JSON path)."""
+    workdir = Path(workdir).absolute()
+    student = load_student(workdir)
+    config = student.config
+    features = scene_features(config.world.image_size, config.world.seed,
+                              cache_dir or workdir / "data" / "fd_classifier",
+                              recipe) if fd else None
+    bench = ShapesBench(config, student.models, student.world, split=split,
+                        sample_steps=sample_steps, num=num,
+                        batch_size=batch_size or config.eval.batch_size, features=features)
+    jobs = workdir_jobs(workdir, student, models or default_models(student))
+    report = bench.evaluate(student.text, jobs, seeds)
+    report["workdir"] = str(workdir)
+    path = report_path(workdir, split, sample_steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    path.with_suffix(".md").write_text(markdown(report))
+    return report, path

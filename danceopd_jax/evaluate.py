@@ -1,0 +1,48 @@
+"""python -m danceopd_jax.evaluate --workdir=DIR [--split=heldout] [--seeds=0,1,2]
+    [--sample_steps=16] [--models=student,anchor,joint_edit] [--num=32]
+
+Scores a trained workdir's student and teachers with ShapesBench (eval/shapesbench.py):
+GenEval-style T2I, GEditBench-style edits, and Frechet distances in a world classifier's
+features. Writes <workdir>/eval/shapesbench_<split>_steps<N>.json and .md and prints the
+table.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from danceopd_jax.eval.workdir import evaluate_workdir
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
+                               required=True)
+_SPLIT = flags.DEFINE_enum("split", "heldout", ["heldout", "train"],
+                           "Which split the prompts and edit sources come from.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Sampling seeds (mean and std over them).")
+_STEPS = flags.DEFINE_integer("sample_steps", 16, "Euler steps of the sampling ODE.")
+_MODELS = flags.DEFINE_list(
+    "models", None, "Models to score: 'student' and/or teacher names, each optionally with a "
+    "CFG scale (anchor@cfg3.5). Default: the student, the anchor and the routed teachers.")
+_NUM = flags.DEFINE_integer("num", 32, "Prompts / edits per category.")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sampling batch (default: config.eval's).")
+_FD = flags.DEFINE_bool("fd", True, "Also compute Frechet distances (trains the classifier "
+                        "once, about two minutes on a 2-core CPU).")
+_CACHE = flags.DEFINE_string("cache_dir", None, "Where the FD classifier is cached "
+                             "(default: <workdir>/data/fd_classifier).")
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    try:
+        seeds = [int(s) for s in _SEEDS.value]
+    except ValueError:
+        raise app.UsageError(f"--seeds={','.join(_SEEDS.value)}: pass integers, e.g. 0,1,2") \
+            from None
+    _, path = evaluate_workdir(_WORKDIR.value, models=_MODELS.value, split=_SPLIT.value,
+                               seeds=seeds, sample_steps=_STEPS.value, num=_NUM.value,
+                               batch_size=_BATCH.value, fd=_FD.value, cache_dir=_CACHE.value)
+    print(path.with_suffix(".md").read_text())
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    app.run(main)
