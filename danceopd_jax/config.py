@@ -70,8 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
     # curve_every > 0: every that many distillation steps, append quick held-out ShapesBench
     # scores of the student ({"step", "t2i", "edit"}, curve_num prompts / edits per category)
     # to <workdir>/curve.jsonl, for score-vs-step plots.
+    # final_scores: score the anchor, the teachers and the student at the end of the run.
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128, curve_every=0,
-                  curve_num=8)
+                  curve_num=8, final_scores=True)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c

@@ -19,16 +19,18 @@ def _tile(image: np.ndarray) -> Image.Image:
 
 def save_grid(path: str | Path, rows: list[list[np.ndarray]], captions: list[str],
               header: str = "") -> Path:
-    """Each row: images placed left to right, with its caption to the right."""
+    """Each row: images placed left to right, with its caption to the right; `header`: lines
+    of text above the rows."""
     side = rows[0][0].shape[0] * SCALE
     cols = max(len(r) for r in rows)
-    text_w = 7 * max([len(c) for c in captions] + [len(header)]) + 2 * PAD
-    top = 14 if header else 0
-    canvas = Image.new("RGB", (cols * (side + PAD) + PAD + text_w,
-                               top + len(rows) * (side + PAD) + PAD), "white")
+    lines = header.splitlines()
+    text_w = 7 * max([len(c) for c in captions]) + 2 * PAD
+    width = max(cols * (side + PAD) + PAD + text_w, 7 * max([0, *map(len, lines)]) + 2 * PAD)
+    top = 14 * len(lines)
+    canvas = Image.new("RGB", (width, top + len(rows) * (side + PAD) + PAD), "white")
     draw = ImageDraw.Draw(canvas)
-    if header:
-        draw.text((PAD, 1), header, fill="black")
+    for i, line in enumerate(lines):
+        draw.text((PAD, 1 + 14 * i), line, fill="black")
     for i, (images, caption) in enumerate(zip(rows, captions, strict=True)):
         y = top + PAD + i * (side + PAD)
         for j, image in enumerate(images):

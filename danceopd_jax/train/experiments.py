@@ -16,14 +16,23 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from danceopd_jax.config import apply_overrides
+from danceopd_jax.data.shapes import dataset
+from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
+from danceopd_jax.eval.report import category_bars, curves, gallery, results_markdown
+from danceopd_jax.eval.shapes import generate_bucket
+from danceopd_jax.eval.shapesbench import EDIT_NAMES, T2I_NAMES, Job, ShapesBench
+from danceopd_jax.eval.workdir import default_models, workdir_jobs
+from danceopd_jax.interop.workdir import load_student
+from danceopd_jax.train import distill
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +59,19 @@ def _num_steps(c: ml_collections.ConfigDict) -> int:
     return c.danceopd.num_steps
 
 
+def _flow_batch(c: ml_collections.ConfigDict) -> int:
+    return max(len(c.routes), c.training.batch_size // c.baselines.group)
+
+
 # METHOD.md 7: every method is a configuration of the same trainer, same optimizer steps.
 METHODS = (
     Arm("DanceOPD"),
     Arm("DiffusionOPD (uniform dsigma)", {"method": "diffusion_opd",
                                           "baselines.dsigma": "uniform"}),
     Arm("DiffusionOPD (true dsigma)", {"method": "diffusion_opd", "baselines.dsigma": "true"}),
-    Arm("Flow-OPD", {"method": "flow_opd"}),
+    # batch_size counts prompts and each is rolled out G times: B / G prompts keep the
+    # rollouts per step equal to the other methods' samples per step.
+    Arm("Flow-OPD", {"method": "flow_opd", "training.batch_size": _flow_batch}),
     Arm("Off-policy", {"method": "off_policy"}),
     Arm("Soft mixing", {"method": "soft_mix"}),
     Arm("Data-mixing SFT", {"method": "sft_mix"}),
@@ -73,9 +88,13 @@ CFG_ARMS = (
     Arm("teacher alpha 1", {"routes.t2i.cfg_alpha": 1.0}),
     Arm("teacher alpha 3.5", {"routes.t2i.cfg_alpha": 3.5}),
 )
+# Flow-OPD's reference advantage (the analytic KL) has no expected policy gradient (README
+# "Methods"); the sampled log-ratio variant shows what the same machinery does when it can learn.
+FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)", {
+    "method": "flow_opd", "baselines.advantage": "log_ratio", "training.batch_size": _flow_batch})
 EXPERIMENTS = (
     Experiment("t2i_edit", "T2I + Edit fusion (anchor + joint-edit teacher)", "t2i_edit",
-               METHODS),
+               (*METHODS, FLOW_LOG_RATIO)),
     Experiment("edit_fusion", "Local + Global edit fusion", "edit_fusion", METHODS),
     Experiment("cfg_absorption", "CFG absorption (student sampled without CFG)",
                "cfg_absorption", CFG_ARMS),
@@ -91,37 +110,42 @@ class Preset:
     seeds: int
     overrides: Overrides
     teachers: Overrides = field(default_factory=dict)
-    # Experiment config -> teacher overrides (e.g. cheaper local / global edit teachers).
+    # Experiment config -> teacher name -> overrides (e.g. cheaper local / global teachers).
     experiment_teachers: Mapping[str, Mapping[str, Overrides]] = field(default_factory=dict)
-    sample_steps: tuple[int, ...] = (16, 4)
+    sample_steps: tuple[int, ...] = (16, 4)  # ShapesBench sampling settings reported
+    num: int = 32  # ShapesBench prompts / edits per category
+    fd_recipe: ClassifierRecipe = DEFAULT_RECIPE
 
 
 PRESETS = {
-    # The paper-sized miniature: the default run's budget (1,200 steps x 32) per method.
-    "full": Preset("full", seeds=3, overrides={"eval.curve_every": 200, "eval.curve_num": 32}),
-    # What fits 2 CPU cores in under 2 hours: shorter runs, smaller batches and evaluation sets,
-    # the local and global edit teachers fine-tuned briefly from the shipped joint-edit teacher.
+    # The paper-sized miniature: the default run's budget (1,200 steps x 32) for every method.
+    "full": Preset("full", seeds=3, overrides={
+        "eval.curve_every": 200, "eval.curve_num": 8, "eval.final_scores": False}),
+    # What fits 2 CPU cores in about an hour: N = 8 rollout steps, 60 steps x 8 samples, small
+    # evaluation sets; the local and global edit teachers fine-tuned briefly from the shipped
+    # joint-edit teacher (their full recipes take 35 CPU minutes each).
     "cpu": Preset(
-        "cpu", seeds=3,
-        overrides={"training.steps": 150, "training.batch_size": 16,
-                   "training.checkpoint_every": 150, "training.sample_every": 150,
-                   "eval.curve_every": 50, "eval.curve_num": 16, "eval.num_t2i": 48,
-                   "eval.num_edit": 48, "baselines.group": 4},
+        "cpu", seeds=3, num=8,
+        overrides={"danceopd.num_steps": 8, "training.steps": 60, "training.batch_size": 8,
+                   "training.checkpoint_every": 60, "training.sample_every": 60,
+                   "eval.curve_every": 20, "eval.curve_num": 4, "eval.final_scores": False,
+                   "baselines.group": 4},
         experiment_teachers={"edit_fusion": {
             "local_edit": {"init": "joint_edit", "steps": 300},
             "global_edit": {"init": "joint_edit", "steps": 300}}}),
     # Seconds per run (the CI test): a tiny world and model, teachers trained for 3 steps.
     "smoke": Preset(
-        "smoke", seeds=2,
+        "smoke", seeds=2, num=2, sample_steps=(4, 2),
         overrides={"world.image_size": 12, "world.train_size": 64, "model.width": 32,
                    "model.depth": 2, "model.heads": 2, "model.text_width": 16,
                    "model.text_layers": 1, "model.text_heads": 2, "danceopd.num_steps": 4,
-                   "training.steps": 2, "training.batch_size": 8,
+                   "training.steps": 2, "training.batch_size": 4,
                    "training.checkpoint_every": 2, "training.sample_every": 2,
-                   "eval.num_t2i": 6, "eval.num_edit": 6, "eval.batch_size": 8,
-                   "eval.sample_steps": 4, "eval.curve_every": 1, "eval.curve_num": 4,
-                   "baselines.group": 2},
-        teachers={"steps": 3, "batch_size": 8}, sample_steps=(4, 2)),
+                   "eval.batch_size": 12, "eval.sample_steps": 2, "eval.curve_every": 1,
+                   "eval.curve_num": 1, "eval.final_scores": False, "baselines.group": 2},
+        teachers={"steps": 3, "batch_size": 8},
+        fd_recipe=ClassifierRecipe(num_train=32, num_heldout=16, width=4, cell_features=2,
+                                   steps=3, batch_size=16)),
 }
 
 
@@ -155,21 +179,170 @@ def run_id(config: ml_collections.ConfigDict) -> str:
     return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
 
 
-def run_arm(config: ml_collections.ConfigDict, workdir: Path, shared: Path,
-            score: Callable[[ml_collections.ConfigDict, Path], dict]) -> dict:
-    """Train (or resume) one run, then score its student; cached in workdir/report.json."""
-    done = workdir / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    for sub in ("teachers", "data"):  # one copy per experiment config and preset
-        (shared / sub).mkdir(parents=True, exist_ok=True)
-        if not (workdir / sub).exists():
-            os.symlink(shared / sub, workdir / sub, target_is_directory=True)
-    from danceopd_jax.train import distill  # noqa: PLC0415 - keeps this module light to import
+class Reproduction:
+    """Runs and scores every (experiment, arm, seed) of a preset under `out`; `results()`
+    gathers what the report needs. Everything is resumable: finished runs are skipped."""
 
-    t0 = time.perf_counter()
-    distill.run(config, workdir)
-    report = {"train_s": time.perf_counter() - t0, **score(config, workdir)}
-    done.write_text(json.dumps(report, indent=2))
-    return report
+    def __init__(self, preset: Preset, out: Path, configs_dir: Path,
+                 experiments: tuple[Experiment, ...] = EXPERIMENTS):
+        self.preset, self.out, self.configs_dir = preset, Path(out).absolute(), configs_dir
+        self.experiments = experiments
+        self._benches: dict[str, dict[int, ShapesBench]] = {}
+
+    def shared(self, experiment: Experiment) -> Path:
+        """Teachers and world data of one experiment config (shared by its runs)."""
+        return self.out / "shared" / experiment.config
+
+    def workdir(self, experiment: Experiment, config: ml_collections.ConfigDict) -> Path:
+        return self.out / "runs" / experiment.config / run_id(config)
+
+    def run_all(self) -> dict:
+        t0 = time.perf_counter()
+        results = {}
+        for e in self.experiments:
+            results[e.name] = {"title": e.title, "config": e.config, "arms": {},
+                               "reference": None}
+            for arm in e.arms:
+                runs = {}
+                for seed in range(self.preset.seeds):
+                    config = run_config(e, arm, self.preset, seed, self.configs_dir)
+                    log.info("%s / %s / seed %d", e.name, arm.label, seed)
+                    runs[str(seed)] = self.run(e, config, gallery=seed == 0)
+                results[e.name]["arms"][arm.label] = runs
+            results[e.name]["reference"] = self.reference(e)
+        return {"preset": self.preset.name, "seeds": self.preset.seeds,
+                "sample_steps": list(self.preset.sample_steps), "num": self.preset.num,
+                "wall_time_s": time.perf_counter() - t0, "experiments": results}
+
+    def run(self, e: Experiment, config: ml_collections.ConfigDict, gallery: bool) -> dict:
+        """Train (or resume) one run, then score its student; cached in report.json."""
+        workdir = self.workdir(e, config)
+        done = workdir / "report.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("teachers", "data"):
+            (self.shared(e) / sub).mkdir(parents=True, exist_ok=True)
+            if not (workdir / sub).exists():
+                os.symlink(self.shared(e) / sub, workdir / sub, target_is_directory=True)
+        t0 = time.perf_counter()
+        distill.run(config, workdir)
+        train_s = time.perf_counter() - t0
+        student = load_student(workdir)
+        tasks = self.tasks(config)
+        job = Job("student", student.params, 1.0, tasks)
+        scores = {str(n): bench.score(job, student.text, config.training.seed)
+                  for n, bench in self.benches(e, student).items()}
+        curve = workdir / "curve.jsonl"
+        report = {"train_s": train_s, "workdir": str(workdir), "scores": scores,
+                  "curve": [json.loads(r) for r in curve.read_text().splitlines()]
+                  if curve.is_file() else []}
+        if gallery:
+            np.savez_compressed(workdir / "gallery.npz", **self.gallery_images(e, student, job))
+        done.write_text(json.dumps(report, indent=2))
+        return report
+
+    def tasks(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in config.routes.values())
+        return ("t2i", "edit") if edits else ("t2i",)
+
+    def benches(self, e: Experiment, student) -> dict[int, ShapesBench]:
+        """One ShapesBench per sampling setting and world (the samplers compile once)."""
+        key = json.dumps(student.config.world.to_dict(), sort_keys=True)
+        if key not in self._benches:
+            features = scene_features(student.config.world.image_size,
+                                      student.config.world.seed, self.out / "fd_classifier",
+                                      self.preset.fd_recipe)
+            self._benches[key] = {
+                n: ShapesBench(student.config, student.models, student.world, sample_steps=n,
+                               num=self.preset.num, batch_size=student.config.eval.batch_size,
+                               features=features)
+                for n in self.preset.sample_steps}
+        return self._benches[key]
+
+    def gallery_images(self, e: Experiment, student, job: Job) -> dict[str, np.ndarray]:
+        """The first prompt / edit of every category, sampled with 16 (or the preset's
+        first) steps and seed 0: the gallery's columns."""
+        bench = self.benches(e, student)[self.preset.sample_steps[0]]
+        out = {}
+        for task in job.tasks:
+            data = gallery_rows(bench.sets[task], self.preset.num)
+            out[task] = generate_bucket(bench.generators(job.cfg_alpha), job.params,
+                                        student.text, data, 0, len(data["target"]))
+        return out
+
+    def reference(self, e: Experiment) -> dict:
+        """The anchor and the routed teachers (and, for CFG, the guided anchor), scored over
+        the preset's seeds at every sampling setting; their gallery columns."""
+        config = run_config(e, e.arms[0], self.preset, 0, self.configs_dir)
+        done = self.shared(e) / f"reference_{self.preset.name}.json"
+        if done.is_file():
+            return json.loads(done.read_text())
+        student = load_student(self.workdir(e, config))  # any run of e: it has the teachers
+        specs = default_models(student)[1:]
+        if e.name == "cfg_absorption":  # the anchor with each teacher guidance scale
+            specs = [f"anchor@cfg{a.overrides['routes.t2i.cfg_alpha']:g}" for a in e.arms]
+        jobs = workdir_jobs(self.workdir(e, config), student, specs)
+        seeds = tuple(range(self.preset.seeds))
+        report = {"models": {}, "gallery": {}, "captions": {}}
+        self.save_truth(e, student, report)
+        for n, bench in self.benches(e, student).items():
+            report["models"][str(n)] = bench.evaluate(student.text, jobs, seeds)["models"]
+        for job in jobs:
+            path = self.shared(e) / f"gallery_{self.preset.name}_{_safe(job.name)}.npz"
+            np.savez_compressed(path, **self.gallery_images(e, student, job))
+            report["gallery"][job.name] = str(path)
+        done.write_text(json.dumps(report, indent=2))
+        return report
+
+    def save_truth(self, e: Experiment, student, report: dict) -> None:
+        """The gallery rows' ground truth (T2I targets; edit sources and targets) and prompts."""
+        bench = self.benches(e, student)[self.preset.sample_steps[0]]
+        truth = {}
+        for task, data in bench.sets.items():
+            rows = gallery_rows(data, self.preset.num)
+            truth[f"{task}_target"] = rows["target"]
+            if task == "edit":
+                truth["edit_source"] = rows["source"]
+            report["captions"][task] = [json.loads(str(s))["text"] for s in rows["spec"]]
+        path = self.shared(e) / f"gallery_{self.preset.name}_truth.npz"
+        np.savez_compressed(path, **truth)
+        report["gallery_truth"] = str(path)
+
+    def write_report(self, results: dict, markdown_path: Path, figures_dir: Path,
+                     intro: str) -> Path:
+        """docs/results.md and its figures (bars per category, curves, a gallery each)."""
+        first = str(self.preset.sample_steps[0])
+        figures: dict[str, dict[str, Path]] = {}
+        for name, exp in results["experiments"].items():
+            figs = {}
+            for task, names in (("edit", EDIT_NAMES), ("t2i", T2I_NAMES)):
+                figs[f"{task} per category"] = category_bars(
+                    figures_dir / f"{name}_{task}.png", exp, first, task, names)
+                figs[f"{task} vs step"] = curves(figures_dir / f"{name}_curve_{task}.png", exp,
+                                                 task)
+            ref = exp["reference"]
+            images = {m: dict(np.load(p)) for m, p in ref["gallery"].items()}
+            for label, runs in exp["arms"].items():
+                path = Path(runs["0"]["workdir"]) / "gallery.npz"
+                if path.is_file():
+                    images[label] = dict(np.load(path))
+            figs["gallery"] = gallery(figures_dir / f"{name}_gallery.png", exp,
+                                      dict(np.load(ref["gallery_truth"])), images,
+                                      ref["captions"])
+            figures[name] = {k: os.path.relpath(p, markdown_path.parent)
+                             for k, p in figs.items() if p is not None}
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(results_markdown(results, figures, T2I_NAMES, EDIT_NAMES,
+                                                  intro))
+        return markdown_path
+
+
+def gallery_rows(data: Mapping[str, np.ndarray], num: int) -> dict[str, np.ndarray]:
+    """Row 0 of every category of a ShapesBench set (its categories come in blocks of num)."""
+    rows = np.arange(0, len(data["target"]), num)
+    return {k: v[rows] for k, v in data.items()}
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

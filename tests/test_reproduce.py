@@ -1,0 +1,87 @@
+"""The reproduce command's machinery (train/experiments.py, eval/report.py) on a tiny case."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import ROOT
+
+from danceopd_jax.config import apply_overrides
+from danceopd_jax.eval import report
+from danceopd_jax.train import experiments as ex
+
+SMOKE = ex.PRESETS["smoke"]
+
+
+def test_mean_std_and_cells():
+    assert report.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)  # sample std over seeds
+    assert report.mean_std([0.5]) == (0.5, 0.0)
+    assert report.cell([0.25, 0.75]) == "0.500 ± 0.354"
+    assert report.cell([]) == "-"
+    with pytest.raises(ValueError, match="finite"):
+        report.mean_std([1.0, float("nan")])
+
+
+def test_apply_overrides_rejects_unknown_fields():
+    config = ex.load_config_file(ROOT / "configs" / "t2i_edit.py")
+    apply_overrides(config, {"training.steps": 7, "danceopd.query_k": lambda c: 2})
+    assert config.training.steps == 7 and config.danceopd.query_k == 2
+    with pytest.raises(KeyError, match="traning"):
+        apply_overrides(config, {"training.traning_steps": 1})
+
+
+def test_run_config_keeps_teachers_and_sets_the_training_seed():
+    t2i_edit = next(e for e in ex.EXPERIMENTS if e.name == "t2i_edit")
+    flow = next(a for a in t2i_edit.arms if a.label == "Flow-OPD")
+    a = ex.run_config(t2i_edit, t2i_edit.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")
+    b = ex.run_config(t2i_edit, flow, ex.PRESETS["cpu"], 2, ROOT / "configs")
+    assert (a.seed, b.seed, a.training.seed, b.training.seed) == (0, 0, 0, 2)
+    assert a.teachers.to_dict() == b.teachers.to_dict()  # so both reuse the shipped teachers
+    # Flow-OPD rolls each prompt out G times: B / G prompts keep the rollouts per step equal.
+    assert b.training.batch_size * b.baselines.group == a.training.batch_size
+    assert ex.run_id(a) != ex.run_id(b)
+    fusion = next(e for e in ex.EXPERIMENTS if e.name == "edit_fusion")
+    c = ex.run_config(fusion, fusion.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")
+    assert c.teachers.local_edit.init == "joint_edit" and c.teachers.local_edit.steps == 300
+
+
+@pytest.mark.slow
+def test_reproduction_runs_scores_reports_and_resumes(trained, tmp_path):
+    """Two arms x two seeds of the T2I + Edit experiment at the smoke size: every run is
+    trained and scored, the tables hold mean ± std of the per-seed numbers, the figures are
+    written, and a second invocation reuses every finished run."""
+    arms = (ex.Arm("DanceOPD"), ex.Arm("Weight merging", {"method": "weight_merge"}))
+    experiment = ex.Experiment("t2i_edit", "T2I + Edit", "t2i_edit", arms)
+    reproduction = ex.Reproduction(SMOKE, tmp_path / "out", ROOT / "configs", (experiment,))
+    # The smoke preset's teachers have the tiny fixture's recipes: reuse them.
+    shutil.copytree(trained[0] / "teachers", reproduction.shared(experiment) / "teachers")
+    results = reproduction.run_all()
+
+    exp = results["experiments"]["t2i_edit"]
+    runs = exp["arms"]["DanceOPD"]
+    assert set(runs) == {"0", "1"}
+    steps = str(SMOKE.sample_steps[0])
+    edit = [r["scores"][steps]["edit"]["mean"]["correct"] for r in runs.values()]
+    assert all("t2i" in r["scores"][steps] and "fd" in r["scores"][steps] for r in runs.values())
+    assert [row["step"] for row in runs["0"]["curve"]] == [0, 1, 2]
+    assert set(exp["reference"]["models"][steps]) == {"anchor", "joint_edit"}
+
+    md = tmp_path / "docs" / "results.md"
+    reproduction.write_report(results, md, tmp_path / "docs" / "fig", "# Results")
+    text = md.read_text()
+    danceopd_row = next(line for line in text.splitlines() if line.startswith("| DanceOPD |"))
+    assert report.cell(edit) in danceopd_row
+    assert "| Weight merging |" in text and "DanceOPD minus each method" in text
+    for name in ("t2i_edit_edit.png", "t2i_edit_t2i.png", "t2i_edit_gallery.png",
+                 "t2i_edit_curve_edit.png"):
+        assert (tmp_path / "docs" / "fig" / name).stat().st_size > 0
+    assert "](fig/t2i_edit_gallery.png)" in text
+
+    # Rerunning reuses every finished run (nothing is trained or scored again).
+    for r in runs.values():
+        report_file = tmp_path / "out" / "runs" / "t2i_edit" / r["workdir"].split("/")[-1]
+        assert json.loads((report_file / "report.json").read_text())["scores"] == r["scores"]
+    again = ex.Reproduction(SMOKE, tmp_path / "out", ROOT / "configs", (experiment,)).run_all()
+    assert again["experiments"]["t2i_edit"]["arms"] == exp["arms"]
