@@ -105,7 +105,7 @@ def test_gedit_scores_ground_truth_fully_and_separates_changed_from_preserved(ed
 
 def test_mean_std_over_seeds() -> None:
     out = mean_std([{"a": 1.0, "b": {"c": 2.0}}, {"a": 3.0, "b": {"c": 2.0}}])
-    assert out == {"a": {"mean": 2.0, "std": 1.0}, "b": {"c": {"mean": 2.0, "std": 0.0}}}
+    assert out == {"a": {"mean": 2.0, "std": 2**0.5}, "b": {"c": {"mean": 2.0, "std": 0.0}}}
 
 
 def test_frechet_distance_hand_computed() -> None:

@@ -15,7 +15,7 @@
 
 The prompts and sources are fixed by the world and the split; the sampling noise by the seed
 (and the batch size), so the same seed gives the same images. Every number is reported per
-seed and as mean and (population) standard deviation over the seeds.
+seed and as mean and (sample) standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import Bucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.prompts import CATEGORIES
+from danceopd_jax.eval import report
 from danceopd_jax.eval.features import SceneFeatures
 from danceopd_jax.eval.frechet import frechet_distance
 from danceopd_jax.eval.shapes import EDIT_KEYS, Generators, Verdict, generate_bucket, judge, rates
@@ -110,9 +111,12 @@ SUMMARIES = {"t2i": geneval, "edit": gedit}
 
 def mean_std(results: Sequence[dict]) -> dict:
     """The same nested dict of numbers with each number replaced by {"mean", "std"} over the
-    results (population std: 0 for a single seed)."""
-    return jax.tree.map(lambda *xs: {"mean": float(np.mean(xs)), "std": float(np.std(xs))},
-                        *results)
+    results (sample std, as in every table of the project: 0 for a single seed)."""
+    def stat(*xs: float) -> dict[str, float]:
+        m, s = report.mean_std(xs)
+        return {"mean": m, "std": s}
+
+    return jax.tree.map(stat, *results)
 
 
 class ShapesBench:
