@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import sys
 import time
@@ -51,6 +52,12 @@ def main(argv: list[str]) -> None:
                                 tuple(e for e in EXPERIMENTS if e.name in _EXPERIMENTS.value))
     results = reproduction.run_all()
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    # A rerun reuses finished runs: the wall time is the sum over this out dir's invocations.
+    with (out / "invocations.jsonl").open("a") as f:
+        f.write(json.dumps({"argv": sys.argv[1:], "wall_time_s": time.perf_counter() - t0})
+                + "\n")
+    total = sum(json.loads(line)["wall_time_s"]
+                for line in (out / "invocations.jsonl").read_text().splitlines())
     device = jax.devices()[0]
     intro_file = Path(_INTRO.value)
     intro = [intro_file.read_text() if intro_file.is_file() else "# Results",
@@ -58,9 +65,9 @@ def main(argv: list[str]) -> None:
              f"Command: `python -m danceopd_jax.reproduce {' '.join(sys.argv[1:])}` "
              f"(preset `{preset.name}`).",
              f"Machine: {platform.platform()}, {device.device_kind} ({jax.default_backend()}), "
-             f"jax {jax.__version__}. Wall time of this invocation: "
-             f"{(time.perf_counter() - t0) / 60:.1f} min (runs finished by an earlier "
-             "invocation are reused, not retimed).", ""]
+             f"jax {jax.__version__}, {os.cpu_count()} CPU cores visible. Wall time: "
+             f"{total / 60:.1f} min (all invocations on this run directory; a rerun reuses "
+             "finished runs).", ""]
     path = reproduction.write_report(results, Path(_RESULTS.value), Path(_FIGURES.value),
                                      "\n".join(intro))
     print(f"wrote {path} and {out / 'results.json'}", flush=True)
