@@ -51,8 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     # with the same trainer, optimizer and number of steps.
     c.method = "danceopd"
     # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
+    # shared_query=True draws one query index per step for the whole batch (core/query.py):
+    # the rollout then stops early for the whole batch.
     c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
-                      full_rollout=False)
+                      full_rollout=False, shared_query=False)
     # Options of the baselines. diffusion_opd: dsigma "true" (the schedule's) or "uniform"
     # (1/N, the reference). flow_opd: SDE noise level eta, G rollouts per prompt (group; the
     # batch's prompts times G are rolled out), PPO clip, advantage clip, advantage "kl" (the

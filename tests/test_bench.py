@@ -79,6 +79,8 @@ def test_bench_command_compares_the_variants(tmp_path):
     stop, full = rows["DanceOPD K=1 rollout stops at the query"], rows[
         "DanceOPD K=1 full rollout (reference)"]
     assert full["rollout_forwards"] == 4 >= stop["rollout_forwards"]  # N = 4 in the tiny config
+    shared = rows["DanceOPD K=1 one query index per step"]
+    assert shared["rollout_forwards"] <= 3  # the one index of the step, at most N - 1
     dense = next(r for k, r in rows.items() if k.startswith("dense"))
     assert dense["flops_per_step"] > 2 * stop["flops_per_step"]  # 4 queries vs 1
     flow = next(r for k, r in rows.items() if k.startswith("Flow-OPD"))

@@ -74,6 +74,13 @@ def test_low_noise_query_distribution():
     assert high.mean() < 5.0
 
 
+def test_shared_query_is_one_draw_per_step_with_the_same_distribution():
+    draws = np.stack([np.asarray(query.sample_query(jax.random.key(s), 8, 16, 2, "low",
+                                                    shared=True)) for s in range(4000)])
+    assert (draws == draws[:, :1]).all()  # every sample of a step has the step's indices
+    assert abs(draws[:, 0, 0].mean() - 10.9) < 0.2  # the Beta(5, 2) marginal is unchanged
+
+
 def test_query_dense_stratified_and_errors():
     dense = query.sample_query(jax.random.key(0), 3, 8, 8, "dense")
     np.testing.assert_array_equal(dense, np.tile(np.arange(8), (3, 1)))

@@ -29,9 +29,17 @@ def validate_query(num_steps: int, k: int, bias: str) -> None:
 
 
 def sample_query(key: jax.Array, batch: int, num_steps: int, k: int = 1,
-                 bias: str = "low") -> jax.Array:
-    """[batch, k] int32 query indices in [0, num_steps - 1]."""
+                 bias: str = "low", shared: bool = False) -> jax.Array:
+    """[batch, k] int32 query indices in [0, num_steps - 1].
+
+    shared=True draws one set of K indices per step for the whole batch. Each sample's query
+    still has the bias's distribution, but the rollout, which must reach the batch's largest
+    index, then stops at a typical index instead of near the maximum of B draws: the per-step
+    cost of stopping early falls from about N forwards to about E[i] (the samples of one step
+    are no longer queried independently)."""
     validate_query(num_steps, k, bias)
+    if shared:
+        return jnp.broadcast_to(sample_query(key, 1, num_steps, k, bias), (batch, k))
     if bias == "dense":
         return jnp.broadcast_to(jnp.arange(num_steps, dtype=jnp.int32), (batch, k))
     if bias == "stratified":

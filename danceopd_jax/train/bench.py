@@ -59,6 +59,7 @@ class Variant:
     query_k: int = 1
     query_bias: str = "low"
     full_rollout: bool = False
+    shared_query: bool = False
     routing: str = "per_sample"
     method: str = "danceopd"  # or "flow_opd"
     group: int = 1  # rollouts per prompt
@@ -69,6 +70,7 @@ def variants(num_steps: int, batch: int) -> list[Variant]:
     return [
         Variant("DanceOPD K=1, rollout stops at the query"),
         Variant("DanceOPD K=1, full rollout (reference)", full_rollout=True),
+        Variant("DanceOPD K=1, one query index per step", shared_query=True),
         Variant(f"dense K=N={num_steps} (DiffusionOPD cost)", query_k=num_steps,
                 query_bias="dense"),
         Variant(f"Flow-OPD, SDE + PPO, dense N={num_steps}, {batch // group} prompts x "
@@ -140,7 +142,8 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
                                            ppo_clip=1e-4, adv_clip=5.0)
         else:
             objective = danceopd_objective(field_fn, fields, sigmas, v.query_k, v.query_bias,
-                                           full_rollout=v.full_rollout)
+                                           full_rollout=v.full_rollout,
+                                           shared_query=v.shared_query)
         step = make_distill_step(objective, lambda t, f: t["backbone"], ["anchor", "anchor"],
                                  precomputed_conditioner, optimizer, shardings)
         prompts = work.batch // v.group

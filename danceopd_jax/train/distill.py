@@ -196,7 +196,7 @@ def method_update(config: ml_collections.ConfigDict, routes: list[Route], models
     match config.method:
         case "danceopd":
             objective = danceopd_objective(field, fields, sigmas, d.query_k, d.query_bias,
-                                           shards, d.full_rollout)
+                                           shards, d.full_rollout, d.shared_query)
         case "diffusion_opd":
             objective = diffusion_opd_objective(field, fields, sigmas, b.dsigma, shards)
         case "flow_opd":

@@ -69,18 +69,19 @@ def make_distill_step(objective: Objective, student_params: StudentParams,
 
 
 def _noise_and_queries(batch: Batch, k_noise: jax.Array, k_query: jax.Array, num_steps: int,
-                       query_k: int, query_bias: str) -> tuple[jax.Array, jax.Array]:
+                       query_k: int, query_bias: str,
+                       shared_query: bool = False) -> tuple[jax.Array, jax.Array]:
     """Rollout noise shaped like the batch's images and [B, K] query indices."""
     z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
-    return z0, sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias)
+    return z0, sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias, shared_query)
 
 
 def danceopd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
                        query_k: int, query_bias: str, shards: int = 1,
-                       full_rollout: bool = False) -> Objective:
+                       full_rollout: bool = False, shared_query: bool = False) -> Objective:
     def objective(params, route_params, slots, batch, cond, k_noise, k_query):
         z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
-                                           query_k, query_bias)
+                                           query_k, query_bias, shared_query)
         return danceopd_loss(student, params, route_fields, route_params, slots, z0, cond,
                              sigmas, query_idx, shards, full_rollout)
     return objective
