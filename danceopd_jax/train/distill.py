@@ -1,13 +1,17 @@
 """The main job: world data -> teachers -> DanceOPD student -> scores.
 
+A world provides the data, the models and the teachers (ShapesWorld here, the default;
+train/prepared.PreparedWorld for prepared data and diffusers teachers, config.world.kind =
+"prepared"); the training loop, the step and the algorithm are the same for both.
+
 Each stage is reusable and resumable from the workdir:
   <workdir>/config.json            the resolved config
-  <workdir>/data/                  cached world splits
+  <workdir>/data/                  cached world splits (shapes)
   <workdir>/teachers/<name>/       frozen teachers (Orbax + recipe.json)
   <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
   <workdir>/metrics.jsonl          training metrics
-  <workdir>/samples/*.png          sample grids
-  <workdir>/scores.json            final held-out scores
+  <workdir>/samples/               sample grids (shapes) or sampled latents (prepared)
+  <workdir>/scores.json            final held-out scores (shapes), wall times
 """
 
 from __future__ import annotations
@@ -15,20 +19,22 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from danceopd_jax.config import routes_of, validate
+from danceopd_jax.config import routes_of, validate, world_kind
 from danceopd_jax.core.fields import cfg
-from danceopd_jax.core.routing import validate_routes
+from danceopd_jax.core.routing import Route, validate_routes
 from danceopd_jax.core.schedule import make_sigmas
-from danceopd_jax.data.batches import RouteBatcher
+from danceopd_jax.data.batches import RouteBatcher, TrainBucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
 from danceopd_jax.eval.grids import save_grid
@@ -39,7 +45,7 @@ from danceopd_jax.eval.shapes import (
     score_bucket,
 )
 from danceopd_jax.models import lora
-from danceopd_jax.train.checkpoint import RunCheckpoints
+from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
 from danceopd_jax.train.loop import MetricsWriter, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
@@ -79,32 +85,91 @@ class World:
         return {k: v[rows[: self.config.eval.num_t2i]] for k, v in b.items()}
 
 
-def build(config: ml_collections.ConfigDict, workdir: Path):
-    """Validate the config and build the static parts of a run (nothing compiled yet)."""
+class Provider(Protocol):
+    """What the main job needs from a world."""
+
+    routes: list[Route]
+    models: Models
+
+    def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
+        """({teacher name: backbone params}, the frozen "text" params), made or reused."""
+
+    def load_anchor(self) -> tuple[Params, Params]:
+        """The anchor's params and the frozen "text" params, from the workdir only."""
+
+    def train(self, bucket: str) -> TrainBucket:
+        """A bucket's training rows."""
+
+    def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
+        """(student params, text params, step) -> writes the student's samples."""
+
+    def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
+        """Held-out scores of the teachers and the student."""
+
+
+class ShapesWorld:
+    """The embedded shapes world: its splits, the tiny MMDiT and text encoder freshly
+    initialised, teachers trained by flow matching (or reused), parser-scored evaluation."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.routes = routes_of(config)
+        validate_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
+                        dataset.BUCKET_HAS_SOURCE)
+        self.splits = World(config, workdir / "data")
+        tok = self.tokenizer
+        null_ids, null_mask = encode(tok, [""])
+        self.models, self.init_backbone, self.init_text = init_models(
+            config, len(tok), tok.eos_token_id, null_ids, null_mask, config.seed)
+        log.info("backbone %d params, text encoder %d params", count(self.init_backbone),
+                 count(self.init_text))
+
+    @property
+    def tokenizer(self):
+        return self.splits.tokenizer
+
+    def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
+        return prepare_teachers(self.config, self.routes, self.models, self.init_backbone,
+                                self.init_text, self.splits.train, mesh, self.workdir)
+
+    def load_anchor(self) -> tuple[Params, Params]:
+        anchor, _ = load_params(self.workdir / "teachers" / "anchor",
+                                {"backbone": self.init_backbone, "text": self.init_text})
+        return anchor["backbone"], anchor["text"]
+
+    def train(self, bucket: str) -> TrainBucket:
+        return self.splits.train(bucket)
+
+    def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
+        return SampleGrids(self.config, self.models, self.splits, self.routes, out_dir).save
+
+    def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
+        return evaluate(self.config, self.models, self.splits, self.routes, teachers, student,
+                        text)
+
+
+def build(config: ml_collections.ConfigDict, workdir: Path) -> Provider:
+    """Validate the config and build the run's world (nothing loaded into it or compiled)."""
     validate(config)
-    routes = routes_of(config)
-    validate_routes(routes, {n: t.kind for n, t in config.teachers.items()},
-                    dataset.BUCKET_HAS_SOURCE)
-    world = World(config, workdir / "data")
-    tok = world.tokenizer
-    null_ids, null_mask = encode(tok, [""])
-    models, backbone, text = init_models(config, len(tok), tok.eos_token_id, null_ids,
-                                         null_mask, config.seed)
-    return routes, world, models, backbone, text
+    if world_kind(config) == "prepared":
+        from danceopd_jax.train.prepared import PreparedWorld  # tfds, only when needed
+
+        return PreparedWorld(config, workdir)
+    return ShapesWorld(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
-    routes, world, models, backbone, text = build(config, workdir)
+    world = build(config, workdir)
+    routes, models = world.routes, world.models
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     mesh = make_mesh(config.mesh)
-    log.info("backbone %d params, text encoder %d params, mesh %s over %d process(es)",
-             count(backbone), count(text), dict(mesh.shape), jax.process_count())
+    log.info("%s world, mesh %s over %d process(es)", world_kind(config), dict(mesh.shape),
+             jax.process_count())
     t0 = time.perf_counter()
 
-    teachers, text = prepare_teachers(config, routes, models, backbone, text, world.train,
-                                      mesh, workdir)
+    teachers, text = world.prepare_teachers(mesh)
     t_teachers = time.perf_counter() - t0
 
     tc, d = config.training, config.danceopd
@@ -113,7 +178,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
     names = sorted({r.teacher for r in routes} | {"anchor"})
     frozen = {"teachers": {n: teachers[n] for n in names}, "text": text}
-    frozen_axes = {"teachers": {n: models.backbone_axes for n in names}, "text": models.text_axes}
+    frozen_axes = {"teachers": {n: models.params_axes(teachers[n]) for n in names},
+                   "text": models.text_axes}
     trainable = initial_trainable(config, frozen)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
@@ -130,14 +196,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                               d.full_rollout)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                            tc.routing, tc.batch_size, config.seed, shards)
-    grids = SampleGrids(config, models, world, routes, workdir / "samples")
+    save_samples = world.sampler(workdir / "samples")
     t1 = time.perf_counter()
     state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
                 steps=tc.steps, name="danceopd", checkpoints=checkpoints,
                 checkpoint_every=tc.checkpoint_every,
                 meta={"config": config.to_dict()}, metrics=MetricsWriter(workdir / "metrics.jsonl"),
                 log_every=tc.log_every,
-                on_interval=lambda s, n: grids.save(
+                on_interval=lambda s, n: save_samples(
                     to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
                 interval_every=tc.sample_every)
     checkpoints.close()
@@ -146,8 +212,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     student = to_host(student_params(state.trainable, frozen))
     if jax.process_index() != 0:  # process 0 samples, scores and writes the results
         return {}
-    grids.save(student, text, int(state.step))
-    scores = evaluate(config, models, world, routes, teachers, student, text)
+    save_samples(student, text, int(state.step))
+    scores = world.evaluate(teachers, student, text)
     scores["wall_time_s"] = {"teachers": t_teachers, "distill": t_student,
                              "total": time.perf_counter() - t0}
     (workdir / "scores.json").write_text(json.dumps(scores, indent=2))
