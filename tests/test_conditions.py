@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,24 @@ def test_unreadable_and_inconsistent_tables(tmp_path: Path) -> None:
     (tmp_path / "rows.txt").write_text("")
     with pytest.raises(DataError, match=r"rows.txt: unknown table format '.txt'"):
         read_rows(tmp_path / "rows.txt")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def test_image_that_fails_to_decode_names_its_row(tmp_path: Path) -> None:
+    """Valid chunks and checksums (read_rows' check passes) around pixel data that is not
+    zlib: decoding fails while the bucket is encoded, and the error names the row."""
+    table = _table(tmp_path, [T2I, EDIT, {**EDIT, "source_image": "img/bad.png"}])
+    (tmp_path / "img" / "bad.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0))
+        + _png_chunk(b"IDAT", b"not zlib data") + _png_chunk(b"IEND", b""))
+    rows = read_rows(table)
+    with pytest.raises(DataError, match=r"rows.jsonl line 3: source_image .*bad.png cannot be "
+                                        r"decoded \(OSError"):
+        write_prepared(tmp_path / "out", rows, _fake_text, _fake_vae, (4, 4))
 
 
 def test_routes_need_their_buckets_and_edits_need_sources(tmp_path: Path) -> None:

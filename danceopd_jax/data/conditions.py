@@ -59,11 +59,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Row:
+    table: Path
     line: int  # 1-based line of the row in its table (the header is line 1 of a CSV)
     prompt: str
     task: str
     source_image: Path | None
     target_image: Path | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.table} line {self.line}"
 
 
 # --------------------------------------------------------------------------- ingest
@@ -143,7 +148,7 @@ def _row(path: Path, line: int, record: dict) -> Row:
             raise DataError(f"{where}: {column} {value!r} ({image}) is not a readable image "
                             f"({type(e).__name__}: {e}); fix the path or the file.") from e
         images[column] = image
-    return Row(line, prompt, task, images["source_image"], images["target_image"])
+    return Row(path, line, prompt, task, images["source_image"], images["target_image"])
 
 
 def _check_buckets_consistent(path: Path, rows: Sequence[Row]) -> None:
@@ -210,6 +215,20 @@ def load_image(path: Path, resolution: tuple[int, int]) -> np.ndarray:
         return np.asarray(im.crop((left, top, left + width, top + height)))
 
 
+def _row_images(rows: Sequence[Row], column: str, resolution: tuple[int, int]) -> np.ndarray:
+    """The rows' images of one column, stacked; a file that fails to decode (read_rows only
+    verifies headers and checksums) names its row."""
+    images = []
+    for row in rows:
+        path = getattr(row, column)
+        try:
+            images.append(load_image(path, resolution))
+        except Exception as e:  # PIL raises many types for damaged files
+            raise DataError(f"{row.where}: {column} {path} cannot be decoded "
+                            f"({type(e).__name__}: {e}); fix or replace the file.") from e
+    return np.stack(images)
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -273,8 +292,7 @@ def write_prepared(out: str | Path, rows: Sequence[Row], encode_text: TextEncode
             for start in range(0, len(mine), batch_size):
                 batch = mine[start:start + batch_size]
                 text, pooled = encode_text([r.prompt for r in batch])
-                latents = {name: encode_images(np.stack([load_image(getattr(r, f"{name}_image"),
-                                                                    resolution) for r in batch]))
+                latents = {name: encode_images(_row_images(batch, f"{name}_image", resolution))
                            for name in ("source", "target") if getattr(batch[0], f"{name}_image")}
                 for i, r in enumerate(batch):
                     yield r.line, {"prompt": r.prompt, "line": r.line,
