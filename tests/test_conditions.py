@@ -60,12 +60,13 @@ def test_jsonl_and_csv_tables(tmp_path: Path) -> None:
     csv = tmp_path / "sub" / "rows.csv"
     _png(tmp_path / "sub" / "a.png")
     csv.write_text('prompt,task,source_image,target_image\n"a cat, sitting",t2i,,\n'
-                   "make it red,edit,a.png,a.png\n\nrecolor,edit,a.png,a.png\n")
+                   "make it red,edit,a.png,a.png\n\nrecolor,edit,a.png,a.png\n,t2i,,\n")
     rows = read_rows(csv)
     assert [(r.line, r.prompt, r.task) for r in rows] == [
-        (2, "a cat, sitting", "t2i"), (3, "make it red", "edit"), (5, "recolor", "edit")]
+        (2, "a cat, sitting", "t2i"), (3, "make it red", "edit"), (5, "recolor", "edit"),
+        (6, "", "t2i")]
     assert rows[0].source_image is None and rows[1].source_image == tmp_path / "sub" / "a.png"
-    assert bucket_summary(rows) == {"t2i": {"rows": 1, "has_source": False, "has_target": False},
+    assert bucket_summary(rows) == {"t2i": {"rows": 2, "has_source": False, "has_target": False},
                                     "edit": {"rows": 2, "has_source": True, "has_target": True}}
 
 

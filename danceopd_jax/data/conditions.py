@@ -116,8 +116,9 @@ def _csv_records(path: Path) -> Iterator[tuple[int, dict]]:
             if None in record:  # more cells than header columns
                 raise DataError(f"{path} line {reader.line_num}: more cells than the header has "
                                 "columns; quote cells that contain commas.")
-            # Empty cells mean "no image": a CSV cannot leave a column out of one row.
-            yield reader.line_num, {k: v for k, v in record.items() if v != ""}
+            # An empty image cell means "no image": a CSV cannot leave a column out of a row.
+            yield reader.line_num, {k: v for k, v in record.items()
+                                    if v != "" or k not in IMAGE_COLUMNS}
 
 
 def _row(path: Path, line: int, record: dict) -> Row:

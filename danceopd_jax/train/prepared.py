@@ -144,7 +144,7 @@ class PreparedWorld:
             if has_params(here):
                 params = self._load_cached(name, here, keys[name])
             elif convert:
-                params = self._convert(name, here, keys[name], teachers)
+                params = self._convert(name, here, keys[name])
             else:
                 raise CheckpointError(f"{here} holds no converted teacher {name!r}; run the main "
                                       "job on this workdir first.")
@@ -178,8 +178,7 @@ class PreparedWorld:
         log.info("teacher %-12s converted weights reused from %s", name, here)
         return params
 
-    def _convert(self, name: str, here: Path, key: dict,
-                 teachers: dict[str, Params]) -> Params:
+    def _convert(self, name: str, here: Path, key: dict) -> Params:
         t, cfg = self.config.teachers[name], self.backbone_config
         if t.lora_base:
             unscanned = _abstract(dataclasses.replace(cfg, scan_layers=False))[1]
