@@ -54,7 +54,7 @@ def required(what: str) -> str:
 def diffusers_teacher(kind: str, path: str, lora_base: str = "") -> ml_collections.ConfigDict:
     """A frozen teacher from a diffusers checkpoint (prepared world): `path` is an
     SD3Transformer2DModel folder (the base, or a full fine-tune), or, when `lora_base` names
-    another teacher, a diffusers / PEFT LoRA (file or folder) on that teacher's weights."""
+    a full teacher, a diffusers / PEFT LoRA (file or folder) on that teacher's weights."""
     return ml_collections.ConfigDict(dict(kind=kind, path=path, lora_base=lora_base))
 
 
@@ -165,13 +165,11 @@ def _validate_prepared(config: ml_collections.ConfigDict) -> None:
     if config.teachers.anchor.lora_base:
         raise ValueError("teachers.anchor.lora_base is set, but the anchor (the base the student "
                          "starts from) must be a diffusers transformer folder; set it to ''.")
-    for name in config.teachers:
-        seen = [name]
-        while config.teachers[seen[-1]].lora_base:
-            seen.append(config.teachers[seen[-1]].lora_base)
-            if seen[-1] in seen[:-1]:
-                raise ValueError(f"teachers' lora_base chain {' -> '.join(seen)} is a cycle; end "
-                                 "it at a full checkpoint (e.g. the anchor).")
+    for name, t in config.teachers.items():
+        if t.lora_base and config.teachers[t.lora_base].lora_base:
+            raise ValueError(f"teachers.{name}.lora_base={t.lora_base!r} is itself a LoRA "
+                             "teacher; a LoRA's base must be a full checkpoint (e.g. the "
+                             "anchor).")
 
 
 def _check_path(value: str, field: str, directory: bool = False) -> None:

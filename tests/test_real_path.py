@@ -81,7 +81,8 @@ def _config(tmp_path: Path, **teachers) -> object:
 
 @pytest.mark.parametrize("teachers, match", [
     ({"e": ("edit", "nobody")}, r"teachers.e.lora_base='nobody' is not a teacher"),
-    ({"e": ("edit", "f"), "f": ("edit", "e")}, r"lora_base chain e -> f -> e is a cycle"),
+    ({"e": ("edit", "f"), "f": ("edit", "anchor")}, r"teachers.e.lora_base='f' is itself a "
+                                                     r"LoRA teacher"),
     ({"e": ("paint", "")}, r"teacher 'e' has kind 'paint'"),
 ])
 def test_prepared_config_errors(tmp_path: Path, teachers: dict, match: str) -> None:

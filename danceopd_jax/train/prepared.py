@@ -112,16 +112,10 @@ class PreparedWorld:
     def needed_teachers(self) -> list[str]:
         """The anchor, every routed teacher and the LoRA bases they need, bases first."""
         order: list[str] = []
-
-        def visit(name: str) -> None:
-            base = self.config.teachers[name].lora_base
-            if base:
-                visit(base)
-            if name not in order:
-                order.append(name)
-
         for name in ["anchor", *(r.teacher for r in self.routes)]:
-            visit(name)
+            for needed in (self.config.teachers[name].lora_base, name):
+                if needed and needed not in order:
+                    order.append(needed)
         return order
 
     def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
