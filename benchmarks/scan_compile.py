@@ -20,7 +20,7 @@ def compile_seconds(scan_layers: bool) -> float:
     config = sd35_medium_config(
         num_attention_heads=2, attention_head_dim=16, caption_projection_dim=32,
         joint_attention_dim=32, pooled_projection_dim=16, sample_size=16, pos_embed_max_size=16,
-        in_channels=4, out_channels=4, remat=True, scan_layers=scan_layers)
+        in_channels=4, out_channels=4, remat="block", scan_layers=scan_layers)
     graph, params = nnx.split(MMDiT(config, rngs=nnx.Rngs(0)))
     z = jnp.zeros((2, 16, 16, 4))
     cond = {"text": jnp.zeros((2, 5, 32)), "text_mask": jnp.ones((2, 5), bool),

@@ -15,7 +15,7 @@ from danceopd_jax.config import diffusers_teacher, prepared_config, route
 def get_config(root: str = "runs/sd3_tiny"):
     c = prepared_config()
     c.world.conditions = f"{root}/prepared"
-    c.model = dict(dtype="float32", scan_layers=True, remat=False, attention="xla")
+    c.model = dict(dtype="float32", scan_layers=True, remat="none", attention="xla")
     c.teachers.anchor = diffusers_teacher("t2i", f"{root}/pipeline/transformer")
     c.teachers.edit_full = diffusers_teacher("edit", f"{root}/edit_transformer")
     c.teachers.edit_lora = diffusers_teacher("edit", f"{root}/edit_lora", lora_base="anchor")

@@ -22,7 +22,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
-from danceopd_jax.models.mmdit import sd35_medium_config, tiny_config
+from danceopd_jax.models.mmdit import REMAT_POLICIES, sd35_medium_config, tiny_config
 from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
@@ -31,6 +31,9 @@ _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _CUDNN = flags.DEFINE_bool("cudnn", True, "sd35m-shape on a GPU: cuDNN fused attention.")
+_REMAT = flags.DEFINE_enum("remat", "block", list(REMAT_POLICIES),
+                           "sd35m-shape: what each block's backward keeps "
+                           "(models/mmdit.py REMAT_POLICIES; toy: config.model.remat).")
 
 
 def workloads() -> list[Workload]:
@@ -40,12 +43,12 @@ def workloads() -> list[Workload]:
         model = tiny_config(image_size=c.world.image_size, patch_size=m.patch_size,
                             text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
                             depth=m.depth, heads=m.heads)
-        model = dataclasses.replace(model, dtype=m.dtype)
+        model = dataclasses.replace(model, dtype=m.dtype, remat=m.remat)
         return [Workload(model, c.world.image_size, c.training.batch_size, MAX_TEXT_LEN,
                          num_steps=c.danceopd.num_steps)]
     # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
     attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
-    model = sd35_medium_config(dtype="bfloat16", remat=True, attention=attention,
+    model = sd35_medium_config(dtype="bfloat16", remat=_REMAT.value, attention=attention,
                                scan_layers=True)
     return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
                                                                vae_factor=8)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
+from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, METHODS
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
 
@@ -69,17 +70,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.world = dict(image_size=24, train_size=30000, seed=1234)
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
-                   text_heads=4, dtype="float32")
+                   text_heads=4, dtype="float32", remat="none")
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
+    # The training objective (README "Methods"): DanceOPD or a baseline of METHOD.md 7, each
+    # with the same trainer, optimizer and number of steps.
+    c.method = "danceopd"
     # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
     c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
                       full_rollout=False)
+    # Options of the baselines. diffusion_opd: dsigma "true" (the schedule's) or "uniform"
+    # (1/N, the reference). flow_opd: SDE noise level eta, G rollouts per prompt (group; the
+    # batch's prompts times G are rolled out), PPO clip, advantage clip, advantage "kl" (the
+    # reference) or "log_ratio". weight_merge: "average" (route-weighted) or "task_arithmetic"
+    # (each teacher's delta times merge_scale). off_policy and soft_mix use danceopd's query_k
+    # and query_bias.
+    c.baselines = dict(dsigma="true", eta=0.7, group=16, ppo_clip=1e-4, adv_clip=5.0,
+                       advantage="kl", merge="average", merge_scale=1.0)
+    # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
+    # config.seed the teachers, so runs with other training seeds share the same teachers.
     c.training = dict(
-        steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=20,
-        lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100, log_every=10,
-        sample_every=200, max_to_keep=2)
+        seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
+        warmup_steps=20, lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100,
+        log_every=10, sample_every=200, max_to_keep=2)
     c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -95,17 +109,19 @@ def prepared_config() -> ml_collections.ConfigDict:
     c.world = dict(kind="prepared", conditions=required(
         "a directory written by `python -m danceopd_jax.prepare` (its --out)"))
     # Our MMDiTConfig fields on top of the checkpoint's config.json.
-    c.model = dict(dtype="bfloat16", scan_layers=True, remat=True, attention="xla")
+    c.model = dict(dtype="bfloat16", scan_layers=True, remat="block", attention="xla")
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = diffusers_teacher("t2i", required(
         "the base model's diffusers transformer folder (<pipeline>/transformer)"))
     c.routes = ml_collections.ConfigDict()
+    c.method = "danceopd"
     c.danceopd = dict(num_steps=16, shift=3.0, schedule="clean", query_k=1, query_bias="low",
                       full_rollout=False)
+    c.baselines = base_config().baselines  # the baselines' options, as in the shapes world
     c.training = dict(
-        steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=0,
-        lora_rank=128, lora_alpha=128.0, routing="per_sample", checkpoint_every=250,
-        log_every=10, sample_every=500, max_to_keep=2)
+        seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
+        warmup_steps=0, lora_rank=128, lora_alpha=128.0, routing="per_sample",
+        checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
     # Student samples (latents) of the first rows of each routed bucket, at sample_every.
     c.eval = dict(sample_steps=16, num_samples=4)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
@@ -124,6 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"world.kind={kind!r}; use one of {WORLDS}.")
     d = config.danceopd
     validate_query(d.num_steps, d.query_k, d.query_bias)
+    validate_method(config)
     if config.training.routing not in ROUTING_MODES:
         raise ValueError(f"training.routing={config.training.routing!r}; use one of "
                          f"{ROUTING_MODES}.")
@@ -182,3 +199,42 @@ def _check_path(value: str, field: str, directory: bool = False) -> None:
                          f"(--config.{field}=PATH).")
     if directory and not path.is_dir():
         raise ValueError(f"config.{field}={value!r} is not a directory; give a directory.")
+
+
+def validate_method(config: ml_collections.ConfigDict) -> None:
+    """config.method and its options in config.baselines."""
+    method, b = config.method, config.baselines
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; use one of {METHODS} "
+                         "(--config.method=...).")
+    for name, value, choices in [("dsigma", b.dsigma, DSIGMA_MODES),
+                                 ("advantage", b.advantage, FLOW_ADVANTAGES),
+                                 ("merge", b.merge, MERGE_MODES)]:
+        if value not in choices:
+            raise ValueError(f"baselines.{name}={value!r} is unknown; use one of {choices}.")
+    for name in ("eta", "ppo_clip", "adv_clip"):
+        if not b[name] > 0:
+            raise ValueError(f"baselines.{name}={b[name]}: it must be > 0.")
+    if b.group < 1:
+        raise ValueError(f"baselines.group={b.group}: Flow-OPD needs at least 1 rollout per "
+                         "prompt (METHOD.md uses 16; fewer keeps a CPU run affordable).")
+    if method == "weight_merge" and config.training.lora_rank > 0:
+        raise ValueError(f"method='weight_merge' with training.lora_rank="
+                         f"{config.training.lora_rank}: a merged student is a full set of "
+                         "weights, not a LoRA; set training.lora_rank=0.")
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+    """Set dotted fields ("training.steps": 20) in place, as `--config.training.steps=20`
+    would; a value may be a callable of the config (e.g. K = the config's N). A field the
+    config does not have is an error (a typo must not silently do nothing)."""
+    for path, value in overrides.items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        if leaf not in node:
+            raise KeyError(f"override {path!r}: the config has no such field; known fields "
+                           f"there: {sorted(node.keys())}.")
+        node[leaf] = value(config) if callable(value) else value
+    return config

@@ -1,8 +1,9 @@
 """python -m danceopd_jax.main --config=configs/t2i_edit.py [--workdir=DIR] [--config.x.y=v]
 
-Prepares (or reuses) the teachers, distills the student with DanceOPD, writes checkpoints,
-metrics and sample grids to the workdir, and prints held-out scores at the end. Rerunning with
-the same workdir resumes where the last run stopped.
+Prepares (or reuses) the teachers, trains the student with config.method (DanceOPD, or a
+baseline: README "Methods"), writes checkpoints, metrics and sample grids to the workdir, and
+prints held-out scores at the end. Rerunning with the same workdir resumes where the last run
+stopped.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ from pathlib import Path
 import ml_collections
 import pytest
 
+from danceopd_jax.config import apply_overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # The same backbone family as the default, shrunk: 12 px images (3x3 patches of 4 px).
@@ -31,13 +33,7 @@ def load_config(name: str) -> ml_collections.ConfigDict:
 
 
 def tiny_config(name: str = "t2i_edit", **overrides) -> ml_collections.ConfigDict:
-    config = load_config(name)
-    for path, value in {**TINY, **overrides}.items():
-        node = config
-        *parents, leaf = path.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config = apply_overrides(load_config(name), {**TINY, **overrides})
     for t in config.teachers.values():
         t.steps, t.batch_size = 3, 8
     return config

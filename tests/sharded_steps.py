@@ -44,7 +44,7 @@ def main(workdir: Path) -> None:
     tc, d = config.training, config.danceopd
     optimizer = make_optimizer(tc.lr, 0.0, tc.grad_clip, 0)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
-                           "per_sample", BATCH, config.seed, SHARDS)
+                           "per_sample", BATCH, config.training.seed, SHARDS)
     field = models.field()
     out = {}
     for name, sizes in MESHES.items():
@@ -52,7 +52,7 @@ def main(workdir: Path) -> None:
                 make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes, strict=True))))
         trainable = {"backbone": jax.tree.map(np.array, backbone)}
         state, placed, sh = place_state(mesh, trainable, models.trainable_axes(trainable),
-                                        frozen, frozen_axes, optimizer, config.seed)
+                                        frozen, frozen_axes, optimizer, config.training.seed)
         step = make_danceopd_step(field, student_params_fn("anchor", 0.0),
                                   [cfg(field, r.cfg_alpha) for r in routes],
                                   [r.teacher for r in routes], models.conditioner(), optimizer,

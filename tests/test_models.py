@@ -176,7 +176,7 @@ def test_sd35_dual_attention_qk_norm_and_remat() -> None:
     z, sigma, cond = _inputs()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     remat_graphdef, _, _ = nnx.split(
-        MMDiT(dataclasses.replace(cfg, remat=True), rngs=nnx.Rngs(0)), nnx.Param, ...
+        MMDiT(dataclasses.replace(cfg, remat="block"), rngs=nnx.Rngs(0)), nnx.Param, ...
     )
     fwd = jax.jit(lambda c: nnx.merge(graphdef, params, rest)(z, sigma, c))
     v = fwd(cond)
@@ -336,7 +336,7 @@ def test_scanned_layers_equal_the_unrolled_blocks() -> None:
                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                       caption_projection_dim=32, pooled_projection_dim=16, pos_embed_max_size=8,
                       dual_attention_layers=(0, 1), qk_norm="rms_norm")
-    scanned = dataclasses.replace(cfg, scan_layers=True, remat=True)
+    scanned = dataclasses.replace(cfg, scan_layers=True, remat="dots")
     assert [(g.start, g.stop) for g in block_groups(cfg)] == [(0, 2), (2, 4), (4, 5)]
     graph, state = nnx.split(MMDiT(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)

@@ -146,7 +146,7 @@ def _world_files(tmp_path: Path, channels: int = 4) -> Path:
 def _world_config(root: Path, edit: str = "edit", lora_base: str = ""):
     c = prepared_config()
     c.world.conditions = str(root / "prepared")
-    c.model = dict(dtype="float32", scan_layers=True, remat=False, attention="xla")
+    c.model = dict(dtype="float32", scan_layers=True, remat="none", attention="xla")
     c.teachers.anchor.path = str(root / "anchor")
     c.teachers.edit = diffusers_teacher("edit", str(root / edit), lora_base=lora_base)
     c.routes.t2i = route("anchor", "t2i", 0.5, cfg_alpha=2.0)
@@ -209,6 +209,11 @@ def test_prepared_world_checks_data_and_architecture(tmp_path: Path) -> None:
     config = _world_config(root)
     config.routes.local = route("edit", "local_edit", 0.5)
     with pytest.raises(DataError, match="bucket 'local_edit', which does not exist"):
+        distill.build(config, tmp_path / "run")
+    config = _world_config(root)
+    config.method = "sft_mix"
+    with pytest.raises(ValueError, match=r"method='sft_mix' trains on ground-truth targets, but "
+                                         r"buckets \['edit', 't2i'\] .* have no target images"):
         distill.build(config, tmp_path / "run")
     wrong = _world_files(tmp_path / "wrong", channels=3)
     with pytest.raises(ValueError, match="does not fit the anchor .*latents have 3 channels, "

@@ -63,7 +63,7 @@ def load_student(workdir: str | Path) -> Student:
     tc = config.training
     frozen = {"teachers": {"anchor": anchor}, "text": text}
     optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
-    like = TrainState.create(initial_trainable(config, frozen), optimizer, config.seed)
+    like = TrainState.create(initial_trainable(config, frozen), optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     state, _ = checkpoints.restore(like)
     checkpoints.close()

@@ -42,6 +42,12 @@ _LN_EPS = 1e-6
 _TIME_PROJ_DIM = 256
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 _COND_KEYS = ("text", "text_mask", "pooled")
+# What a block's backward may keep from its forward (None: no remat, keep everything).
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,10 @@ class MMDiTConfig:
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
     dtype: str = "float32"
-    remat: bool = False
+    # Rematerialisation of each block in the backward pass (REMAT_POLICIES): "none" keeps every
+    # activation, "block" keeps only each block's inputs and recomputes the rest, "dots" also
+    # keeps the projections' matmul outputs (more memory, less recomputation).
+    remat: str = "none"
     # Stack each run of identical blocks and apply it with one scan (compile time grows with
     # the number of distinct block kinds, not with depth). Params then live under
     # "block_groups" with a leading "layers" axis: convert with stack_blocks / unstack_blocks.
@@ -106,6 +115,8 @@ class MMDiTConfig:
             raise ValueError(f"qk_norm={self.qk_norm!r} is unsupported; use None or 'rms_norm'.")
         if self.attention not in ("xla", "cudnn"):
             raise ValueError(f"attention={self.attention!r}: use 'xla' or 'cudnn' (GPU).")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT_POLICIES)}.")
         if self.dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
 
@@ -647,7 +658,8 @@ class MMDiT(nnx.Module):
         ) -> tuple[jax.Array, jax.Array]:
             return block(x, c, temb_x, temb, joint_mask, image_mask)
 
-        step = nnx.remat(run_block) if self.config.remat else run_block
+        policy = REMAT_POLICIES[self.config.remat]
+        step = run_block if policy is None else nnx.remat(run_block, policy=policy)
         if self.config.scan_layers:
             for group in self.block_groups:
                 x, c = _scan(step, group, (x, c))

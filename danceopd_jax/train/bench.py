@@ -3,11 +3,14 @@
 Each variant is the real train step (train/step.py) on random weights and random inputs of a
 preset's shape, with conditions precomputed as a real-model run would have them (no text
 encoder in the step). Variants differ only in the step's static settings, so their ratios
-isolate one choice each: stopping the rollout at the query index, dense queries, routing.
+isolate one choice each: stopping the rollout at the query index, dense queries, routing, and
+Flow-OPD's SDE rollout with dense PPO (its batch is the same number of rollouts: B / G prompts
+rolled out G times each, so a sample is one rollout in every row).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -26,7 +29,7 @@ from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 from danceopd_jax.train.mesh import make_mesh, put
 from danceopd_jax.train.state import make_optimizer, place_state
-from danceopd_jax.train.step import make_danceopd_step
+from danceopd_jax.train.step import danceopd_objective, flow_opd_objective, make_distill_step
 
 
 @dataclass(frozen=True)
@@ -57,14 +60,19 @@ class Variant:
     query_bias: str = "low"
     full_rollout: bool = False
     routing: str = "per_sample"
+    method: str = "danceopd"  # or "flow_opd"
+    group: int = 1  # rollouts per prompt
 
 
-def variants(num_steps: int) -> list[Variant]:
+def variants(num_steps: int, batch: int) -> list[Variant]:
+    group = max(1, batch // 2)  # two prompts (one per route) unless the batch is 1
     return [
         Variant("DanceOPD K=1, rollout stops at the query"),
         Variant("DanceOPD K=1, full rollout (reference)", full_rollout=True),
         Variant(f"dense K=N={num_steps} (DiffusionOPD cost)", query_k=num_steps,
                 query_bias="dense"),
+        Variant(f"Flow-OPD, SDE + PPO, dense N={num_steps}, {batch // group} prompts x "
+                f"G={group}", query_k=num_steps, method="flow_opd", group=group),
         Variant("DanceOPD K=1, per-step routing", routing="per_step"),
     ]
 
@@ -120,18 +128,26 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
     device = jax.devices()[0]
     peak = peak_tflops(device.device_kind)
     results = []
-    for v in which or variants(work.num_steps):
+    for v in which or variants(work.num_steps, work.batch):
         frozen = {"teachers": {"anchor": params}}
         trainable = {"backbone": jax.tree.map(jnp.copy, params)}
         state, frozen, shardings = place_state(
             mesh, trainable, {"backbone": axes}, frozen, {"teachers": {"anchor": axes}},
             optimizer, seed=0)
-        step = make_danceopd_step(field_fn, lambda t, f: t["backbone"], [cfg(field_fn, 1.0)] * 2,
-                                  ["anchor", "anchor"], precomputed_conditioner, optimizer,
-                                  sigmas, v.query_k, v.query_bias, 1, shardings, v.full_rollout)
-        slots = ((Slot(0, 0, work.batch),) if v.routing == "per_step"
-                 else per_sample_slots([0.25, 0.75], work.batch))
-        placed = put(batch, shardings.batch)
+        fields = [cfg(field_fn, 1.0)] * 2
+        if v.method == "flow_opd":
+            objective = flow_opd_objective(field_fn, fields, sigmas, v.group, eta=0.7,
+                                           ppo_clip=1e-4, adv_clip=5.0)
+        else:
+            objective = danceopd_objective(field_fn, fields, sigmas, v.query_k, v.query_bias,
+                                           full_rollout=v.full_rollout)
+        step = make_distill_step(objective, lambda t, f: t["backbone"], ["anchor", "anchor"],
+                                 precomputed_conditioner, optimizer, shardings)
+        prompts = work.batch // v.group
+        slots = ((Slot(0, 0, prompts),) if v.routing == "per_step" or prompts == 1
+                 else per_sample_slots([0.25, 0.75], prompts))
+        placed = put({k: x[:prompts] for k, x in batch.items()}, shardings.batch)
+        rollouts = dataclasses.replace(work.shape(), batch=prompts * v.group)
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, placed, slots).compile()
         compile_s = time.perf_counter() - t0
@@ -144,11 +160,10 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 forwards.append(n)
-        flops = [danceopd_step_flops(work.model, work.shape(), n, v.query_k).total
-                 for n in forwards]
+        flops = [danceopd_step_flops(work.model, rollouts, n, v.query_k).total for n in forwards]
         tflops = sum(flops) / sum(times) / 1e12
         step_s = statistics.median(times)
-        r = Result(v.name, compile_s, step_s, work.batch / step_s, float(np.mean(flops)),
+        r = Result(v.name, compile_s, step_s, rollouts.batch / step_s, float(np.mean(flops)),
                    tflops, tflops / peak if peak else None, memory, float(np.mean(forwards)))
         log(f"  {r.variant}: {r.step_s * 1e3:.1f} ms/step, compile {r.compile_s:.1f} s")
         results.append(r)

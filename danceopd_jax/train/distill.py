@@ -1,4 +1,4 @@
-"""The main job: world data -> teachers -> DanceOPD student -> scores.
+"""The main job: world data -> teachers -> student (DanceOPD or a baseline) -> scores.
 
 A world provides the data, the models and the teachers (ShapesWorld here, the default;
 train/prepared.PreparedWorld for prepared data and diffusers teachers, config.world.kind =
@@ -32,6 +32,7 @@ from jax.sharding import Mesh
 
 from danceopd_jax.config import routes_of, validate, world_kind
 from danceopd_jax.core.fields import cfg
+from danceopd_jax.core.methods import merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher, TrainBucket
@@ -46,11 +47,20 @@ from danceopd_jax.eval.shapes import (
 )
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
-from danceopd_jax.train.loop import MetricsWriter, fit
+from danceopd_jax.train.loop import MetricsWriter, Update, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
 from danceopd_jax.train.state import make_optimizer, place_state
-from danceopd_jax.train.step import make_danceopd_step
+from danceopd_jax.train.step import (
+    StudentParams,
+    danceopd_objective,
+    diffusion_opd_objective,
+    flow_opd_objective,
+    make_distill_step,
+    make_flow_matching_step,
+    off_policy_objective,
+    soft_mix_objective,
+)
 from danceopd_jax.train.teachers import prepare_teachers
 
 log = logging.getLogger(__name__)
@@ -90,6 +100,7 @@ class Provider(Protocol):
 
     routes: list[Route]
     models: Models
+    bucket_has_source: dict[str, bool]  # whether a bucket's rows carry source images
 
     def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
         """({teacher name: backbone params}, the frozen "text" params), made or reused."""
@@ -114,8 +125,9 @@ class ShapesWorld:
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config, self.workdir = config, workdir
         self.routes = routes_of(config)
+        self.bucket_has_source = dataset.BUCKET_HAS_SOURCE
         validate_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
-                        dataset.BUCKET_HAS_SOURCE)
+                        self.bucket_has_source)
         self.splits = World(config, workdir / "data")
         tok = self.tokenizer
         null_ids, null_mask = encode(tok, [""])
@@ -182,30 +194,31 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                    "text": models.text_axes}
     trainable = initial_trainable(config, frozen)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
-                                           frozen, frozen_axes, optimizer, config.seed)
+                                           frozen, frozen_axes, optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)
     if checkpoints.latest_step() is not None:
         state, _ = checkpoints.restore(state)
         log.info("student: resuming from checkpoint step %d", int(state.step))
 
-    field = models.field()
     shards = batch_shards(mesh)
-    step = make_danceopd_step(field, student_params, [cfg(field, r.cfg_alpha) for r in routes],
-                              [r.teacher for r in routes], models.conditioner(), optimizer,
-                              sigmas, d.query_k, d.query_bias, shards, shardings,
-                              d.full_rollout)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
-                           tc.routing, tc.batch_size, config.seed, shards)
+                           tc.routing, tc.batch_size, tc.seed, shards)
     save_samples = world.sampler(workdir / "samples")
     t1 = time.perf_counter()
-    state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
-                steps=tc.steps, name="danceopd", checkpoints=checkpoints,
-                checkpoint_every=tc.checkpoint_every,
-                meta={"config": config.to_dict()}, metrics=MetricsWriter(workdir / "metrics.jsonl"),
-                log_every=tc.log_every,
-                on_interval=lambda s, n: save_samples(
-                    to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
-                interval_every=tc.sample_every)
+    if config.method == "weight_merge":  # no optimisation: the student is the teachers' merge
+        state = state.replace(trainable={"backbone": merged_teachers(config, routes, frozen)})
+        checkpoints.save(0, state, {"config": config.to_dict(), "step": 0})
+        log.info("student: merged the teachers (%s), no training", config.baselines.merge)
+    else:
+        update = method_update(config, routes, models, student_params, optimizer, sigmas, shards,
+                               shardings, frozen, world.bucket_has_source)
+        state = fit(update, state, batcher, mesh, steps=tc.steps, name=config.method,
+                    checkpoints=checkpoints, checkpoint_every=tc.checkpoint_every,
+                    meta={"config": config.to_dict()},
+                    metrics=MetricsWriter(workdir / "metrics.jsonl"), log_every=tc.log_every,
+                    on_interval=lambda s, n: save_samples(
+                        to_host(student_params(s.trainable, frozen)), to_host(frozen["text"]), n),
+                    interval_every=tc.sample_every)
     checkpoints.close()
     t_student = time.perf_counter() - t1
 
@@ -221,12 +234,57 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     return scores
 
 
+def method_update(config: ml_collections.ConfigDict, routes: list[Route], models: Models,
+                  student_params: StudentParams, optimizer, sigmas: jax.Array, shards: int,
+                  shardings, frozen: Params, bucket_has_source: dict[str, bool]) -> Update:
+    """The student's update for config.method (README "Methods"): (state, batch, slots) ->
+    (state, metrics), the same optimizer and batches for every method."""
+    d, b = config.danceopd, config.baselines
+    field = models.field()
+    if config.method == "sft_mix":  # flow matching on the routed batch's ground truth
+        fm_step = make_flow_matching_step(field, student_params, models.conditioner(), optimizer,
+                                          shardings=shardings)
+        return lambda state, batch, slots: fm_step(state, frozen, batch)
+    fields = [cfg(field, r.cfg_alpha) for r in routes]
+    match config.method:
+        case "danceopd":
+            objective = danceopd_objective(field, fields, sigmas, d.query_k, d.query_bias,
+                                           shards, d.full_rollout)
+        case "diffusion_opd":
+            objective = diffusion_opd_objective(field, fields, sigmas, b.dsigma, shards)
+        case "flow_opd":
+            objective = flow_opd_objective(field, fields, sigmas, b.group, b.eta, b.ppo_clip,
+                                           b.adv_clip, b.advantage, shards)
+        case "off_policy":  # T2I buckets have no source: their endpoints are teacher samples
+            endpoint = [not bucket_has_source[r.bucket] for r in routes]
+            objective = off_policy_objective(field, fields, endpoint, sigmas, d.query_k,
+                                             d.query_bias, shards)
+        case "soft_mix":
+            objective = soft_mix_objective(field, fields, [r.weight for r in routes], sigmas,
+                                           d.query_k, d.query_bias, shards, d.full_rollout)
+        case _:
+            raise ValueError(f"method {config.method!r} has no training step (weight_merge "
+                             "trains nothing; run() merges the teachers instead).")
+    step = make_distill_step(objective, student_params, [r.teacher for r in routes],
+                             models.conditioner(), optimizer, shardings)
+    return lambda state, batch, slots: step(state, frozen, batch, slots)
+
+
+def merged_teachers(config: ml_collections.ConfigDict, routes: list[Route],
+                    frozen: Params) -> Params:
+    """The weight-merging student: anchor + sum_m lambda_m (teacher_m - anchor)."""
+    b, teachers = config.baselines, frozen["teachers"]
+    coefficients = merge_coefficients(routes, b.merge, b.merge_scale)
+    return merge_weights(teachers["anchor"], [lora.resolve(teachers[n]) for n in coefficients],
+                         list(coefficients.values()))
+
+
 def initial_trainable(config: ml_collections.ConfigDict, frozen: Params) -> Params:
     """The student starts at the anchor: LoRA factors with a zero delta, or a full copy."""
     tc = config.training
     anchor = frozen["teachers"]["anchor"]
     if tc.lora_rank > 0:
-        return {"lora": lora.init_lora(jax.random.key(config.seed), anchor, tc.lora_rank)}
+        return {"lora": lora.init_lora(jax.random.key(tc.seed), anchor, tc.lora_rank)}
     return {"backbone": jax.tree.map(jnp.copy, anchor)}  # donated by the step: never alias
 
 

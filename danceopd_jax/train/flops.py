@@ -83,7 +83,11 @@ def danceopd_step_flops(config: MMDiTConfig, shape: Shape, rollout_forwards: int
                         query_k: int, cfg_passes: int = 1) -> StepFlops:
     """One DanceOPD step on a batch of `shape`: `rollout_forwards` student forwards of the
     whole batch (no gradient), the routed teachers on B*K query states (x2 with CFG), and the
-    student's forward and backward there (3 forwards' worth)."""
+    student's forward and backward there (3 forwards' worth).
+
+    The dense baselines are the same count: DiffusionOPD is K = N queries after N - 1 rollout
+    forwards; Flow-OPD is K = N transitions after N SDE forwards, with `shape.batch` the
+    number of rollouts (prompts x G). Their losses' elementwise work is left out."""
     queries = Shape(shape.batch * query_k, shape.image_tokens, shape.text_tokens,
                     shape.with_source)
     return StepFlops(rollout=rollout_forwards * forward_flops(config, shape),

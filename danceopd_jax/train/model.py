@@ -11,7 +11,7 @@ in every batch ("text" params = the empty prompt's conditions, for CFG; Models.t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import jax
@@ -109,8 +109,7 @@ def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id
     backbone_cfg = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
                                text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
                                depth=m.depth, heads=m.heads)
-    if m.dtype != backbone_cfg.dtype:
-        backbone_cfg = type(backbone_cfg)(**{**backbone_cfg.__dict__, "dtype": m.dtype})
+    backbone_cfg = replace(backbone_cfg, dtype=m.dtype, remat=m.remat)
     rngs = nnx.Rngs(seed)
     backbone_graph, backbone_params, backbone_axes = _split(MMDiT(backbone_cfg, rngs=rngs))
     text_graph, text_params, text_axes = _split(CLIPTextEncoder(text_cfg, rngs=rngs))

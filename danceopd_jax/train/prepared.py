@@ -77,13 +77,29 @@ class PreparedWorld:
         self.config, self.workdir = config, workdir
         self.routes = routes_of(config)
         self.data = PreparedData(config.world.conditions)
+        self.bucket_has_source = {b: i["has_source"] for b, i in self.data.buckets.items()}
         check_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
                      self.data.buckets, str(self.data.directory))
+        self._check_targets()
         self.backbone_config = backbone_config(config)
         self._check_data_fits()
         graph, self.abstract_params, axes = _abstract(self.backbone_config)
         self.models = Models(graph, None, axes,
                              {"text": PartitionSpec(), "pooled": PartitionSpec()})
+
+    def _check_targets(self) -> None:
+        """The ground-truth baselines need target images: SFT on every routed bucket,
+        off-policy on edit buckets (its T2I endpoints are teacher samples)."""
+        method = self.config.method
+        needs = {r.bucket for r in self.routes
+                 if method == "sft_mix" or (method == "off_policy"
+                                            and self.bucket_has_source[r.bucket])}
+        missing = sorted(b for b in needs if not self.data.buckets[b]["has_target"])
+        if missing:
+            raise ValueError(
+                f"method={method!r} trains on ground-truth targets, but buckets {missing} of "
+                f"{self.data.directory} have no target images; add target_image to their rows "
+                "and prepare again, or use an on-policy method.")
 
     def _check_data_fits(self) -> None:
         cfg, m = self.backbone_config, self.data.manifest

@@ -1,10 +1,13 @@
-"""The jitted update steps: DanceOPD for the student, flow matching for the teachers.
+"""The jitted update steps: distillation for the student (DanceOPD and the baselines of
+METHOD.md 7), flow matching for the teachers and the data-mixing SFT baseline.
 
-Both are one pure function (state, frozen, batch) -> (state, metrics): randomness comes from
-the state's key folded with its step, routing slots are static (one compiled program per slot
-layout), and the state is donated so parameters are updated in place. Given StepShardings
+Each is one pure function (state, frozen, batch[, slots]) -> (state, metrics): randomness comes
+from the state's key folded with its step, routing slots are static (one compiled program per
+slot layout), and the state is donated so parameters are updated in place. Given StepShardings
 (train/mesh.py) the step is compiled with them as explicit in/out shardings; the math never
-depends on the mesh.
+depends on the mesh. A distillation method is an Objective (the *_objective builders below)
+plugged into the one make_distill_step, so every method shares the optimizer, the routing and
+the random streams.
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ import jax.numpy as jnp
 import optax
 
 from danceopd_jax.core.fields import Field
-from danceopd_jax.core.methods import danceopd_loss, flow_matching_loss
+from danceopd_jax.core.methods import (
+    danceopd_loss,
+    diffusion_opd_loss,
+    flow_matching_loss,
+    flow_opd_loss,
+    off_policy_loss,
+    soft_mix_loss,
+)
 from danceopd_jax.core.query import sample_query
 from danceopd_jax.core.routing import Slot
 from danceopd_jax.train.mesh import StepShardings
@@ -28,6 +38,107 @@ Batch = dict[str, jax.Array]
 Conditioner = Callable[[Any, Batch, jax.Array], dict]
 # (trainable, frozen) -> the student's field params (identity, or a LoRA merge onto the base).
 StudentParams = Callable[[Any, Any], Any]
+# (student params, routed teachers' params, slots, batch, cond, noise key, query key)
+#   -> (loss, metrics): one distillation method's loss on one batch.
+Objective = Callable[[Any, list, tuple[Slot, ...], Batch, dict, jax.Array, jax.Array],
+                     tuple[jax.Array, dict]]
+
+
+def make_distill_step(objective: Objective, student_params: StudentParams,
+                      route_teachers: Sequence[str], conditioner: Conditioner,
+                      optimizer: optax.GradientTransformation,
+                      shardings: StepShardings | None = None) -> Callable:
+    """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]].
+
+    The batch is `shards` blocks, each tiled by the slots (train/mesh.py)."""
+    def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
+        k_noise, k_query, k_cond = jax.random.split(state.step_key(), 3)
+        cond = conditioner(frozen, batch, k_cond)
+        route_params = [frozen["teachers"][name] for name in route_teachers]
+
+        def loss_fn(trainable):
+            return objective(student_params(trainable, frozen), route_params, slots, batch, cond,
+                             k_noise, k_query)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+        state, finite = apply_if_finite(state, grads, loss, optimizer)
+        return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
+
+    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,),
+                   **(shardings.jit_kwargs() if shardings else {}))
+
+
+def _noise_and_queries(batch: Batch, k_noise: jax.Array, k_query: jax.Array, num_steps: int,
+                       query_k: int, query_bias: str) -> tuple[jax.Array, jax.Array]:
+    """Rollout noise shaped like the batch's images and [B, K] query indices."""
+    z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+    return z0, sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias)
+
+
+def danceopd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                       query_k: int, query_bias: str, shards: int = 1,
+                       full_rollout: bool = False) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
+                                           query_k, query_bias)
+        return danceopd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                             sigmas, query_idx, shards, full_rollout)
+    return objective
+
+
+def soft_mix_objective(student: Field, route_fields: Sequence[Field],
+                       route_weights: Sequence[float], sigmas: jax.Array, query_k: int,
+                       query_bias: str, shards: int = 1,
+                       full_rollout: bool = False) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del slots  # every sample gets the mixture of all routes
+        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
+                                           query_k, query_bias)
+        return soft_mix_loss(student, params, route_fields, route_params, route_weights, z0,
+                             cond, sigmas, query_idx, shards, full_rollout)
+    return objective
+
+
+def diffusion_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                            dsigma: str, shards: int = 1) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del k_query  # dense: every state is queried
+        z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+        return diffusion_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                                  sigmas, dsigma, shards)
+    return objective
+
+
+def flow_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                       group: int, eta: float, ppo_clip: float, adv_clip: float,
+                       advantage: str = "kl", shards: int = 1) -> Objective:
+    """Each prompt of the batch is rolled out `group` times (G rollouts per prompt)."""
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del k_query  # dense: every transition is used
+        k_z0, k_sde = jax.random.split(k_noise)
+        b, *image = batch["target"].shape
+        z0 = jax.random.normal(k_z0, (b, group, *image), jnp.float32)
+        noise = jax.random.normal(k_sde, (b, group, sigmas.shape[0] - 1, *image), jnp.float32)
+        return flow_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                             sigmas, noise, eta=eta, ppo_clip=ppo_clip, adv_clip=adv_clip,
+                             advantage=advantage, shards=shards)
+    return objective
+
+
+def off_policy_objective(student: Field, route_fields: Sequence[Field],
+                         teacher_endpoint: Sequence[bool], sigmas: jax.Array, query_k: int,
+                         query_bias: str, shards: int = 1) -> Objective:
+    """teacher_endpoint[m]: route m's endpoints are its teacher's samples (T2I), not the
+    batch's ground-truth targets (edits)."""
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        k_end, k_eps = jax.random.split(k_noise)
+        x0 = batch["target"]
+        z_end, query_idx = _noise_and_queries(batch, k_end, k_query, sigmas.shape[0] - 1,
+                                              query_k, query_bias)
+        eps = jax.random.normal(k_eps, (x0.shape[0], query_k) + x0.shape[1:], jnp.float32)
+        return off_policy_loss(student, params, route_fields, route_params, slots, x0,
+                               teacher_endpoint, z_end, eps, cond, sigmas, query_idx, shards)
+    return objective
 
 
 def make_danceopd_step(student: Field, student_params: StudentParams,
@@ -36,29 +147,10 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
                        sigmas: jax.Array, query_k: int, query_bias: str, shards: int = 1,
                        shardings: StepShardings | None = None,
                        full_rollout: bool = False) -> Callable:
-    """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]].
-
-    The batch is `shards` blocks, each tiled by the slots (train/mesh.py)."""
-    num_steps = sigmas.shape[0] - 1
-
-    def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
-        k_noise, k_query, k_cond = jax.random.split(state.step_key(), 3)
-        cond = conditioner(frozen, batch, k_cond)
-        z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
-        query_idx = sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias)
-        route_params = [frozen["teachers"][name] for name in route_teachers]
-
-        def loss_fn(trainable):
-            return danceopd_loss(student, student_params(trainable, frozen), route_fields,
-                                 route_params, slots, z0, cond, sigmas, query_idx, shards,
-                                 full_rollout)
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
-        state, finite = apply_if_finite(state, grads, loss, optimizer)
-        return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
-
-    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,),
-                   **(shardings.jit_kwargs() if shardings else {}))
+    """The DanceOPD step (make_distill_step with danceopd_objective)."""
+    return make_distill_step(danceopd_objective(student, route_fields, sigmas, query_k,
+                                                query_bias, shards, full_rollout),
+                             student_params, route_teachers, conditioner, optimizer, shardings)
 
 
 def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,

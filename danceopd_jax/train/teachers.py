@@ -41,8 +41,10 @@ Params = Any
 def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
     """Everything that determines teacher `name`'s weights (its init chain included)."""
     t = config.teachers[name]
+    # Rematerialisation changes memory and speed, never the weights.
+    model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}
     return {"name": name, "teacher": t.to_dict(), "world": config.world.to_dict(),
-            "model": config.model.to_dict(), "seed": config.seed,
+            "model": model, "seed": config.seed,
             "init": None if t.init == "scratch" else recipe(config, t.init)}
 
 
