@@ -1,11 +1,15 @@
-"""The shared default config (the shapes world, tiny MMDiT, DanceOPD) and its validation.
+"""The shared default configs and their validation.
 
-Experiment files in configs/ start from `base_config()` and change what differs. Everything
-a run needs is a field here, so every value is overridable from the command line
-(`--config.training.steps=20`).
+Two worlds: the embedded shapes world (`base_config()`: tiny MMDiT, teachers trained by flow
+matching), and prepared data with real teachers (`prepared_config()`: conditions written by
+`python -m danceopd_jax.prepare`, teachers from diffusers checkpoints). Experiment files in
+configs/ start from one of them and change what differs. Everything a run needs is a field
+here, so every value is overridable from the command line (`--config.training.steps=20`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import ml_collections
 
@@ -36,6 +40,29 @@ def edit_teacher(bucket: str) -> ml_collections.ConfigDict:
 def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
     return ml_collections.ConfigDict(dict(teacher=teacher, bucket=bucket, weight=weight,
                                           cfg_alpha=cfg_alpha))
+
+
+# A path the user must give: validation stops at it and says what to provide.
+REQUIRED = "REQUIRED: "
+WORLDS = ("shapes", "prepared")
+TEACHER_KINDS = ("t2i", "edit")
+
+
+def required(what: str) -> str:
+    return REQUIRED + what
+
+
+def diffusers_teacher(kind: str, path: str, lora_base: str = "") -> ml_collections.ConfigDict:
+    """A frozen teacher from a diffusers checkpoint (prepared world): `path` is an
+    SD3Transformer2DModel folder (the base, or a full fine-tune), or, when `lora_base` names
+    a full teacher, a diffusers / PEFT LoRA (file or folder) on that teacher's weights."""
+    return ml_collections.ConfigDict(dict(kind=kind, path=path, lora_base=lora_base))
+
+
+def world_kind(config: ml_collections.ConfigDict) -> str:
+    # The shapes configs carry no world.kind: their world dict is part of the shipped
+    # teachers' recipes (train/teachers.py), which a new field would invalidate.
+    return config.world.get("kind", "shapes")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -80,18 +107,44 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def prepared_config() -> ml_collections.ConfigDict:
+    """Real teachers on prepared data: the SD3 / SD3.5 MMDiT family built from the anchor's
+    diffusers config.json, the paper's hyper-parameters (METHOD.md 8). The anchor and the
+    conditions directory are placeholders to fill in."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.world = dict(kind="prepared", conditions=required(
+        "a directory written by `python -m danceopd_jax.prepare` (its --out)"))
+    # Our MMDiTConfig fields on top of the checkpoint's config.json.
+    c.model = dict(dtype="bfloat16", scan_layers=True, remat="block", attention="xla")
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.anchor = diffusers_teacher("t2i", required(
+        "the base model's diffusers transformer folder (<pipeline>/transformer)"))
+    c.routes = ml_collections.ConfigDict()
+    c.method = "danceopd"
+    c.danceopd = dict(num_steps=16, shift=3.0, schedule="clean", query_k=1, query_bias="low",
+                      full_rollout=False)
+    c.baselines = base_config().baselines  # the baselines' options, as in the shapes world
+    c.training = dict(
+        seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
+        warmup_steps=0, lora_rank=128, lora_alpha=128.0, routing="per_sample",
+        checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
+    # Student samples (latents) of the first rows of each routed bucket, at sample_every.
+    c.eval = dict(sample_steps=16, num_samples=4)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    return c
+
+
 def routes_of(config: ml_collections.ConfigDict) -> list[Route]:
     return [Route(name, r.teacher, r.bucket, float(r.weight), float(r.cfg_alpha))
             for name, r in config.routes.items()]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Everything that can be checked before data is built or anything compiles."""
-    size, patch = config.world.image_size, config.model.patch_size
-    if size % patch:
-        raise ValueError(
-            f"world.image_size={size} is not divisible by model.patch_size={patch}; pick a patch "
-            f"size dividing {size} (e.g. {[p for p in (1, 2, 3, 4, 6, 8) if size % p == 0]}).")
+    """Everything that can be checked before data is built, anything loads or compiles."""
+    kind = world_kind(config)
+    if kind not in WORLDS:
+        raise ValueError(f"world.kind={kind!r}; use one of {WORLDS}.")
     d = config.danceopd
     validate_query(d.num_steps, d.query_k, d.query_bias)
     validate_method(config)
@@ -101,14 +154,58 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "anchor" not in config.teachers:
         raise ValueError("config.teachers has no 'anchor' (the T2I base the student starts from).")
     for name, t in config.teachers.items():
-        if t.init != "scratch" and t.init not in config.teachers:
-            raise ValueError(f"teacher {name!r} starts from {t.init!r}, which is not a teacher; "
-                             f"use 'scratch' or one of {sorted(config.teachers)}.")
-        if t.kind not in ("t2i", "edit"):
-            raise ValueError(f"teacher {name!r} has kind {t.kind!r}; use 't2i' or 'edit'.")
+        if t.kind not in TEACHER_KINDS:
+            raise ValueError(f"teacher {name!r} has kind {t.kind!r}; use one of "
+                             f"{TEACHER_KINDS}.")
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")
+    if kind == "shapes":
+        _validate_shapes(config)
+    else:
+        _validate_prepared(config)
+
+
+def _validate_shapes(config: ml_collections.ConfigDict) -> None:
+    size, patch = config.world.image_size, config.model.patch_size
+    if size % patch:
+        raise ValueError(
+            f"world.image_size={size} is not divisible by model.patch_size={patch}; pick a patch "
+            f"size dividing {size} (e.g. {[p for p in (1, 2, 3, 4, 6, 8) if size % p == 0]}).")
+    for name, t in config.teachers.items():
+        if t.init != "scratch" and t.init not in config.teachers:
+            raise ValueError(f"teacher {name!r} starts from {t.init!r}, which is not a teacher; "
+                             f"use 'scratch' or one of {sorted(config.teachers)}.")
+
+
+def _validate_prepared(config: ml_collections.ConfigDict) -> None:
+    """Placeholders and paths first (nothing is read yet), then the teachers' LoRA bases."""
+    _check_path(config.world.conditions, "world.conditions", directory=True)
+    for name, t in config.teachers.items():
+        _check_path(t.path, f"teachers.{name}.path")
+        if t.lora_base and t.lora_base not in config.teachers:
+            raise ValueError(f"teachers.{name}.lora_base={t.lora_base!r} is not a teacher; use "
+                             f"one of {sorted(config.teachers)}, or '' for a full checkpoint.")
+    if config.teachers.anchor.lora_base:
+        raise ValueError("teachers.anchor.lora_base is set, but the anchor (the base the student "
+                         "starts from) must be a diffusers transformer folder; set it to ''.")
+    for name, t in config.teachers.items():
+        if t.lora_base and config.teachers[t.lora_base].lora_base:
+            raise ValueError(f"teachers.{name}.lora_base={t.lora_base!r} is itself a LoRA "
+                             "teacher; a LoRA's base must be a full checkpoint (e.g. the "
+                             "anchor).")
+
+
+def _check_path(value: str, field: str, directory: bool = False) -> None:
+    if value.startswith(REQUIRED):
+        raise ValueError(f"config.{field} is not set: provide {value[len(REQUIRED):]} "
+                         f"(--config.{field}=PATH).")
+    path = Path(value)
+    if not value or not path.exists():
+        raise ValueError(f"config.{field}={value!r} does not exist; give an existing path "
+                         f"(--config.{field}=PATH).")
+    if directory and not path.is_dir():
+        raise ValueError(f"config.{field}={value!r} is not a directory; give a directory.")
 
 
 def validate_method(config: ml_collections.ConfigDict) -> None:

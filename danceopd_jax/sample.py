@@ -11,6 +11,7 @@ import numpy as np
 from absl import app, flags
 from PIL import Image
 
+from danceopd_jax.config import world_kind
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import to_unit_range
 from danceopd_jax.data.shapes.tokenizer import encode
@@ -31,6 +32,11 @@ def main(argv: list[str]) -> None:
     del argv
     student = load_student(_WORKDIR.value)
     config, world = student.config, student.world
+    if world_kind(config) != "shapes":
+        raise app.UsageError(
+            f"{_WORKDIR.value} trained on prepared data, whose prompts need SD3's text encoders "
+            "and whose samples need its VAE (PyTorch): export the student (python -m "
+            "danceopd_jax.export) and sample it with diffusers, as launch/sd3_tiny_e2e.py does.")
     size = config.world.image_size
     ids, mask = encode(world.tokenizer, [_PROMPT.value] * _NUM.value)
     batch = {"input_ids": ids, "attention_mask": mask,

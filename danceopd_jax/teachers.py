@@ -17,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from danceopd_jax.config import world_kind
 from danceopd_jax.core.routing import Route
 from danceopd_jax.train.distill import build, format_scores, score_models
 from danceopd_jax.train.mesh import make_mesh
@@ -35,14 +36,18 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
     logging.getLogger("danceopd_jax").setLevel(logging.INFO)
     config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
-    _, world, models, backbone, text = build(config, workdir)
+    if world_kind(config) != "shapes":
+        raise app.UsageError("this command trains the shapes world's teachers; a prepared-data "
+                             "config's teachers are diffusers checkpoints, which the main job "
+                             "converts and caches itself.")
+    world = build(config, workdir)
     every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
-    teachers, text = prepare_teachers(config, every, models, backbone, text, world.train,
-                                      make_mesh(config.mesh), workdir,
-                                      shipped_dir=SHIPPED_DIR if _REUSE.value else None)
+    teachers, text = prepare_teachers(config, every, world.models, world.init_backbone,
+                                      world.init_text, world.train, make_mesh(config.mesh),
+                                      workdir, shipped_dir=SHIPPED_DIR if _REUSE.value else None)
     if _EVALUATE.value:
         jobs = [(name, teachers[name], t.bucket, 1.0) for name, t in config.teachers.items()]
-        scores = score_models(config, models, world, text, jobs)
+        scores = score_models(config, world.models, world.splits, text, jobs)
         (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
         print(format_scores(scores), flush=True)
     if _SHIP.value:  # what this run trained (a reused shipped teacher is already there)

@@ -33,7 +33,9 @@ KERNEL = ("transformer_blocks", 0, "attn", "to_q", "kernel")
 
 def main(workdir: Path) -> None:
     config = tiny_config(**{"training.batch_size": BATCH})
-    routes, world, models, backbone, text = distill.build(config, workdir)
+    world = distill.build(config, workdir)
+    routes, models = world.routes, world.models
+    backbone, text = world.init_backbone, world.init_text
     # Random teachers (an edit teacher unlike the anchor, so the loss is not ~0).
     edit = jax.tree.map(lambda x: x * 1.5 + 0.01, backbone)
     frozen = {"teachers": {"anchor": backbone, "joint_edit": edit}, "text": text}

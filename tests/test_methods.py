@@ -374,11 +374,11 @@ ONE_LAYER = {"model.depth": 1}  # the wiring is under test, not the backbone: co
 def tiny_run(tmp_path_factory):
     """The tiny config's routes, world, models and frozen params (random weights; an edit
     teacher unlike the anchor, so the losses are not ~0)."""
-    routes, world, models, backbone, text = distill.build(tiny_config(**ONE_LAYER),
-                                                          tmp_path_factory.mktemp("m"))
+    world = distill.build(tiny_config(**ONE_LAYER), tmp_path_factory.mktemp("m"))
+    backbone = world.init_backbone
     edit = jax.tree.map(lambda x: x * 1.5 + 0.01, backbone)
-    return routes, world, models, {"teachers": {"anchor": backbone, "joint_edit": edit},
-                                   "text": text}
+    return world.routes, world, world.models, {
+        "teachers": {"anchor": backbone, "joint_edit": edit}, "text": world.init_text}
 
 
 # DanceOPD's own step runs end to end in test_train.py.
@@ -402,7 +402,8 @@ def test_every_training_method_takes_a_step(tiny_run, method):
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
     update = distill.method_update(config, routes, models, student_params_fn("anchor", 0.0),
-                                   optimizer, schedule.make_sigmas(4), 1, shardings, frozen)
+                                   optimizer, schedule.make_sigmas(4), 1, shardings, frozen,
+                                   world.bucket_has_source)
     before = np.asarray(state.trainable["backbone"]["proj_out"]["kernel"])
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                                 "per_sample", 4, config.seed)(0)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from danceopd_jax.models import lora
 from danceopd_jax.models.lora import init_lora, merge
 from danceopd_jax.models.mmdit import (
     MMDiT,
@@ -363,3 +364,77 @@ def test_scanned_layers_equal_the_unrolled_blocks() -> None:
     back = unstack_blocks(stacked, cfg)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
                                                      jax.tree.leaves(params), strict=True))
+
+
+def _scan_pair() -> tuple[MMDiTConfig, MMDiTConfig, dict]:
+    """An MMDiT-X config (groups: dual x2, plain x1, last x1), its scanned twin, and random
+    unrolled params."""
+    cfg = MMDiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4,
+                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                      caption_projection_dim=16, pooled_projection_dim=8, pos_embed_max_size=4,
+                      dual_attention_layers=(0, 1), qk_norm="rms_norm")
+    state = nnx.state(MMDiT(cfg, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32),
+                          nnx.to_pure_dict(state))
+    return cfg, dataclasses.replace(cfg, scan_layers=True), params
+
+
+def _random_factors(tree: dict, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: 0.3 * rng.standard_normal(x.shape).astype(np.float32), tree)
+
+
+def test_lora_on_scanned_layers_init_merge_and_axes() -> None:
+    """init_lora on the scanned layout gives stacked factors; merging them onto the stacked base
+    equals merging their unstacked slices onto the unrolled base; axes keep the layers axis."""
+    cfg, scanned, params = _scan_pair()
+    stacked = stack_blocks(params, cfg)
+    tree = init_lora(jax.random.key(0), stacked, rank=3)
+    q = tree["block_groups"][0]["attn"]["to_q"]["kernel"]
+    assert q["a"].shape == (2, 16, 3) and q["b"].shape == (2, 3, 16)
+    assert not np.any(q["b"])  # a zero delta at init, as unscanned
+    assert "attn2" in tree["block_groups"][0] and "transformer_blocks" not in tree
+
+    tree = _random_factors(tree, 1)
+    merged = unstack_blocks(merge(stacked, tree, 6.0), cfg)
+    expected = merge(params, unstack_blocks(tree, cfg), 6.0)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+    spec = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(
+        nnx.eval_shape(lambda: MMDiT(scanned, rngs=nnx.Rngs(0))))))
+    q_axes = lora.axes(spec, tree)["block_groups"][0]["attn"]["to_q"]["kernel"]
+    P = jax.sharding.PartitionSpec
+    assert q_axes == {"a": P("layers", "embed", "lora_rank"),
+                      "b": P("layers", "lora_rank", "heads")}
+
+
+def test_scanned_lora_model_equals_the_unrolled_one() -> None:
+    """A LoRA loaded per block (mixed ranks, some blocks and targets without factors, as LoRA
+    files may be) stacked with lora.stack_layers: the scanned model with it merged gives the
+    unrolled model's output with the per-block LoRA merged."""
+    cfg, scanned, params = _scan_pair()
+    per_block = _random_factors(init_lora(jax.random.key(0), params, rank=2), 2)
+    blocks = per_block["transformer_blocks"]
+    blocks[1]["attn"]["to_k"]["kernel"] = _random_factors(
+        {"a": np.zeros((16, 5)), "b": np.zeros((5, 16))}, 3)  # rank 5 in one block
+    del blocks[0]["ff"]  # block 0 has no MLP factors, block 2 none at all
+    del blocks[2]
+    stacked = stack_blocks(per_block, cfg, stack=lora.stack_layers)
+    assert stacked["block_groups"][0]["attn"]["to_k"]["kernel"]["a"].shape == (2, 16, 5)
+
+    z = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    cond = {"text": jax.random.normal(jax.random.key(1), (2, 3, 16)),
+            "text_mask": jnp.ones((2, 3), bool), "pooled": jnp.ones((2, 8))}
+    sigma = jnp.array([0.3, 0.8])
+
+    def forward(config: MMDiTConfig, p: dict) -> jax.Array:
+        graph, state = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, p)
+        return nnx.merge(graph, state)(z, sigma, cond)
+
+    unrolled = forward(cfg, merge(params, per_block, 4.0))
+    adapted = lora.adapted(stack_blocks(params, cfg), stacked, 4.0)
+    np.testing.assert_allclose(forward(scanned, lora.resolve(adapted)), unrolled, atol=1e-5)
+    assert not np.allclose(unrolled, forward(cfg, params), atol=1e-3)  # the LoRA does something

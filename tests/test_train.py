@@ -253,8 +253,9 @@ def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path
     shutil.copytree(full / "teachers" / "anchor", shipped / "anchor")
     config = tiny_config()
     config.teachers.joint_edit.steps = 1  # recipe differs from anything shipped
-    routes, world, models, backbone, text = distill.build(config, tmp_path / "run")
-    teachers, _ = prepare_teachers(config, routes_of(config), models, backbone, text,
+    world = distill.build(config, tmp_path / "run")
+    backbone, text = world.init_backbone, world.init_text
+    teachers, _ = prepare_teachers(config, routes_of(config), world.models, backbone, text,
                                    world.train, make_mesh(), tmp_path / "run", shipped)
     assert (tmp_path / "run" / "teachers" / "anchor" / "recipe.json").is_file()
     recipe = json.loads((tmp_path / "run" / "teachers" / "joint_edit" / "recipe.json").read_text())

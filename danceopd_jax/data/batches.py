@@ -1,21 +1,38 @@
-"""Routed training batches from in-memory buckets, reproducible from (seed, step).
+"""Routed training batches, reproducible from (seed, step).
 
 A batch is `shards` blocks (one per data-parallel shard, train/mesh.py), each the
 concatenation of its routing slots, each slot filled from its route's bucket. The rows drawn
 depend only on (seed, step, shard, route), so a resumed run sees exactly the batches an
 uninterrupted run would have seen, and each process builds only its own shards' rows: the
 global batch is the same whatever the number of processes.
+
+A bucket is either held in memory (a dict of arrays: the shapes world) or read row by row (a
+RowSource: data/conditions.PreparedBucket).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from danceopd_jax.core.routing import Route, Slot, step_slots
 
-Bucket = Mapping[str, np.ndarray]
+
+class RowSource(Protocol):
+    """A bucket read on demand: its size, whether its rows carry source images, and the
+    model's arrays for given rows."""
+
+    has_sources: bool
+
+    def __len__(self) -> int: ...
+
+    def rows(self, rows: np.ndarray, with_source: bool) -> dict[str, np.ndarray]: ...
+
+
+Bucket = Mapping[str, np.ndarray]  # in memory
+TrainBucket = Bucket | RowSource
 MODEL_KEYS = ("target", "source", "has_source", "input_ids", "attention_mask")
 SOURCE_KEYS = ("source", "has_source")
 _BATCH_STREAM = 0x42_41_54_43  # "BATC"
@@ -46,10 +63,28 @@ def model_rows(bucket: Bucket, rows: np.ndarray, with_source: bool = True) -> di
     return out
 
 
+class ArrayBucket:
+    """An in-memory bucket (a dict of arrays, built by data.shapes.dataset) as a RowSource."""
+
+    def __init__(self, arrays: Bucket):
+        self.arrays = arrays
+        self.has_sources = has_sources(arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays["target"])
+
+    def rows(self, rows: np.ndarray, with_source: bool) -> dict[str, np.ndarray]:
+        return model_rows(self.arrays, rows, with_source)
+
+
+def as_row_source(bucket: TrainBucket) -> RowSource:
+    return ArrayBucket(bucket) if isinstance(bucket, Mapping) else bucket
+
+
 class RouteBatcher:
     """Batches for a route table: `batcher(step[, shard_range]) -> (slots, batch)`."""
 
-    def __init__(self, buckets: Mapping[str, Bucket], routes: Sequence[Route], mode: str,
+    def __init__(self, buckets: Mapping[str, TrainBucket], routes: Sequence[Route], mode: str,
                  batch_size: int, seed: int, shards: int = 1):
         if batch_size % shards:
             raise ValueError(f"batch size {batch_size} does not split into {shards} equal "
@@ -58,13 +93,15 @@ class RouteBatcher:
         for r in routes:
             if r.bucket not in buckets:
                 raise KeyError(f"route {r.name!r} needs bucket {r.bucket!r}, which was not loaded.")
-            if len(buckets[r.bucket]["target"]) == 0:
+        self.buckets = {name: as_row_source(b) for name, b in buckets.items()}
+        for r in routes:
+            if len(self.buckets[r.bucket]) == 0:
                 raise ValueError(f"bucket {r.bucket!r} of route {r.name!r} is empty.")
-        self.buckets, self.routes, self.mode = buckets, tuple(routes), mode
+        self.routes, self.mode = tuple(routes), mode
         self.batch_size, self.seed, self.shards = batch_size, seed, shards
         self.weights = [r.weight for r in self.routes]
         # Static per run: a batch carries the source slot iff some route's data has sources.
-        self.with_source = any(has_sources(buckets[r.bucket]) for r in self.routes)
+        self.with_source = any(self.buckets[r.bucket].has_sources for r in self.routes)
 
     def __call__(self, step: int, shard_range: range | None = None
                  ) -> tuple[tuple[Slot, ...], dict[str, np.ndarray]]:
@@ -77,7 +114,7 @@ class RouteBatcher:
             for s in slots:
                 bucket = self.buckets[self.routes[s.route].bucket]
                 rng = np.random.default_rng([self.seed, step, shard, s.route, _BATCH_STREAM])
-                rows = rng.integers(0, len(bucket["target"]), size=s.stop - s.start)
-                parts.append(model_rows(bucket, rows, self.with_source))
+                rows = rng.integers(0, len(bucket), size=s.stop - s.start)
+                parts.append(bucket.rows(rows, self.with_source))
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return slots, batch

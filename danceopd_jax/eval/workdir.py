@@ -75,7 +75,7 @@ def evaluate_workdir(workdir: str | Path, *, models: Sequence[str] | None = None
     features = scene_features(config.world.image_size, config.world.seed,
                               cache_dir or workdir / "data" / "fd_classifier",
                               recipe) if fd else None
-    bench = ShapesBench(config, student.models, student.world, split=split,
+    bench = ShapesBench(config, student.models, student.world.splits, split=split,
                         sample_steps=sample_steps, num=num,
                         batch_size=batch_size or config.eval.batch_size, features=features)
     jobs = workdir_jobs(workdir, student, models or default_models(student))

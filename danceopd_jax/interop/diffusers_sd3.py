@@ -14,7 +14,9 @@ and the exporter. Module names already mirror diffusers, so the mapping is:
 * ``pos_embed.pos_embed``: diffusers' fixed sincos buffer ``[1, M * M, D]``; we compute it.
   It is optional on load (checked against ours when present) and written on export.
 * ``source_embed`` (our edit conditioning) has no diffusers counterpart: zeros on load, which
-  leaves text-to-image outputs unchanged; dropped on export.
+  leaves text-to-image outputs unchanged, unless the folder holds ``source_embed.npy`` (written
+  beside the weights by our exporter, interop/workdir.py, for an edit-trained model); dropped
+  from the weights on export.
 
 Running our model like diffusers': ``z`` is channels-last ``[B, H, W, C]`` (diffusers
 ``[B, C, H, W]``), ``sigma`` in [0, 1] is diffusers' ``timestep / 1000``, and ``cond`` is
@@ -49,6 +51,7 @@ from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, _sincos_grid
 
 CLASS_NAME = "SD3Transformer2DModel"
 WEIGHTS_STEM = "diffusion_pytorch_model"
+SOURCE_EMBED_FILE = "source_embed.npy"  # our edit conditioning, beside an exported transformer
 # MMDiTConfig fields that diffusers' config.json carries under the same names (and defaults);
 # dtype, remat and attention are ours only (set them with dataclasses.replace after loading).
 _DIFFUSERS_FIELDS = (
@@ -216,12 +219,21 @@ def load_diffusers_transformer(directory: str | os.PathLike) -> tuple[MMDiTConfi
     shard and one tensor at a time; never imports torch.
 
     Returns ``(config, params)``; apply with ``nnx.replace_by_pure_dict(nnx.state(model),
-    params)`` on ``MMDiT(config, ...)``.
+    params)`` on ``MMDiT(config, ...)``. ``source_embed`` is read from the folder's
+    ``source_embed.npy`` if there is one, else zeros.
     """
     config = config_from_diffusers(read_config(directory))
     params = convert_state_dict(
         iter_safetensors(directory, WEIGHTS_STEM), config, what=f"checkpoint {directory}"
     )
+    source = Path(directory) / SOURCE_EMBED_FILE
+    if source.is_file():
+        embed = np.load(source).astype(np.float32)
+        if embed.shape != params["source_embed"].shape:
+            raise ValueError(f"{source} has shape {embed.shape}, but this transformer's source "
+                             f"embedding is {params['source_embed'].shape}; it belongs to "
+                             "another export, remove or replace it.")
+        params["source_embed"] = embed
     return config, params
 
 

@@ -10,16 +10,21 @@ T5's ``encoder.embed_tokens.weight`` when ``shared.weight`` is present (transfor
 former to the latter; a checkpoint holding only the former loads it as ``shared``).
 
 Our CLIP encoder returns transformers' ``(last_hidden_state, text_embeds)``, our T5 encoder
-its ``last_hidden_state``.
+its ``last_hidden_state``. ``SD3PromptEncoder`` loads all three encoders and their tokenizers from
+a diffusers SD3 pipeline folder and turns prompts into SD3's conditions.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from danceopd_jax.interop._common import (
     ParamPath,
@@ -32,6 +37,7 @@ from danceopd_jax.interop._common import (
     to_numpy,
 )
 from danceopd_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder
+from danceopd_jax.models.text.sd3 import SD3TextEncoders
 from danceopd_jax.models.text.t5 import T5Config, T5Encoder
 
 WEIGHTS_STEM = "model"
@@ -216,3 +222,76 @@ def load_transformers_t5(directory: str | os.PathLike) -> tuple[T5Config, dict]:
         iter_safetensors(directory, WEIGHTS_STEM), config, what=f"checkpoint {directory}"
     )
     return config, params
+
+
+# A diffusers StableDiffusion3Pipeline folder: (encoder, tokenizer) subfolders, in the order
+# SD3TextEncoders takes them (CLIP-L, CLIP-G with projection, T5).
+SD3_TEXT_FOLDERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"),
+                    ("text_encoder_3", "tokenizer_3"))
+
+
+class SD3PromptEncoder:
+    """Prompts -> SD3's ``(text [n, Lc + Lt, D], pooled [n, P])`` as float32 numpy, as diffusers'
+    ``StableDiffusion3Pipeline.encode_prompt`` computes ``(prompt_embeds, pooled_prompt_embeds)``:
+    our Flax encoders, converted from a diffusers SD3 pipeline folder's ``text_encoder``,
+    ``text_encoder_2`` and ``text_encoder_3``, and transformers' tokenizers from its
+    ``tokenizer``, ``tokenizer_2`` and ``tokenizer_3`` (CLIP padded to the tokenizer's
+    ``model_max_length``, T5 to ``max_sequence_length``).
+
+    Batches of ``batch_size`` (the last one padded), so one program is compiled.
+    """
+
+    def __init__(self, pipeline: str | os.PathLike, max_sequence_length: int = 256,
+                 batch_size: int = 16):
+        from transformers import AutoTokenizer  # tokenizers only (no torch)
+
+        pipeline = Path(pipeline)
+        missing = [sub for pair in SD3_TEXT_FOLDERS for sub in pair
+                   if not (pipeline / sub).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"{pipeline} lacks {missing}; pass a diffusers StableDiffusion3Pipeline folder "
+                "(it holds text_encoder, text_encoder_2, text_encoder_3 and tokenizer, "
+                "tokenizer_2, tokenizer_3).")
+        (l_cfg, l_params), (g_cfg, g_params), (t_cfg, t_params) = (
+            load_transformers_clip(pipeline / "text_encoder"),
+            load_transformers_clip(pipeline / "text_encoder_2"),
+            load_transformers_t5(pipeline / "text_encoder_3"))
+
+        def build() -> SD3TextEncoders:
+            rngs = nnx.Rngs(0)
+            return SD3TextEncoders(CLIPTextEncoder(l_cfg, rngs=rngs),
+                                   CLIPTextEncoder(g_cfg, rngs=rngs), T5Encoder(t_cfg, rngs=rngs))
+
+        graph, state = nnx.split(nnx.eval_shape(build))
+        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, {
+            "clip_l": l_params, "clip_g": g_params, "t5": t_params}))
+        self._params = state
+        self._encode = jax.jit(lambda params, *ids: nnx.merge(graph, params)(*ids))
+        self.tokenizers = [AutoTokenizer.from_pretrained(pipeline / tok)
+                           for _, tok in SD3_TEXT_FOLDERS]
+        self.lengths = [self.tokenizers[0].model_max_length,
+                        self.tokenizers[1].model_max_length, max_sequence_length]
+        for (sub, _), cfg, length in zip(SD3_TEXT_FOLDERS[:2], (l_cfg, g_cfg), self.lengths[:2],
+                                         strict=True):
+            if length > cfg.max_position_embeddings:
+                raise ValueError(
+                    f"{pipeline / sub}: its tokenizer pads to {length} tokens but the encoder "
+                    f"has {cfg.max_position_embeddings} positions; pair each encoder with its "
+                    "own tokenizer.")
+        self.batch_size = batch_size
+
+    def _ids(self, prompts: Sequence[str]) -> list[np.ndarray]:
+        return [np.asarray(tok(list(prompts), padding="max_length", max_length=length,
+                               truncation=True)["input_ids"], np.int32)
+                for tok, length in zip(self.tokenizers, self.lengths, strict=True)]
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts, pooled = [], []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start:start + self.batch_size])
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            cond = self._encode(self._params, *self._ids(padded))
+            texts.append(np.asarray(cond["text"])[:len(chunk)])
+            pooled.append(np.asarray(cond["pooled"])[:len(chunk)])
+        return np.concatenate(texts), np.concatenate(pooled)

@@ -12,6 +12,7 @@ Used by the sample, evaluate and export command lines. The export formats:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,15 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.interop.diffusers_sd3 import save_diffusers_transformer
+from danceopd_jax.interop.diffusers_sd3 import SOURCE_EMBED_FILE, save_diffusers_transformer
 from danceopd_jax.interop.peft_lora import save_diffusers_lora
-from danceopd_jax.models.mmdit import MMDiTConfig
+from danceopd_jax.models.mmdit import MMDiTConfig, unstack_blocks
 from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params
-from danceopd_jax.train.distill import World, build, initial_trainable
+from danceopd_jax.train.distill import Provider, build, initial_trainable
 from danceopd_jax.train.model import Models, student_params_fn
 from danceopd_jax.train.state import TrainState, make_optimizer
 
 Params = Any
-SOURCE_EMBED_FILE = "source_embed.npy"
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class Student:
     """A workdir's trained student and what running or exporting it needs."""
 
     config: ml_collections.ConfigDict
-    world: World
+    world: Provider
     models: Models
     params: Params  # the student's backbone params (a LoRA student's merged onto the anchor)
     text: Params  # the frozen text encoder
@@ -59,10 +59,10 @@ def load_student(workdir: str | Path) -> Student:
     if not config_file.is_file():
         raise CheckpointError(f"{workdir} has no config.json; is it a danceopd_jax.main workdir?")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    _, world, models, backbone, text = build(config, workdir)
-    anchor, _ = load_params(workdir / "teachers" / "anchor", {"backbone": backbone, "text": text})
+    world = build(config, workdir)
+    anchor, text = world.load_anchor()
     tc = config.training
-    frozen = {"teachers": {"anchor": anchor["backbone"]}, "text": anchor["text"]}
+    frozen = {"teachers": {"anchor": anchor}, "text": text}
     optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
     like = TrainState.create(initial_trainable(config, frozen), optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints")
@@ -70,7 +70,7 @@ def load_student(workdir: str | Path) -> Student:
     checkpoints.close()
     alpha = tc.lora_alpha or float(tc.lora_rank)
     params = student_params_fn("anchor", alpha)(state.trainable, frozen)
-    return Student(config, world, models, params, anchor["text"], anchor["backbone"],
+    return Student(config, world, world.models, params, text, anchor,
                    state.trainable.get("lora"), alpha)
 
 
@@ -87,15 +87,23 @@ def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Para
     return params["backbone"], recipe
 
 
+def unscanned(config: MMDiTConfig, params: Params) -> tuple[MMDiTConfig, Params]:
+    """(config, params) in the per-block layout diffusers uses (scanned layers unstacked);
+    params may also be a LoRA tree, which mirrors them."""
+    if not config.scan_layers:
+        return config, params
+    return dataclasses.replace(config, scan_layers=False), unstack_blocks(params, config)
+
+
 def export_diffusers(student: Student, out: str | Path) -> Path:
     """Write the student as a diffusers ``SD3Transformer2DModel`` folder ``out`` and its source
     embedding (dropped from that folder: diffusers has no edit conditioning) to
     ``out/source_embed.npy``; return the latter's path."""
     out = Path(out)
-    save_diffusers_transformer(student.backbone_config, student.params, out,
-                               drop_source_embed=True)
+    config, params = unscanned(student.backbone_config, student.params)
+    save_diffusers_transformer(config, params, out, drop_source_embed=True)
     path = out / SOURCE_EMBED_FILE
-    np.save(path, np.asarray(student.params["source_embed"], np.float32))
+    np.save(path, np.asarray(params["source_embed"], np.float32))
     return path
 
 
@@ -107,4 +115,5 @@ def export_lora(student: Student, out: str | Path) -> Path:
             "this workdir's student was trained with full fine-tuning (training.lora_rank=0), so "
             "it has no LoRA to export; use --format=diffusers to export the whole transformer."
         )
-    return save_diffusers_lora(student.lora, student.lora_alpha, out)
+    _, tree = unscanned(student.backbone_config, student.lora)
+    return save_diffusers_lora(tree, student.lora_alpha, out)

@@ -6,9 +6,12 @@ keys). Paths are the keys joined by ``/``, e.g.
 ``transformer_blocks/0/attn/to_q/kernel``.
 
 A LoRA tree mirrors the base tree but holds only the adapted kernels, each
-replaced by ``{"a": [in, rank], "b": [rank, out]}``. ``merge`` is pure and
-cheap enough to run inside ``jit`` every step, so only one copy of the base is
-ever kept, however many LoRA adapters (student, teachers) share it::
+replaced by ``{"a": [in, rank], "b": [rank, out]}``. Kernels of scanned layers
+carry a leading layers axis (``[layers, in, out]``: MMDiT's ``block_groups``),
+and so do their factors (``[layers, in, rank]``, ``[layers, rank, out]``).
+``merge`` is pure and cheap enough to run inside ``jit`` every step, so only one
+copy of the base is ever kept, however many LoRA adapters (student, teachers)
+share it::
 
     graphdef, base = nnx.split(model, nnx.Param)
     base = nnx.to_pure_dict(base)
@@ -17,12 +20,15 @@ ever kept, however many LoRA adapters (student, teachers) share it::
     def apply(lora, z, sigma, cond):
         state = nnx.State(merge(base, lora, alpha=16.0))
         return nnx.merge(graphdef, state)(z, sigma, cond)
+
+A frozen LoRA teacher is ``adapted(base, tree, alpha)``: its params name the shared base
+instead of copying it, and ``resolve`` merges them where the field runs.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -39,11 +45,12 @@ PyTree = dict[Any, Any]
 
 
 def _kernels(tree: PyTree, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """Yield (key path, leaf) for every 2-D leaf, depth first."""
+    """Yield (key path, leaf) for every leaf of 2 or more dimensions (a kernel, or a stack of
+    kernels along leading axes), depth first."""
     for k, v in tree.items():
         if isinstance(v, dict):
             yield from _kernels(v, (*prefix, k))
-        elif getattr(v, "ndim", None) == 2:
+        elif getattr(v, "ndim", 0) >= 2:
             yield (*prefix, k), v
 
 
@@ -58,7 +65,8 @@ def _set(tree: PyTree, keys: tuple[Any, ...], value: Any) -> None:
 
 
 def init_lora(key: jax.Array, params: PyTree, rank: int, targets: str = DEFAULT_TARGETS) -> PyTree:
-    """LoRA factors for every 2-D kernel whose path matches ``targets`` (``re.search``).
+    """LoRA factors for every kernel whose path matches ``targets`` (``re.search``); a
+    stacked kernel ``[..., in, out]`` gets stacked factors.
 
     ``a`` ~ N(0, 1/in) (fan-in scaled, so the update's scale does not depend on
     ``rank``); ``b`` = 0, so the initial delta is exactly zero.
@@ -71,14 +79,14 @@ def init_lora(key: jax.Array, params: PyTree, rank: int, targets: str = DEFAULT_
     if not matched:
         examples = ", ".join(_path(keys) for keys, _ in kernels[:8])
         raise ValueError(
-            f"LoRA targets regex {targets!r} matched no 2-D kernel; fix the regex. "
+            f"LoRA targets regex {targets!r} matched no kernel; fix the regex. "
             f"Available paths include: {examples}"
         )
     lora: PyTree = {}
     for sub, (keys, w) in zip(jax.random.split(key, len(matched)), matched, strict=True):
-        fan_in, fan_out = w.shape
-        a = jax.random.normal(sub, (fan_in, rank), jnp.float32) / jnp.sqrt(fan_in)
-        _set(lora, keys, {"a": a, "b": jnp.zeros((rank, fan_out), jnp.float32)})
+        *lead, fan_in, fan_out = w.shape
+        a = jax.random.normal(sub, (*lead, fan_in, rank), jnp.float32) / jnp.sqrt(fan_in)
+        _set(lora, keys, {"a": a, "b": jnp.zeros((*lead, rank, fan_out), jnp.float32)})
     return lora
 
 
@@ -96,21 +104,75 @@ def merge(params: PyTree, lora: PyTree, alpha: float) -> PyTree:
             out[k] = merge(base, sub, alpha)
         else:
             a, b = sub["a"], sub["b"]
-            delta = (alpha / a.shape[1]) * (a @ b)
+            delta = (alpha / a.shape[-1]) * (a @ b)  # batched over stacked layers
             out[k] = (base + delta).astype(base.dtype)
+    return out
+
+
+def adapted(base: PyTree, lora: PyTree, alpha: float) -> PyTree:
+    """A frozen LoRA model's params: the base (shared, never copied) and its factors.
+    ``resolve`` turns it into plain params inside the field."""
+    return {"base": base, "lora": lora, "alpha": jnp.asarray(alpha, jnp.float32)}
+
+
+def is_adapted(params: Any) -> bool:
+    return isinstance(params, dict) and params.keys() == {"base", "lora", "alpha"}
+
+
+def resolve(params: PyTree) -> PyTree:
+    """Plain params: ``adapted(...)`` merged, anything else unchanged."""
+    if is_adapted(params):
+        return merge(params["base"], params["lora"], params["alpha"])
+    return params
+
+
+def stack_layers(layers: Sequence[PyTree]) -> PyTree:
+    """Per-layer LoRA trees -> one tree of factors with a leading layers axis (the layout of
+    scanned layers). A kernel adapted in only some layers gets zero factors in the others, and
+    smaller ranks are zero-padded to the largest with ``b`` scaled by ``largest / rank``, so
+    every layer's delta ``(alpha / rank) a @ b`` is unchanged."""
+    out: PyTree = {}
+    keys = list(dict.fromkeys(k for layer in layers for k in layer))
+    for k in keys:
+        subs = [layer.get(k) for layer in layers]
+        present = [s for s in subs if s is not None]
+        if "a" not in present[0] or isinstance(present[0]["a"], dict):
+            out[k] = stack_layers([s or {} for s in subs])
+            continue
+        rank = max(s["a"].shape[-1] for s in present)
+        (*_, fan_in, _), (*_, fan_out) = present[0]["a"].shape, present[0]["b"].shape
+        a_parts, b_parts = [], []
+        for s in subs:
+            if s is None:
+                a_parts.append(jnp.zeros((fan_in, rank), jnp.float32))
+                b_parts.append(jnp.zeros((rank, fan_out), jnp.float32))
+                continue
+            pad = rank - s["a"].shape[-1]
+            a_parts.append(jnp.pad(jnp.asarray(s["a"], jnp.float32), ((0, 0), (0, pad))))
+            b_parts.append(jnp.pad(jnp.asarray(s["b"], jnp.float32) * (rank / s["a"].shape[-1]),
+                                   ((0, pad), (0, 0))))
+        out[k] = {"a": jnp.stack(a_parts), "b": jnp.stack(b_parts)}
     return out
 
 
 def axes(base_axes: PyTree, lora: PyTree) -> PyTree:
     """Logical axis names of a LoRA tree: ``a`` keeps its kernel's input axis, ``b`` its
-    output axis, and the rank axis is "lora_rank", so LoRA shards like the base it adapts."""
+    output axis (both keep any leading layers axis), and the rank axis is "lora_rank", so LoRA
+    shards like the base it adapts."""
     out: PyTree = {}
     for k, sub in lora.items():
         base = base_axes[k]
         if "a" in sub and "b" in sub and not isinstance(sub["a"], dict):
-            names = tuple(base) + (None,) * (2 - len(tuple(base)))
-            out[k] = {"a": PartitionSpec(names[0], "lora_rank"),
-                      "b": PartitionSpec("lora_rank", names[1])}
+            ndim = len(sub["a"].shape)
+            names = tuple(base) + (None,) * (ndim - len(tuple(base)))
+            out[k] = {"a": PartitionSpec(*names[:-1], "lora_rank"),
+                      "b": PartitionSpec(*names[:-2], "lora_rank", names[-1])}
         else:
             out[k] = axes(base, sub)
     return out
+
+
+def adapted_axes(base_axes: PyTree, params: PyTree) -> PyTree:
+    """Logical axes of ``adapted(...)`` params (the base's, the factors', a scalar alpha)."""
+    return {"base": base_axes, "lora": axes(base_axes, params["lora"]),
+            "alpha": PartitionSpec()}

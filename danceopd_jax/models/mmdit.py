@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import jax
@@ -157,23 +157,34 @@ def block_groups(config: MMDiTConfig) -> list[range]:
     return groups
 
 
-def stack_blocks(params: dict, config: MMDiTConfig) -> dict:
+def _stack_trees(trees: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def stack_blocks(params: dict, config: MMDiTConfig,
+                 stack: Callable[[list[dict]], dict] = _stack_trees) -> dict:
     """Per-block params ("transformer_blocks": {i: tree}) -> the scanned layout
-    ("block_groups": {g: tree with a leading layers axis})."""
+    ("block_groups": {g: tree with a leading layers axis}).
+
+    ``stack`` joins one group's per-block trees (a block absent from ``params`` comes as {});
+    pass ``lora.stack_layers`` for a LoRA tree, whose blocks may differ in ranks and targets.
+    """
     out = {k: v for k, v in params.items() if k != "transformer_blocks"}
-    blocks = params["transformer_blocks"]
-    out["block_groups"] = {
-        g: jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in group])
-        for g, group in enumerate(block_groups(config))}
+    blocks = params.get("transformer_blocks", {})
+    groups = {g: stack([blocks.get(i, {}) for i in group])
+              for g, group in enumerate(block_groups(config))}
+    out["block_groups"] = {g: tree for g, tree in groups.items() if tree}
     return out
 
 
 def unstack_blocks(params: dict, config: MMDiTConfig) -> dict:
     """The inverse of stack_blocks."""
     out = {k: v for k, v in params.items() if k != "block_groups"}
+    stacked = params.get("block_groups", {})
     out["transformer_blocks"] = {
-        i: jax.tree.map(lambda x, j=j: x[j], params["block_groups"][g])
-        for g, group in enumerate(block_groups(config)) for j, i in enumerate(group)}
+        i: jax.tree.map(lambda x, j=j: x[j], stacked[g])
+        for g, group in enumerate(block_groups(config)) if g in stacked
+        for j, i in enumerate(group)}
     return out
 
 

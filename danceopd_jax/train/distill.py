@@ -1,14 +1,18 @@
 """The main job: world data -> teachers -> student (DanceOPD or a baseline) -> scores.
 
+A world provides the data, the models and the teachers (ShapesWorld here, the default;
+train/prepared.PreparedWorld for prepared data and diffusers teachers, config.world.kind =
+"prepared"); the training loop, the step and the algorithm are the same for both.
+
 Each stage is reusable and resumable from the workdir:
   <workdir>/config.json            the resolved config
-  <workdir>/data/                  cached world splits
+  <workdir>/data/                  cached world splits (shapes)
   <workdir>/teachers/<name>/       frozen teachers (Orbax + recipe.json)
   <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
   <workdir>/metrics.jsonl          training metrics
-  <workdir>/samples/*.png          sample grids
+  <workdir>/samples/               sample grids (shapes) or sampled latents (prepared)
   <workdir>/curve.jsonl            held-out scores vs step (config.eval.curve_every > 0)
-  <workdir>/scores.json            final held-out scores
+  <workdir>/scores.json            final held-out scores (shapes), wall times
 """
 
 from __future__ import annotations
@@ -16,21 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from danceopd_jax.config import routes_of, validate
+from danceopd_jax.config import routes_of, validate, world_kind
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.methods import merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
 from danceopd_jax.core.schedule import make_sigmas
-from danceopd_jax.data.batches import RouteBatcher
+from danceopd_jax.data.batches import RouteBatcher, TrainBucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
 from danceopd_jax.eval.grids import save_grid
@@ -44,7 +50,7 @@ from danceopd_jax.eval.shapes import (
 )
 from danceopd_jax.eval.shapesbench import Job, ShapesBench
 from danceopd_jax.models import lora
-from danceopd_jax.train.checkpoint import RunCheckpoints
+from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
 from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
@@ -93,32 +99,100 @@ class World:
         return {k: v[rows[: self.config.eval.num_t2i]] for k, v in b.items()}
 
 
-def build(config: ml_collections.ConfigDict, workdir: Path):
-    """Validate the config and build the static parts of a run (nothing compiled yet)."""
+class Provider(Protocol):
+    """What the main job needs from a world."""
+
+    routes: list[Route]
+    models: Models
+    bucket_has_source: dict[str, bool]  # whether a bucket's rows carry source images
+
+    def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
+        """({teacher name: backbone params}, the frozen "text" params), made or reused."""
+
+    def load_anchor(self) -> tuple[Params, Params]:
+        """The anchor's params and the frozen "text" params, from the workdir only."""
+
+    def train(self, bucket: str) -> TrainBucket:
+        """A bucket's training rows."""
+
+    def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
+        """(student params, text params, step) -> writes the student's samples."""
+
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
+        """(student params, text params, step) -> appends quick held-out scores to `path`
+        (rows after step `start` are dropped first: a resumed run scores them again)."""
+
+    def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
+        """Held-out scores of the teachers and the student."""
+
+
+class ShapesWorld:
+    """The embedded shapes world: its splits, the tiny MMDiT and text encoder freshly
+    initialised, teachers trained by flow matching (or reused), parser-scored evaluation."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        self.routes = routes_of(config)
+        self.bucket_has_source = dataset.BUCKET_HAS_SOURCE
+        validate_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
+                        self.bucket_has_source)
+        self.splits = World(config, workdir / "data")
+        tok = self.tokenizer
+        null_ids, null_mask = encode(tok, [""])
+        self.models, self.init_backbone, self.init_text = init_models(
+            config, len(tok), tok.eos_token_id, null_ids, null_mask, config.seed)
+        log.info("backbone %d params, text encoder %d params", count(self.init_backbone),
+                 count(self.init_text))
+
+    @property
+    def tokenizer(self):
+        return self.splits.tokenizer
+
+    def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
+        return prepare_teachers(self.config, self.routes, self.models, self.init_backbone,
+                                self.init_text, self.splits.train, mesh, self.workdir)
+
+    def load_anchor(self) -> tuple[Params, Params]:
+        anchor, _ = load_params(self.workdir / "teachers" / "anchor",
+                                {"backbone": self.init_backbone, "text": self.init_text})
+        return anchor["backbone"], anchor["text"]
+
+    def train(self, bucket: str) -> TrainBucket:
+        return self.splits.train(bucket)
+
+    def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
+        return SampleGrids(self.config, self.models, self.splits, self.routes, out_dir).save
+
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
+        return Curve(self.config, self.models, self.splits, self.routes, path, start).record
+
+    def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
+        return evaluate(self.config, self.models, self.splits, self.routes, teachers, student,
+                        text)
+
+
+def build(config: ml_collections.ConfigDict, workdir: Path) -> Provider:
+    """Validate the config and build the run's world (nothing loaded into it or compiled)."""
     validate(config)
-    routes = routes_of(config)
-    validate_routes(routes, {n: t.kind for n, t in config.teachers.items()},
-                    dataset.BUCKET_HAS_SOURCE)
-    world = World(config, workdir / "data")
-    tok = world.tokenizer
-    null_ids, null_mask = encode(tok, [""])
-    models, backbone, text = init_models(config, len(tok), tok.eos_token_id, null_ids,
-                                         null_mask, config.seed)
-    return routes, world, models, backbone, text
+    if world_kind(config) == "prepared":
+        from danceopd_jax.train.prepared import PreparedWorld  # tfds, only when needed
+
+        return PreparedWorld(config, workdir)
+    return ShapesWorld(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
-    routes, world, models, backbone, text = build(config, workdir)
+    world = build(config, workdir)
+    routes, models = world.routes, world.models
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
     mesh = make_mesh(config.mesh)
-    log.info("backbone %d params, text encoder %d params, mesh %s over %d process(es)",
-             count(backbone), count(text), dict(mesh.shape), jax.process_count())
+    log.info("%s world, mesh %s over %d process(es)", world_kind(config), dict(mesh.shape),
+             jax.process_count())
     t0 = time.perf_counter()
 
-    teachers, text = prepare_teachers(config, routes, models, backbone, text, world.train,
-                                      mesh, workdir)
+    teachers, text = world.prepare_teachers(mesh)
     t_teachers = time.perf_counter() - t0
 
     tc, d = config.training, config.danceopd
@@ -127,7 +201,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
     names = sorted({r.teacher for r in routes} | {"anchor"})
     frozen = {"teachers": {n: teachers[n] for n in names}, "text": text}
-    frozen_axes = {"teachers": {n: models.backbone_axes for n in names}, "text": models.text_axes}
+    frozen_axes = {"teachers": {n: models.params_axes(teachers[n]) for n in names},
+                   "text": models.text_axes}
     trainable = initial_trainable(config, frozen)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, tc.seed)
@@ -139,17 +214,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     shards = batch_shards(mesh)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                            tc.routing, tc.batch_size, tc.seed, shards)
-    grids = SampleGrids(config, models, world, routes, workdir / "samples")
-    curve = Curve(config, models, world, routes, workdir / "curve.jsonl", int(state.step))
+    save_samples = world.sampler(workdir / "samples")
 
     def on_host(show):  # every process gathers the student; process 0 shows it
         return lambda s, n: show(to_host(student_params(s.trainable, frozen)),
                                  to_host(frozen["text"]), n)
 
-    on_interval, interval_every = every((tc.sample_every, on_host(grids.save)),
-                                        (config.eval.curve_every, on_host(curve.record)))
-    if config.eval.curve_every and int(state.step) == 0:
-        on_host(curve.record)(state, 0)  # the curve starts at the anchor
+    hooks = [(tc.sample_every, on_host(save_samples))]
+    if config.eval.curve_every:
+        record = world.curve(workdir / "curve.jsonl", int(state.step))
+        hooks.append((config.eval.curve_every, on_host(record)))
+        if int(state.step) == 0:
+            on_host(record)(state, 0)  # the curve starts at the anchor
+    on_interval, interval_every = every(*hooks)
     t1 = time.perf_counter()
     if config.method == "weight_merge":  # no optimisation: the student is the teachers' merge
         state = state.replace(trainable={"backbone": merged_teachers(config, routes, frozen)})
@@ -157,7 +234,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         log.info("student: merged the teachers (%s), no training", config.baselines.merge)
     else:
         update = method_update(config, routes, models, student_params, optimizer, sigmas, shards,
-                               shardings, frozen)
+                               shardings, frozen, world.bucket_has_source)
         state = fit(update, state, batcher, mesh, steps=tc.steps, name=config.method,
                     checkpoints=checkpoints, checkpoint_every=tc.checkpoint_every,
                     meta={"config": config.to_dict()},
@@ -169,10 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     student = to_host(student_params(state.trainable, frozen))
     if jax.process_index() != 0:  # process 0 samples, scores and writes the results
         return {}
-    grids.save(student, text, int(state.step))
+    save_samples(student, text, int(state.step))
     # The reproduce command scores every run with ShapesBench itself (train/experiments.py).
-    scores = (evaluate(config, models, world, routes, teachers, student, text)
-              if config.eval.final_scores else {})
+    scores = world.evaluate(teachers, student, text) if config.eval.final_scores else {}
     scores["wall_time_s"] = {"teachers": t_teachers, "distill": t_student,
                              "total": time.perf_counter() - t0}
     (workdir / "scores.json").write_text(json.dumps(scores, indent=2))
@@ -183,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
 def method_update(config: ml_collections.ConfigDict, routes: list[Route], models: Models,
                   student_params: StudentParams, optimizer, sigmas: jax.Array, shards: int,
-                  shardings, frozen: Params) -> Update:
+                  shardings, frozen: Params, bucket_has_source: dict[str, bool]) -> Update:
     """The student's update for config.method (README "Methods"): (state, batch, slots) ->
     (state, metrics), the same optimizer and batches for every method."""
     d, b = config.danceopd, config.baselines
@@ -203,7 +279,7 @@ def method_update(config: ml_collections.ConfigDict, routes: list[Route], models
             objective = flow_opd_objective(field, fields, sigmas, b.group, b.eta, b.ppo_clip,
                                            b.adv_clip, b.advantage, shards)
         case "off_policy":  # T2I buckets have no source: their endpoints are teacher samples
-            endpoint = [not dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes]
+            endpoint = [not bucket_has_source[r.bucket] for r in routes]
             objective = off_policy_objective(field, fields, endpoint, sigmas, d.query_k,
                                              d.query_bias, shards)
         case "soft_mix":
@@ -222,7 +298,7 @@ def merged_teachers(config: ml_collections.ConfigDict, routes: list[Route],
     """The weight-merging student: anchor + sum_m lambda_m (teacher_m - anchor)."""
     b, teachers = config.baselines, frozen["teachers"]
     coefficients = merge_coefficients(routes, b.merge, b.merge_scale)
-    return merge_weights(teachers["anchor"], [teachers[n] for n in coefficients],
+    return merge_weights(teachers["anchor"], [lora.resolve(teachers[n]) for n in coefficients],
                          list(coefficients.values()))
 
 

@@ -254,7 +254,7 @@ class Reproduction:
                                       student.config.world.seed, self.out / "fd_classifier",
                                       self.preset.fd_recipe)
             self._benches[key] = {
-                n: ShapesBench(student.config, student.models, student.world, sample_steps=n,
+                n: ShapesBench(student.config, student.models, student.world.splits, sample_steps=n,
                                num=self.preset.num, batch_size=student.config.eval.batch_size,
                                features=features)
                 for n in self.preset.sample_steps}

@@ -142,12 +142,24 @@ class StepShardings:
 
 def put(tree: Any, shardings: Any) -> Any:
     """Place host values (the same on every process) onto their shardings. Works with many
-    processes, where a sharding spans devices this process cannot address."""
-    def place(x: Any, s: NamedSharding) -> jax.Array:
+    processes, where a sharding spans devices this process cannot address.
+
+    A value that occurs twice in the tree (a LoRA teacher's base is another teacher's params,
+    models/lora.adapted) is placed once, so both share one copy on the devices."""
+    placed: dict[tuple[int, NamedSharding], jax.Array] = {}
+
+    def transfer(x: Any, s: NamedSharding) -> jax.Array:
         if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
             return jax.device_put(x, s)
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    def place(x: Any, s: NamedSharding) -> jax.Array:
+        key = (id(x), s)  # every leaf stays alive in `tree`, so ids are not reused meanwhile
+        if key not in placed:
+            placed[key] = transfer(x, s)
+        return placed[key]
+
     if isinstance(shardings, NamedSharding):
         return jax.tree.map(lambda x: place(x, shardings), tree)
     return jax.tree.map(place, tree, shardings)

@@ -3,6 +3,10 @@
 The algorithm (core/) sees only fields (params, z, sigma, cond) -> v. This module builds them
 from Flax NNX modules: a module is split once into a static graph and a params pytree (plain
 nested dicts, which optax and Orbax handle directly), and merged back inside the jitted step.
+
+Two kinds of text conditioning: the shapes world runs its text encoder inside the step on
+token ids ("text" params = the encoder's); prepared data carries SD3's precomputed conditions
+in every batch ("text" params = the empty prompt's conditions, for CFG; Models.text is None).
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ Params = Any
 @dataclass(frozen=True)
 class Models:
     """Static halves of the backbone and the text encoder, their parameters' logical axis
-    names (train/mesh.py places parameters by them), plus the empty prompt's tokens."""
+    names (train/mesh.py places parameters by them), plus the empty prompt's tokens.
+
+    text / null_ids / null_mask are None for precomputed conditions (prepared data)."""
 
     backbone: nnx.GraphDef
-    text: nnx.GraphDef
+    text: nnx.GraphDef | None
     backbone_axes: Params  # the params tree's structure, PartitionSpec leaves of logical names
     text_axes: Params
-    null_ids: np.ndarray  # [1, L] int32: the empty prompt, the unconditional branch of CFG
-    null_mask: np.ndarray  # [1, L] bool
+    null_ids: np.ndarray | None = None  # [1, L] int32: the empty prompt (CFG's unconditional)
+    null_mask: np.ndarray | None = None  # [1, L] bool
 
     def trainable_axes(self, trainable: Params) -> Params:
         """Logical axes of a trainable tree: {"backbone"[, "text"]} or {"lora"}."""
@@ -42,9 +48,17 @@ class Models:
         return {k: lora.axes(self.backbone_axes, v) if k == "lora" else axes[k]
                 for k, v in trainable.items()}
 
+    def params_axes(self, params: Params) -> Params:
+        """Logical axes of a frozen backbone's params: plain, or a LoRA teacher's
+        ``lora.adapted`` params."""
+        if lora.is_adapted(params):
+            return lora.adapted_axes(self.backbone_axes, params)
+        return self.backbone_axes
+
     def field(self) -> Field:
+        """The backbone as a field; params may be ``lora.adapted`` (merged here, per call)."""
         def velocity(params: Params, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
-            return nnx.merge(self.backbone, params)(z, sigma, cond)
+            return nnx.merge(self.backbone, lora.resolve(params))(z, sigma, cond)
         return velocity
 
     def encode_text(self, text_params: Params, input_ids: jax.Array,
@@ -57,21 +71,31 @@ class Models:
         prompt_dropout replaces a sample's prompt by the empty one (teacher training, so CFG
         has an unconditional model to work with)."""
         def condition(params: Params, batch: dict, key: jax.Array) -> dict:
-            tokens, pooled = self.encode_text(params["text"], batch["input_ids"],
-                                              batch["attention_mask"])
-            null_tokens, null_pooled = self.encode_text(params["text"], self.null_ids,
-                                                        self.null_mask)
-            mask = batch["attention_mask"]
+            text, null = self._text(params["text"], batch)
             if prompt_dropout > 0:
-                drop = jax.random.bernoulli(key, prompt_dropout, (tokens.shape[0],))
-                tokens = jnp.where(drop[:, None, None], null_tokens, tokens)
-                pooled = jnp.where(drop[:, None], null_pooled, pooled)
-                mask = jnp.where(drop[:, None], jnp.asarray(self.null_mask), mask)
+                drop = jax.random.bernoulli(key, prompt_dropout, (text["text"].shape[0],))
+                text = {k: jnp.where(drop.reshape(-1, *[1] * (v.ndim - 1)), null[k], v)
+                        for k, v in text.items()}
             source = {k: batch[k] for k in ("source", "has_source") if k in batch}
-            return {"text": tokens, "text_mask": mask, "pooled": pooled, **source,
-                    "null": {"text": null_tokens, "text_mask": jnp.asarray(self.null_mask),
-                             "pooled": null_pooled}}
+            return {**text, **source, "null": null}
         return condition
+
+    def _text(self, text_params: Params, batch: dict) -> tuple[dict, dict]:
+        """The batch's text conditions and the empty prompt's ([1, ...]), each as
+        {"text", "text_mask", "pooled"}."""
+        if self.text is None:  # precomputed: the batch has them, text_params is the null
+            def full(tokens: jax.Array) -> jax.Array:
+                return jnp.ones(tokens.shape[:2], bool)  # SD3 masks no text token
+            return ({"text": batch["text"], "text_mask": full(batch["text"]),
+                     "pooled": batch["pooled"]},
+                    {"text": text_params["text"], "text_mask": full(text_params["text"]),
+                     "pooled": text_params["pooled"]})
+        tokens, pooled = self.encode_text(text_params, batch["input_ids"],
+                                          batch["attention_mask"])
+        null_tokens, null_pooled = self.encode_text(text_params, self.null_ids, self.null_mask)
+        return ({"text": tokens, "text_mask": batch["attention_mask"], "pooled": pooled},
+                {"text": null_tokens, "text_mask": jnp.asarray(self.null_mask),
+                 "pooled": null_pooled})
 
 
 def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id: int,

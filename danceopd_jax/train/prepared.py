@@ -1,0 +1,285 @@
+"""The prepared world: real teachers from diffusers checkpoints on prepared data (SD3
+conditions and VAE latents precomputed by `python -m danceopd_jax.prepare`), the main job's
+alternative to the shapes world. The training loop, the step and the algorithm are shared.
+
+* Backbone: the SD3 / SD3.5 MMDiT that the anchor's config.json describes, with our fields from
+  config.model (dtype, scan_layers, remat, attention). Every full teacher must have the same
+  architecture; loading adds the zero-initialised edit source path (T2I output unchanged).
+* Teachers (config.teachers.<name>: kind, path, lora_base) are converted once and cached as
+  Orbax under <workdir>/teachers/<name>/ (params + recipe.json). The recipe's "key" is what the
+  conversion read: the checkpoint's resolved path, each of its files' size and mtime, the
+  layout (scanned or not), and for a LoRA the key of its base. A second start loads the cache;
+  a key that no longer matches (the checkpoint changed) is an error, since students trained in
+  the workdir depend on the teachers they were trained against.
+* A LoRA teacher's params are `lora.adapted(base teacher's params, factors, alpha)`: the base
+  is the other teacher's arrays themselves (one copy on the devices, train/mesh.put) and the
+  merge happens inside the field (METHOD.md 6).
+* Text: no encoder runs in the step. Batches carry `text` / `pooled`; the frozen "text" entry is
+  the empty prompt's conditions (CFG's unconditional branch).
+* Samples: the student's sampled latents on the first rows of each routed bucket, saved as
+  .npz (decoding needs the PyTorch VAE; launch/sd3_tiny_e2e.py shows it). No held-out scores:
+  evaluating real models is out of scope here, and the log says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from danceopd_jax.config import routes_of
+from danceopd_jax.core.rollout import sample
+from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.data.conditions import PreparedBucket, PreparedData, check_routes
+from danceopd_jax.interop._common import flatten, read_config, unflatten
+from danceopd_jax.interop.diffusers_sd3 import config_from_diffusers, load_diffusers_transformer
+from danceopd_jax.interop.peft_lora import load_diffusers_lora
+from danceopd_jax.models import lora
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, stack_blocks
+from danceopd_jax.train.checkpoint import CheckpointError, has_params, load_params, save_params
+from danceopd_jax.train.model import Models
+
+log = logging.getLogger(__name__)
+Params = Any
+_OUR_FIELDS = ("dtype", "scan_layers", "remat", "attention")  # config.model -> MMDiTConfig
+
+
+def backbone_config(config: ml_collections.ConfigDict) -> MMDiTConfig:
+    """The anchor checkpoint's architecture with config.model's fields."""
+    anchor = config_from_diffusers(read_config(config.teachers.anchor.path))
+    return dataclasses.replace(anchor, **{k: config.model[k] for k in _OUR_FIELDS})
+
+
+def _abstract(cfg: MMDiTConfig) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graph, params as ShapeDtypeStructs, logical axes) of MMDiT(cfg); nothing allocated."""
+    graph, state = nnx.split(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0))))
+    return graph, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
+
+
+def _numpy_stack(trees: list[dict]) -> dict:
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)  # on the host, not a device
+
+
+class PreparedWorld:
+    """The main job's data and models provider for prepared data and diffusers teachers
+    (the same interface as train.distill.ShapesWorld)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
+        self.config, self.workdir = config, workdir
+        if config.eval.curve_every:
+            raise ValueError(f"eval.curve_every={config.eval.curve_every}: the training curve "
+                             "scores samples with the shapes world's parser, which prepared data "
+                             "has not; set --config.eval.curve_every=0.")
+        self.routes = routes_of(config)
+        self.data = PreparedData(config.world.conditions)
+        self.bucket_has_source = {b: i["has_source"] for b, i in self.data.buckets.items()}
+        check_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
+                     self.data.buckets, str(self.data.directory))
+        self._check_targets()
+        self.backbone_config = backbone_config(config)
+        self._check_data_fits()
+        graph, self.abstract_params, axes = _abstract(self.backbone_config)
+        self.models = Models(graph, None, axes,
+                             {"text": PartitionSpec(), "pooled": PartitionSpec()})
+
+    def _check_targets(self) -> None:
+        """The ground-truth baselines need target images: SFT on every routed bucket,
+        off-policy on edit buckets (its T2I endpoints are teacher samples)."""
+        method = self.config.method
+        needs = {r.bucket for r in self.routes
+                 if method == "sft_mix" or (method == "off_policy"
+                                            and self.bucket_has_source[r.bucket])}
+        missing = sorted(b for b in needs if not self.data.buckets[b]["has_target"])
+        if missing:
+            raise ValueError(
+                f"method={method!r} trains on ground-truth targets, but buckets {missing} of "
+                f"{self.data.directory} have no target images; add target_image to their rows "
+                "and prepare again, or use an on-policy method.")
+
+    def _check_data_fits(self) -> None:
+        cfg, m = self.backbone_config, self.data.manifest
+        h, w, c = m["latent_shape"]
+        limit = cfg.pos_embed_max_size * cfg.patch_size
+        problems = []
+        if c != cfg.in_channels:
+            problems.append(f"latents have {c} channels, the transformer takes {cfg.in_channels}")
+        if h % cfg.patch_size or w % cfg.patch_size or max(h, w) > limit:
+            problems.append(f"latents are {h}x{w}; the transformer needs multiples of "
+                            f"patch_size={cfg.patch_size}, at most {limit}")
+        if m["text_shape"][1] != cfg.joint_attention_dim:
+            problems.append(f"text features are {m['text_shape'][1]} wide, the transformer's "
+                            f"joint_attention_dim is {cfg.joint_attention_dim}")
+        if m["pooled_dim"] != cfg.pooled_projection_dim:
+            problems.append(f"pooled text is {m['pooled_dim']} wide, the transformer's "
+                            f"pooled_projection_dim is {cfg.pooled_projection_dim}")
+        if problems:
+            raise ValueError(
+                f"the prepared data in {self.data.directory} does not fit the anchor "
+                f"{self.config.teachers.anchor.path}: " + "; ".join(problems) + ". Prepare "
+                "the data with this model's pipeline (its text encoders and VAE).")
+
+    # ----------------------------------------------------------------- teachers
+
+    def needed_teachers(self) -> list[str]:
+        """The anchor, every routed teacher and the LoRA bases they need, bases first."""
+        order: list[str] = []
+        for name in ["anchor", *(r.teacher for r in self.routes)]:
+            for needed in (self.config.teachers[name].lora_base, name):
+                if needed and needed not in order:
+                    order.append(needed)
+        return order
+
+    def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
+        """({name: params}, the empty prompt's conditions), converting each teacher's
+        checkpoint once into the workdir's cache. `mesh` is unused: nothing is trained."""
+        del mesh
+        return self._teachers(self.needed_teachers(), convert=True), self.data.null_condition()
+
+    def load_anchor(self) -> tuple[Params, Params]:
+        """The anchor's params (from the workdir's cache only) and the frozen text entry."""
+        return self._teachers(["anchor"], convert=False)["anchor"], self.data.null_condition()
+
+    def _teachers(self, names: list[str], convert: bool) -> dict[str, Params]:
+        teachers: dict[str, Params] = {}
+        keys: dict[str, dict] = {}
+        for name in names:
+            t = self.config.teachers[name]
+            keys[name] = self._key(t, keys.get(t.lora_base))
+            here = self.workdir / "teachers" / name
+            if has_params(here):
+                params = self._load_cached(name, here, keys[name])
+            elif convert:
+                params = self._convert(name, here, keys[name])
+            else:
+                raise CheckpointError(f"{here} holds no converted teacher {name!r}; run the main "
+                                      "job on this workdir first.")
+            teachers[name] = (lora.adapted(teachers[t.lora_base], params["lora"],
+                                           params["alpha"]) if t.lora_base else params)
+        return teachers
+
+    def _key(self, teacher: ml_collections.ConfigDict, base_key: dict | None) -> dict:
+        path = Path(teacher.path).resolve()
+        files = sorted(path.iterdir()) if path.is_dir() else [path]
+        key = {"path": str(path), "scan_layers": self.backbone_config.scan_layers,
+               "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns]
+                         for f in files if f.is_file()}}
+        return {**key, "lora_base": base_key} if teacher.lora_base else key
+
+    def _load_cached(self, name: str, here: Path, key: dict) -> Params:
+        recipe = json.loads((here / "recipe.json").read_text())
+        if recipe.get("key") != key:
+            raise CheckpointError(
+                f"teacher {name!r} cached in {here} was converted from another checkpoint or "
+                f"layout than the config gives now (changed: "
+                f"{', '.join(_changes(recipe.get('key') or {}, key))}). Delete {here} to convert "
+                "it again, or use a new --workdir.")
+        if "lora_shapes" in recipe:  # a LoRA: its tree's structure is in the recipe
+            like = {"lora": unflatten({tuple(p): jax.ShapeDtypeStruct(tuple(s), np.float32)
+                                        for p, s in recipe["lora_shapes"]}),
+                    "alpha": jax.ShapeDtypeStruct((), np.float32)}
+        else:
+            like = self.abstract_params
+        params, _ = load_params(here, like)
+        log.info("teacher %-12s converted weights reused from %s", name, here)
+        return params
+
+    def _convert(self, name: str, here: Path, key: dict) -> Params:
+        t, cfg = self.config.teachers[name], self.backbone_config
+        if t.lora_base:
+            unscanned = _abstract(dataclasses.replace(cfg, scan_layers=False))[1]
+            tree, alpha = load_diffusers_lora(t.path, unscanned)
+            if cfg.scan_layers:
+                tree = stack_blocks(tree, cfg, stack=lora.stack_layers)
+            params = {"lora": jax.tree.map(np.asarray, tree), "alpha": np.float32(alpha)}
+            shapes = [[list(p), list(a.shape)] for p, a in flatten(params["lora"]).items()]
+            recipe = {"key": key, "lora_shapes": shapes}
+        else:
+            loaded_cfg, params = load_diffusers_transformer(t.path)
+            theirs = dataclasses.replace(loaded_cfg, **{k: getattr(cfg, k) for k in _OUR_FIELDS})
+            if theirs != cfg:
+                diff = {f.name: (getattr(theirs, f.name), getattr(cfg, f.name))
+                        for f in dataclasses.fields(cfg)
+                        if getattr(theirs, f.name) != getattr(cfg, f.name)}
+                raise ValueError(
+                    f"teacher {name!r} ({t.path}) is not the anchor's architecture: (its, the "
+                    f"anchor's) {diff}. Teachers and the student share one backbone; use "
+                    "checkpoints fine-tuned from the anchor.")
+            if cfg.scan_layers:
+                params = stack_blocks(params, cfg, stack=_numpy_stack)
+            recipe = {"key": key}
+        save_params(here, params, recipe)
+        log.info("teacher %-12s converted from %s and cached in %s", name, t.path, here)
+        return params
+
+    # ----------------------------------------------------------------- data and samples
+
+    def train(self, bucket: str) -> PreparedBucket:
+        return self.data.bucket(bucket)
+
+    def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
+        return LatentSamples(self.config, self.models, self.data, self.routes, out_dir).save
+
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
+        raise ValueError("prepared data has no scorer for a training curve (eval.curve_every).")
+
+    def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
+        del teachers, student, text
+        log.info("evaluation: skipped (prepared data has no scorer; the student's sampled "
+                 "latents are under samples/)")
+        return {}
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Where two cache keys differ, as "/"-joined paths (file sizes and mtimes, paths, ...)."""
+    out = []
+    for k in sorted(old.keys() | new.keys()):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changes(a, b, f"{prefix}{k}/")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+class LatentSamples:
+    """The student's samples (single pass, no CFG) on the first eval.num_samples rows of each
+    routed bucket, written as <out_dir>/<bucket>_step<step>.npz: latents [n, h, w, C], the
+    prompts, and the source latents of edit buckets."""
+
+    def __init__(self, config: ml_collections.ConfigDict, models: Models, data: PreparedData,
+                 routes: list, out_dir: Path):
+        self.out_dir, self.seed = out_dir, config.seed
+        sigmas = make_sigmas(config.eval.sample_steps, config.danceopd.shift,
+                             config.danceopd.schedule)
+        self.buckets = {b: data.bucket(b) for b in sorted({r.bucket for r in routes})}
+        field, conditioner = models.field(), models.conditioner()
+
+        @jax.jit
+        def generate(params: Params, text: Params, batch: dict, key: jax.Array) -> jax.Array:
+            z0 = jax.random.normal(key, batch["target"].shape, np.float32)
+            return sample(field, params, z0, sigmas, conditioner({"text": text}, batch, key))
+
+        self.generate = generate
+        self.rows = {b: np.arange(min(config.eval.num_samples, len(bucket)))
+                     for b, bucket in self.buckets.items()}
+
+    def save(self, params: Params, text: Params, step: int) -> None:
+        if jax.process_index() != 0:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, bucket in self.buckets.items():
+            rows = self.rows[name]
+            batch = bucket.rows(rows, with_source=bucket.has_sources)
+            latents = self.generate(params, text, batch, jax.random.key(self.seed))
+            extra = {"source": batch["source"]} if bucket.has_sources else {}
+            np.savez(self.out_dir / f"{name}_step{step:06d}.npz", latents=np.asarray(latents),
+                     prompts=np.asarray(bucket.prompts(rows)), **extra)
