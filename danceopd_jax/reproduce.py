@@ -30,6 +30,8 @@ _EXPERIMENTS = flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS],
 _CONFIGS = flags.DEFINE_string("configs_dir", "configs", "The repository's configs/ folder.")
 _RESULTS = flags.DEFINE_string("results", "docs/results.md", "Where the report is written.")
 _FIGURES = flags.DEFINE_string("figures", "docs/results", "Where its figures are written.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False,
+                                 "Only rewrite the report from <out>/results.json.")
 _INTRO = flags.DEFINE_string("intro", "docs/results_intro.md",
                              "Hand-written text put above the generated tables, if it exists.")
 
@@ -44,33 +46,43 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise app.UsageError(f"unknown experiments {sorted(unknown)}; choose from "
                              f"{[e.name for e in EXPERIMENTS]}.")
+    reproduction = Reproduction(preset, out, Path(_CONFIGS.value),
+                                tuple(e for e in EXPERIMENTS if e.name in _EXPERIMENTS.value))
+    if _REPORT_ONLY.value:
+        results = json.loads((out / "results.json").read_text())
+    else:
+        results = run(reproduction, out)
+    intro_file = Path(_INTRO.value)
+    intro = [intro_file.read_text() if intro_file.is_file() else "# Results",
+             "## How these tables were made", "",
+             f"Command: `{results['command']}` (preset `{results['preset']}`).",
+             f"Machine: {results['machine']}. Wall time: {results['wall_time_s'] / 60:.1f} min "
+             "(all invocations on the run directory; a rerun reuses finished runs).", ""]
+    path = reproduction.write_report(results, Path(_RESULTS.value), Path(_FIGURES.value),
+                                     "\n".join(intro))
+    print(f"wrote {path} and {out / 'results.json'}", flush=True)
+
+
+def run(reproduction: Reproduction, out: Path) -> dict:
+    """Train and score everything (finished runs are reused); write out/results.json."""
     # Seeds of one method share their compiled programs through the persistent cache.
     jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     t0 = time.perf_counter()
-    reproduction = Reproduction(preset, out, Path(_CONFIGS.value),
-                                tuple(e for e in EXPERIMENTS if e.name in _EXPERIMENTS.value))
     results = reproduction.run_all()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     # A rerun reuses finished runs: the wall time is the sum over this out dir's invocations.
     with (out / "invocations.jsonl").open("a") as f:
         f.write(json.dumps({"argv": sys.argv[1:], "wall_time_s": time.perf_counter() - t0})
                 + "\n")
-    total = sum(json.loads(line)["wall_time_s"]
-                for line in (out / "invocations.jsonl").read_text().splitlines())
     device = jax.devices()[0]
-    intro_file = Path(_INTRO.value)
-    intro = [intro_file.read_text() if intro_file.is_file() else "# Results",
-             "## How these tables were made", "",
-             f"Command: `python -m danceopd_jax.reproduce {' '.join(sys.argv[1:])}` "
-             f"(preset `{preset.name}`).",
-             f"Machine: {platform.platform()}, {device.device_kind} ({jax.default_backend()}), "
-             f"jax {jax.__version__}, {os.cpu_count()} CPU cores visible. Wall time: "
-             f"{total / 60:.1f} min (all invocations on this run directory; a rerun reuses "
-             "finished runs).", ""]
-    path = reproduction.write_report(results, Path(_RESULTS.value), Path(_FIGURES.value),
-                                     "\n".join(intro))
-    print(f"wrote {path} and {out / 'results.json'}", flush=True)
+    results.update(
+        command=f"python -m danceopd_jax.reproduce {' '.join(sys.argv[1:])}",
+        machine=f"{platform.platform()}, {device.device_kind} ({jax.default_backend()}), jax "
+                f"{jax.__version__}, {os.cpu_count()} CPU cores",
+        wall_time_s=sum(json.loads(line)["wall_time_s"]
+                        for line in (out / "invocations.jsonl").read_text().splitlines()))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":
