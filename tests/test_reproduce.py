@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import ROOT
 
-from danceopd_jax.config import apply_overrides
+from danceopd_jax.config import apply_overrides, validate
 from danceopd_jax.eval import report
 from danceopd_jax.train import experiments as ex
 
@@ -45,6 +45,10 @@ def test_run_config_keeps_teachers_and_sets_the_training_seed():
     fusion = next(e for e in ex.EXPERIMENTS if e.name == "edit_fusion")
     c = ex.run_config(fusion, fusion.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")
     assert c.teachers.local_edit.init == "joint_edit" and c.teachers.local_edit.steps == 300
+    for experiment in ex.EXPERIMENTS:  # every run of every preset is a valid config
+        for arm in experiment.arms:
+            for preset in ex.PRESETS.values():
+                validate(ex.run_config(experiment, arm, preset, 0, ROOT / "configs"))
 
 
 @pytest.mark.slow
