@@ -53,8 +53,8 @@ def bar_plot(path: str | Path, categories: Sequence[str],
              ylabel: str = "score") -> Path:
     """Grouped bars: one group per category, one bar per series (mean, std over seeds)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(categories) * max(1, len(series)) / 3),
-                                    3.6))
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.25 * len(categories) * len(series))),
+                                    4.2))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(categories))
     for i, (label, per_cat) in enumerate(series.items()):
