@@ -23,7 +23,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def cell(values: Sequence[float] | None, digits: int = 3) -> str:
-    """'m +- s (n)' for several seeds, 'm' for one, '-' for none."""
+    """'m ± s' (sample std) for several seeds, 'm' for one, '-' for none."""
     if not values:
         return "-"
     m, s = mean_std(values)
