@@ -25,11 +25,17 @@ TINY = {
 }
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+def load_module(path: Path):
+    """A Python file of the repository that is not in the package (a config, an example, a
+    launch script), imported as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    return load_module(ROOT / "configs" / f"{name}.py").get_config()
 
 
 def tiny_config(name: str = "t2i_edit", **overrides) -> ml_collections.ConfigDict:

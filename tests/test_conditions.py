@@ -4,7 +4,6 @@ and prepare with real (tiny random) SD3 text encoders and VAE against diffusers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_module
 from PIL import Image
 
 from danceopd_jax.core.routing import Route
@@ -199,11 +198,7 @@ def test_written_buckets_read_back(tmp_path: Path) -> None:
 
 
 def _e2e_module():
-    spec = importlib.util.spec_from_file_location("sd3_tiny_e2e",
-                                                  ROOT / "launch" / "sd3_tiny_e2e.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "launch" / "sd3_tiny_e2e.py")
 
 
 def test_prepare_with_sd3_encoders_matches_diffusers(tmp_path: Path) -> None:

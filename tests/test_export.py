@@ -4,7 +4,6 @@ PyTorch edit path of examples/torch_edit_sd3.py (tiny random models, nothing dow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ pytest.importorskip("peft")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from conftest import ROOT, tiny_config  # noqa: E402
+from conftest import ROOT, load_module, tiny_config  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
@@ -59,11 +58,7 @@ def _exact_matmuls() -> Iterator[None]:
 
 
 def _load_example():
-    spec = importlib.util.spec_from_file_location("torch_edit_sd3",
-                                                  ROOT / "examples" / "torch_edit_sd3.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "examples" / "torch_edit_sd3.py")
 
 
 def _base(variant: dict) -> tuple[SD3Transformer2DModel, MMDiTConfig, dict]:

@@ -12,7 +12,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, losses, tiny_config, tiny_flags
+from conftest import ROOT, load_config, losses, tiny_config, tiny_flags
 
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import RouteBatcher
@@ -199,11 +199,14 @@ def test_main_cli_and_sample_cli(trained, tmp_path):
          "--prompt=x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert missing.returncode != 0 and "no config.json" in missing.stderr
     # the real command line, reusing the run's teachers: 1 more step resumes from step 4
-    run = run_main("--config=configs/t2i_edit.py", f"--workdir={workdir}", *tiny_flags(),
+    # (on a copy: the shared run stays at step 4 for the other tests, whatever their order)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    run = run_main("--config=configs/t2i_edit.py", f"--workdir={resumed}", *tiny_flags(),
                    "--config.training.steps=5")
     assert run.returncode == 0, run.stderr[-3000:]
     assert "reused" in run.stderr and "resuming from checkpoint step 4" in run.stderr
-    assert RunCheckpoints(workdir / "checkpoints").latest_step() == 5
+    assert RunCheckpoints(resumed / "checkpoints").latest_step() == 5
 
 
 @pytest.mark.slow
@@ -238,6 +241,21 @@ def test_per_step_routing_runs(trained, tmp_path):
     shutil.copytree(full / "teachers", tmp_path / "teachers")
     distill.run(tiny_config(**{"training.steps": 2, "training.routing": "per_step"}), tmp_path)
     assert sorted(losses(tmp_path)) == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["t2i_edit", "cfg_absorption"])
+def test_default_configs_reuse_the_shipped_teachers(name):
+    """The README's main job must not silently train a teacher for an hour: every teacher the
+    config routes (and what it starts from) is shipped with exactly the config's recipe."""
+    from danceopd_jax.config import routes_of
+    from danceopd_jax.train.teachers import SHIPPED_DIR, needed_teachers, recipe
+
+    config = load_config(name)
+    for teacher in needed_teachers(config, routes_of(config)):
+        shipped = json.loads((SHIPPED_DIR / teacher / "recipe.json").read_text())
+        assert shipped == recipe(config, teacher), (
+            f"the shipped {teacher} teacher was made with another recipe than configs/{name}.py "
+            "asks for: retrain and ship it (docs/teachers.md)")
 
 
 @pytest.mark.slow

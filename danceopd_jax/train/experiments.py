@@ -123,7 +123,7 @@ PRESETS = {
         "eval.curve_every": 200, "eval.curve_num": 8, "eval.final_scores": False}),
     # What fits 2 CPU cores in about an hour: N = 8 rollout steps, 60 steps x 8 samples, small
     # evaluation sets; the local and global edit teachers fine-tuned briefly from the shipped
-    # joint-edit teacher (their full recipes take 35 CPU minutes each).
+    # joint-edit teacher (their full recipes take about 90 CPU minutes each).
     "cpu": Preset(
         "cpu", seeds=3, num=8,
         overrides={"danceopd.num_steps": 8, "training.steps": 60, "training.batch_size": 8,
