@@ -22,7 +22,8 @@ def row(workdir: Path) -> str:
 
 
 def main(root: str) -> None:
-    print("| variant | student T2I | student edits | of teacher | distill s | curve edit (step:score) |")
+    print("| variant | student T2I | student edits | of teacher | distill s "
+          "| curve edit (step:score) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for workdir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         print(row(workdir))

@@ -12,7 +12,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, losses, tiny_config, tiny_flags
+from conftest import ROOT, load_config, load_module, losses, tiny_config, tiny_flags
 
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import RouteBatcher
@@ -282,3 +282,38 @@ def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path
         teachers["anchor"]["proj_out"]["kernel"],
         load_params(shipped / "anchor", {"backbone": backbone, "text": text})[0]["backbone"][
             "proj_out"]["kernel"])
+
+
+def test_student_sweep_variants_and_table(tmp_path):
+    """Every variant of launch/student_sweep.txt names real config fields with values the config
+    validates, and launch/sweep_table.py reports finished and unfinished workdirs."""
+    import ast
+
+    from danceopd_jax.config import apply_overrides, validate
+
+    def parse(value: str):  # as absl parses a --config flag: Python literals, true / false
+        lowered = value.lower()
+        return lowered == "true" if lowered in ("true", "false") else ast.literal_eval(value)
+
+    lines = [line.split() for line in (ROOT / "launch/student_sweep.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len({name for name, *_ in lines}) == len(lines), "variant names must be unique"
+    for _, *flags in lines:
+        overrides = {}
+        for flag in flags:
+            path, value = flag.removeprefix("--config.").split("=")
+            overrides[path] = parse(value)
+        validate(apply_overrides(load_config("t2i_edit"), overrides))
+
+    done, running = tmp_path / "done", tmp_path / "running"
+    done.mkdir(), running.mkdir()
+    (done / "scores.json").write_text(json.dumps({
+        "joint_edit": {"joint_edit@cfg1": {"score": 0.8}},
+        "student": {"t2i@cfg1": {"score": 1.0}, "joint_edit@cfg1": {"score": 0.4}},
+        "wall_time_s": {"distill": 99.6}}))
+    for workdir in (done, running):
+        (workdir / "curve.jsonl").write_text(
+            '{"step": 0, "t2i": 0.5, "edit": 0.0}\n{"step": 200, "t2i": 0.4, "edit": 0.25}\n')
+    table = load_module(ROOT / "launch/sweep_table.py")
+    assert table.row(done) == "| done | 1.000 | 0.400 | 50% | 100 | 0:0.00 200:0.25 |"
+    assert table.row(running) == "| running | unfinished | | | | 0:0.00 200:0.25 |"

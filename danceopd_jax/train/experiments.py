@@ -78,10 +78,12 @@ METHODS = (
     Arm("Weight merging", {"method": "weight_merge"}),
 )
 QUERY_ARMS = (
-    Arm("DanceOPD"),  # low-noise Beta(5, 2), K = 1: the same run as the fusion table's
-    Arm("mid noise (Beta(5,5))", {"danceopd.query_bias": "mid"}),
-    Arm("high noise (Beta(2,5))", {"danceopd.query_bias": "high"}),
-    Arm("K = 4", {"danceopd.query_k": 4}),
+    Arm("DanceOPD"),  # the config's own query: the same run as the fusion table's
+    # The paper's default (one low-noise query) and its ablations, each with K and bias set.
+    Arm("low noise (Beta(5,2)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "low"}),
+    Arm("mid noise (Beta(5,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "mid"}),
+    Arm("high noise (Beta(2,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "high"}),
+    Arm("K = 4 (Beta(5,2))", {"danceopd.query_k": 4, "danceopd.query_bias": "low"}),
     Arm("K = N (dense)", {"danceopd.query_k": _num_steps, "danceopd.query_bias": "dense"}),
 )
 CFG_ARMS = (
@@ -118,7 +120,7 @@ class Preset:
 
 
 PRESETS = {
-    # The paper-sized miniature: the default run's budget (1,200 steps x 32) for every method.
+    # The paper-sized miniature: the default run's budget (its steps x 32) for every method.
     "full": Preset("full", seeds=3, overrides={
         "eval.curve_every": 200, "eval.curve_num": 8, "eval.final_scores": False}),
     # What fits 2 CPU cores in about an hour: N = 8 rollout steps, 60 steps x 8 samples, small
