@@ -419,7 +419,9 @@ def test_weight_merge_skips_training_and_saves_the_merged_student(trained, tmp_p
     """No optimisation: checkpoint step 0 holds anchor + 0.75 (joint_edit - anchor) for the
     0.25 / 0.75 routes, load_student restores it, and the student is scored."""
     shutil.copytree(trained[0] / "teachers", tmp_path / "teachers")
-    scores = distill.run(tiny_config(method="weight_merge"), tmp_path)
+    config = tiny_config(method="weight_merge",
+                         **{"routes.t2i.weight": 0.25, "routes.edit.weight": 0.75})
+    scores = distill.run(config, tmp_path)
     assert RunCheckpoints(tmp_path / "checkpoints").latest_step() == 0
     assert not (tmp_path / "metrics.jsonl").exists()
     student = load_student(tmp_path)
