@@ -291,9 +291,13 @@ def test_student_sweep_variants_and_table(tmp_path):
 
     from danceopd_jax.config import apply_overrides, validate
 
-    def parse(value: str):  # as absl parses a --config flag: Python literals, true / false
-        lowered = value.lower()
-        return lowered == "true" if lowered in ("true", "false") else ast.literal_eval(value)
+    def parse(value: str):  # as absl parses a --config flag: true / false, literals, strings
+        if value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
 
     lines = [line.split() for line in (ROOT / "launch/student_sweep.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
