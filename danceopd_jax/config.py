@@ -90,12 +90,14 @@ def base_config() -> ml_collections.ConfigDict:
     # and query_bias.
     c.baselines = dict(dsigma="true", eta=0.7, group=16, ppo_clip=1e-4, adv_clip=5.0,
                        advantage="kl", merge="average", merge_scale=1.0)
+    # The student's rate: a linear warm-up over warmup_steps, then constant; cooldown_fraction
+    # > 0 decays it linearly to zero over that fraction of the steps, at the end.
     # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
     # config.seed the teachers, so runs with other training seeds share the same teachers.
     c.training = dict(
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
-        warmup_steps=20, lora_rank=0, lora_alpha=0.0, routing="per_sample", checkpoint_every=100,
-        log_every=10, sample_every=200, max_to_keep=2)
+        warmup_steps=20, cooldown_fraction=0.0, lora_rank=0, lora_alpha=0.0, routing="per_sample",
+        checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2)
     # curve_every > 0: every that many distillation steps, append quick held-out ShapesBench
     # scores of the student ({"step", "t2i", "edit"}, curve_num prompts / edits per category)
     # to <workdir>/curve.jsonl, for score-vs-step plots.
@@ -128,8 +130,8 @@ def prepared_config() -> ml_collections.ConfigDict:
     c.baselines = shapes.baselines
     c.training = dict(
         seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
-        warmup_steps=0, lora_rank=128, lora_alpha=128.0, routing="per_sample",
-        checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
+        warmup_steps=0, cooldown_fraction=0.0, lora_rank=128, lora_alpha=128.0,
+        routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
     # Student samples (latents) of the first rows of each routed bucket, at sample_every.
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
     c.eval = dict(sample_steps=16, num_samples=4, curve_every=0, final_scores=True)
@@ -159,6 +161,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if t.kind not in TEACHER_KINDS:
             raise ValueError(f"teacher {name!r} has kind {t.kind!r}; use one of "
                              f"{TEACHER_KINDS}.")
+    if not 0.0 <= config.training.cooldown_fraction <= 1.0:
+        raise ValueError(f"training.cooldown_fraction={config.training.cooldown_fraction}: it is "
+                         "the fraction of the steps over which the rate decays to zero at the "
+                         "end; use a value in [0, 1] (0: no cool-down).")
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")

@@ -21,6 +21,8 @@ TINY = {
     "danceopd.num_steps": 4,
     "training.steps": 4, "training.batch_size": 4, "training.checkpoint_every": 2,
     "training.sample_every": 2, "training.log_every": 1,
+    # Tests stop runs early by lowering training.steps, which would move a cool-down.
+    "training.cooldown_fraction": 0.0,
     "eval.num_t2i": 4, "eval.num_edit": 4, "eval.batch_size": 4, "eval.sample_steps": 4,
 }
 

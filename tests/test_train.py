@@ -91,10 +91,36 @@ def test_run_checkpoint_missing_and_corrupt(tmp_path):
     ({"world.image_size": 15}, "not divisible by model.patch_size=4"),
     ({"danceopd.query_k": 0}, "K=0"),
     ({"training.routing": "sometimes"}, "training.routing"),
+    ({"training.cooldown_fraction": 1.5}, r"cooldown_fraction=1.5.*\[0, 1\]"),
 ])
 def test_bad_config_fails_fast(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
         distill.build(tiny_config(**overrides), tmp_path)
+
+
+@pytest.mark.parametrize("cooldown, rates", [
+    (0.4, [0, .5, 1, 1, 1, 1, 1, .75, .5, .25]),
+    (0.0, [0, .5, 1, 1, 1, 1, 1, 1, 1, 1]),
+])
+def test_student_rate_warms_up_holds_and_cools_down(cooldown, rates):
+    """With a constant gradient each Adam update is the rate itself: 2 warm-up steps, then
+    constant, then (cooldown > 0) linear to zero over the last 40% of 10 steps. (Exact resume
+    restores the schedule's count: the resume test runs inside its 20-step warm-up.)"""
+    import ml_collections
+    import optax
+
+    from danceopd_jax.train.state import student_optimizer
+
+    training = ml_collections.ConfigDict(dict(lr=0.1, weight_decay=0.0, grad_clip=0.0,
+                                              warmup_steps=2, steps=10,
+                                              cooldown_fraction=cooldown))
+    optimizer, param = student_optimizer(training), jnp.zeros(())
+    state, updates = optimizer.init(param), []
+    for _ in range(training.steps):
+        update, state = optimizer.update(jnp.ones(()), state, param)
+        param = optax.apply_updates(param, update)
+        updates.append(-float(update))
+    np.testing.assert_allclose(updates, 0.1 * np.array(rates), rtol=2e-5)
 
 
 def test_bad_routes_fail_fast(tmp_path):

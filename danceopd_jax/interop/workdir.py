@@ -28,7 +28,7 @@ from danceopd_jax.models.mmdit import MMDiTConfig, unstack_blocks
 from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params
 from danceopd_jax.train.distill import Provider, build, initial_trainable
 from danceopd_jax.train.model import Models, student_params_fn
-from danceopd_jax.train.state import TrainState, make_optimizer
+from danceopd_jax.train.state import TrainState, student_optimizer
 
 Params = Any
 
@@ -63,7 +63,7 @@ def load_student(workdir: str | Path) -> Student:
     anchor, text = world.load_anchor()
     tc = config.training
     frozen = {"teachers": {"anchor": anchor}, "text": text}
-    optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
+    optimizer = student_optimizer(tc)
     like = TrainState.create(initial_trainable(config, frozen), optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     state, _ = checkpoints.restore(like)

@@ -54,7 +54,7 @@ from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
 from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
-from danceopd_jax.train.state import make_optimizer, place_state
+from danceopd_jax.train.state import place_state, student_optimizer
 from danceopd_jax.train.step import (
     StudentParams,
     danceopd_objective,
@@ -197,7 +197,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     tc, d = config.training, config.danceopd
     sigmas = make_sigmas(d.num_steps, d.shift, d.schedule)
-    optimizer = make_optimizer(tc.lr, tc.weight_decay, tc.grad_clip, tc.warmup_steps)
+    optimizer = student_optimizer(tc)
     student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
     names = sorted({r.teacher for r in routes} | {"anchor"})
     frozen = {"teachers": {n: teachers[n] for n in names}, "text": text}

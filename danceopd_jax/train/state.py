@@ -37,19 +37,35 @@ class TrainState(struct.PyTreeNode):
 
 
 def make_optimizer(lr: float, weight_decay: float, grad_clip: float, warmup_steps: int = 0,
-                   decay_steps: int = 0) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping (METHOD.md 8), optionally with a linear warm-up and a
-    cosine decay to zero at `decay_steps` (teachers; the student keeps a constant rate)."""
+                   decay_steps: int = 0, cooldown_steps: int = 0) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping (METHOD.md 8), the rate warmed up linearly over
+    warmup_steps.
+
+    decay_steps > 0 brings the rate to zero at that step: by a cosine decay after the warm-up
+    (the teachers) or, with cooldown_steps > 0, linearly over its last cooldown_steps
+    (warm-up / stable / cool-down: the student)."""
     if lr <= 0:
         raise ValueError(f"learning rate {lr} must be > 0.")
-    if decay_steps:
+    if decay_steps and not cooldown_steps:
         schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
-    elif warmup_steps:
-        schedule = optax.linear_schedule(0.0, lr, warmup_steps)
-    else:
+    elif not (warmup_steps or cooldown_steps):
         schedule = lr
+    else:
+        def schedule(count: jax.Array) -> jax.Array:
+            up = jnp.minimum(1.0, count / warmup_steps) if warmup_steps else 1.0
+            down = (jnp.clip((decay_steps - count) / cooldown_steps, 0.0, 1.0)
+                    if cooldown_steps else 1.0)
+            return lr * up * down
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay))
+
+
+def student_optimizer(training: Any) -> optax.GradientTransformation:
+    """The student's optimizer from config.training (a workdir's config.json from before
+    cooldown_fraction existed has none: no cool-down)."""
+    cooldown = round(training.get("cooldown_fraction", 0.0) * training.steps)
+    return make_optimizer(training.lr, training.weight_decay, training.grad_clip,
+                          training.warmup_steps, training.steps if cooldown else 0, cooldown)
 
 
 def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
