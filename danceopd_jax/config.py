@@ -13,7 +13,7 @@ from pathlib import Path
 
 import ml_collections
 
-from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, METHODS
+from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
 
@@ -217,11 +217,9 @@ def _check_path(value: str, field: str, directory: bool = False) -> None:
 
 
 def validate_method(config: ml_collections.ConfigDict) -> None:
-    """config.method and its options in config.baselines."""
-    method, b = config.method, config.baselines
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is unknown; use one of {METHODS} "
-                         "(--config.method=...).")
+    """config.method (a record of the method registry, core/methods.py), the options in
+    config.baselines, and the method's own checks."""
+    method, b = get_method(config.method), config.baselines
     for name, value, choices in [("dsigma", b.dsigma, DSIGMA_MODES),
                                  ("advantage", b.advantage, FLOW_ADVANTAGES),
                                  ("merge", b.merge, MERGE_MODES)]:
@@ -233,10 +231,7 @@ def validate_method(config: ml_collections.ConfigDict) -> None:
     if b.group < 1:
         raise ValueError(f"baselines.group={b.group}: Flow-OPD needs at least 1 rollout per "
                          "prompt (METHOD.md uses 16; fewer keeps a CPU run affordable).")
-    if method == "weight_merge" and config.training.lora_rank > 0:
-        raise ValueError(f"method='weight_merge' with training.lora_rank="
-                         f"{config.training.lora_rank}: a merged student is a full set of "
-                         "weights, not a LoRA; set training.lora_rank=0.")
+    method.check(config)
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:

@@ -28,8 +28,16 @@ from diffusers import (  # noqa: E402
     StableDiffusion3Pipeline,
 )
 from flax import nnx  # noqa: E402
+from helpers import (  # noqa: E402
+    SD3,
+    SD35,
+    max_err,
+    mmdit_forward,
+    sd3_inputs,
+    torch_sd3,
+    torch_sd3_forward,
+)
 from safetensors.numpy import load_file, save_file  # noqa: E402
-from test_interop import SD3, SD35, _inputs, _jax_forward, _torch_forward, _torch_sd3  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -62,7 +70,7 @@ def _load_example():
 
 
 def _base(variant: dict) -> tuple[SD3Transformer2DModel, MMDiTConfig, dict]:
-    model = _torch_sd3(variant)
+    model = torch_sd3(variant)
     config = diffusers_sd3.config_from_diffusers(dict(model.config))
     return model, config, diffusers_sd3.convert_state_dict(model.state_dict(), config)
 
@@ -85,10 +93,6 @@ def _assert_same_tree(a: dict, b: dict) -> None:
     assert fa.keys() == fb.keys()
     for path in fa:
         np.testing.assert_array_equal(to_numpy(fa[path]), to_numpy(fb[path]), err_msg=str(path))
-
-
-def _max_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 # --------------------------------------------------------------------------- LoRA files
@@ -197,14 +201,14 @@ def test_exported_lora_loads_into_a_diffusers_pipeline(tmp_path: Path) -> None:
     our merged model."""
     model, config, base = _base(SD35)
     tree = _random_lora(base)
-    x = _inputs(config)
-    before = _torch_forward(model, x)
+    x = sd3_inputs(config)
+    before = torch_sd3_forward(model, x)
     pipe = _tiny_pipeline(model, tmp_path)
     pipe.load_lora_weights(save_diffusers_lora(tree, 2.0, tmp_path / "lora").parent)
-    after = _torch_forward(pipe.transformer, x)
-    assert _max_err(after, before) > 0.1  # the LoRA is loaded and does something
-    ours = _jax_forward(config, lora.merge(base, tree, 2.0), x)
-    assert _max_err(ours, after) <= TOL
+    after = torch_sd3_forward(pipe.transformer, x)
+    assert max_err(after, before) > 0.1  # the LoRA is loaded and does something
+    ours = mmdit_forward(config, lora.merge(base, tree, 2.0), x)
+    assert max_err(ours, after) <= TOL
 
 
 # --------------------------------------------------------------------------- export CLI
@@ -253,7 +257,7 @@ def test_export_cli_full_fine_tuned_student(trained, tmp_path: Path) -> None:
 
     x = _student_inputs(student)
     model = SD3Transformer2DModel.from_pretrained(tmp_path / "dit").eval()
-    assert _max_err(_torch_forward(model, x), _jax_student(student, x)) <= TOL
+    assert max_err(torch_sd3_forward(model, x), _jax_student(student, x)) <= TOL
 
     edit = _load_example().load_edit_model(tmp_path / "dit")
     x = _student_inputs(student, seed=1, source=True)
@@ -261,7 +265,7 @@ def test_export_cli_full_fine_tuned_student(trained, tmp_path: Path) -> None:
         v = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]), torch.from_numpy(x["text"]),
                  torch.from_numpy(x["pooled"]), source=_nchw(x["source"]),
                  has_source=torch.from_numpy(x["has_source"]))
-    assert _max_err(v.numpy().transpose(0, 2, 3, 1), _jax_student(student, x)) <= TOL
+    assert max_err(v.numpy().transpose(0, 2, 3, 1), _jax_student(student, x)) <= TOL
 
     with pytest.raises(ValueError, match="full fine-tuning.*use --format=diffusers"):
         export_lora(student, tmp_path / "lora")  # what --format=lora runs
@@ -291,7 +295,7 @@ def test_export_cli_lora_student(trained, tmp_path: Path) -> None:
     x = _student_inputs(student)
     model.load_lora_adapter(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"),
                             prefix="transformer")
-    assert _max_err(_torch_forward(model, x), _jax_student(student, x)) <= TOL
+    assert max_err(torch_sd3_forward(model, x), _jax_student(student, x)) <= TOL
 
 
 # --------------------------------------------------------------------------- edit path
@@ -305,7 +309,7 @@ def test_torch_edit_path_matches_ours(variant: str) -> None:
     rng = np.random.default_rng(2)
     params["source_embed"] = rng.standard_normal(params["source_embed"].shape).astype(np.float32)
     edit = _load_example().SD3EditTransformer(model, params["source_embed"])
-    x = _inputs(config)
+    x = sd3_inputs(config)
     x["source"] = rng.standard_normal(x["z"].shape).astype(np.float32)
     has_source = np.array([True, False])
     text_mask = np.ones(x["text"].shape[:2], bool)
@@ -322,5 +326,5 @@ def test_torch_edit_path_matches_ours(variant: str) -> None:
                  has_source=torch.from_numpy(has_source), text_mask=torch.from_numpy(text_mask))
         plain = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]),
                      torch.from_numpy(x["text"]), torch.from_numpy(x["pooled"]))
-    assert _max_err(v.numpy().transpose(0, 2, 3, 1), ours) <= TOL
-    assert _max_err(plain.numpy().transpose(0, 2, 3, 1), _torch_forward(model, x)) <= TOL
+    assert max_err(v.numpy().transpose(0, 2, 3, 1), ours) <= TOL
+    assert max_err(plain.numpy().transpose(0, 2, 3, 1), torch_sd3_forward(model, x)) <= TOL

@@ -4,7 +4,6 @@ CLIPTextModelWithProjection through our converters (tiny random models, nothing 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import subprocess
 import sys
@@ -22,6 +21,18 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import SD3Transformer2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
+from helpers import (  # noqa: E402
+    SD3,
+    SD35,
+    TOL,
+    max_err,
+    mmdit_forward,
+    random_like,
+    randomize_torch,
+    sd3_inputs,
+    torch_sd3,
+    torch_sd3_forward,
+)
 from safetensors.numpy import save_file  # noqa: E402
 from transformers import CLIPTextConfig as HFCLIPTextConfig  # noqa: E402
 from transformers import CLIPTextModelWithProjection  # noqa: E402
@@ -31,18 +42,6 @@ from danceopd_jax.interop._common import flatten, to_numpy, unflatten  # noqa: E
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
 from danceopd_jax.models.text.clip import CLIPTextEncoder  # noqa: E402
 
-TOL = 1e-4
-# Weights ~ N(0, STD), norm weights ~ 1 + N(0, STD): no layer is zero or identity. Much larger
-# weights amplify float32 rounding of the sin/cos time features (timestep up to 1000) past TOL.
-STD = 0.2
-B, L, H, W = 2, 5, 8, 6  # W < sample_size: exercises the centre crop of the position table
-SD3 = {
-    "sample_size": 8, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 3,
-    "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 12,
-    "caption_projection_dim": 16, "pooled_projection_dim": 10, "pos_embed_max_size": 6,
-}
-# MMDiT-X: dual attention in the first block and in the last (context_pre_only) one.
-SD35 = {**SD3, "dual_attention_layers": (0, 2), "qk_norm": "rms_norm"}
 VARIANTS = {"sd3": SD3, "sd35": SD35}
 
 
@@ -50,62 +49,6 @@ VARIANTS = {"sd3": SD3, "sd35": SD35}
 def _exact_matmuls() -> Iterator[None]:
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def _noise(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    noise = STD * rng.standard_normal(shape).astype(np.float32)
-    is_norm_weight = len(shape) == 1 and name.endswith(("weight", "scale"))
-    return 1 + noise if is_norm_weight else noise
-
-
-def _torch_sd3(kwargs: dict, seed: int = 0) -> SD3Transformer2DModel:
-    """A diffusers model with every parameter randomised: default inits (zero biases, unit
-    norm weights) would hide dropped or swapped keys."""
-    model = SD3Transformer2DModel(**kwargs).eval()
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(_noise(name, tuple(p.shape), rng)))
-    return model
-
-
-def _inputs(config: MMDiTConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "z": rng.standard_normal((B, H, W, config.in_channels), np.float32),
-        "sigma": rng.uniform(0, 1, B).astype(np.float32),
-        "text": rng.standard_normal((B, L, config.joint_attention_dim), np.float32),
-        "pooled": rng.standard_normal((B, config.pooled_projection_dim), np.float32),
-    }
-
-
-def _torch_forward(model: SD3Transformer2DModel, x: dict[str, np.ndarray]) -> np.ndarray:
-    """diffusers' forward on our inputs: NCHW, timestep = 1000 * sigma; back to NHWC."""
-    with torch.no_grad():
-        out = model(
-            hidden_states=torch.from_numpy(x["z"].transpose(0, 3, 1, 2).copy()),
-            encoder_hidden_states=torch.from_numpy(x["text"]),
-            pooled_projections=torch.from_numpy(x["pooled"]),
-            timestep=torch.from_numpy(1000 * x["sigma"]),
-        ).sample
-    return out.numpy().transpose(0, 2, 3, 1)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: dict[str, jax.Array]) -> jax.Array:
-    cond = {"text": x["text"], "text_mask": jnp.ones(x["text"].shape[:2], bool),
-            "pooled": x["pooled"]}
-    return nnx.merge(graphdef, state)(x["z"], x["sigma"], cond)
-
-
-def _jax_forward(config: MMDiTConfig, params: dict, x: dict[str, np.ndarray]) -> np.ndarray:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, params)
-    return np.asarray(_apply(graphdef, state, x))
-
-
-def _max_err(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max())
 
 
 def _assert_same_params(a: dict, b: dict) -> None:
@@ -120,7 +63,7 @@ def _assert_same_params(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_key_mapper_round_trips_every_key(variant: str) -> None:
-    model = _torch_sd3(VARIANTS[variant])
+    model = torch_sd3(VARIANTS[variant])
     for name, tensor in model.state_dict().items():
         if name == "pos_embed.pos_embed":  # a buffer we compute; not a parameter
             continue
@@ -132,17 +75,17 @@ def test_key_mapper_round_trips_every_key(variant: str) -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_with_diffusers(variant: str) -> None:
-    model = _torch_sd3(VARIANTS[variant])
+    model = torch_sd3(VARIANTS[variant])
     config = diffusers_sd3.config_from_diffusers(dict(model.config))
     params = diffusers_sd3.convert_state_dict(model.state_dict(), config)
-    x = _inputs(config)
-    ref = _torch_forward(model, x)
+    x = sd3_inputs(config)
+    ref = torch_sd3_forward(model, x)
     assert np.abs(ref).max() > 1.0  # a non-trivial output
-    assert _max_err(_jax_forward(config, params, x), ref) <= TOL
+    assert max_err(mmdit_forward(config, params, x), ref) <= TOL
 
 
 def test_loader_single_file_sharded_and_bfloat16(tmp_path: Path) -> None:
-    model = _torch_sd3(SD35)
+    model = torch_sd3(SD35)
     model.save_pretrained(tmp_path / "single")
     model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert (tmp_path / "sharded/diffusion_pytorch_model.safetensors.index.json").is_file()
@@ -151,10 +94,10 @@ def test_loader_single_file_sharded_and_bfloat16(tmp_path: Path) -> None:
     assert config == MMDiTConfig(**SD35)
     sharded_config, sharded = diffusers_sd3.load_diffusers_transformer(tmp_path / "sharded")
     assert sharded_config == config
-    x = _inputs(config)
-    out = _jax_forward(config, single, x)
-    np.testing.assert_array_equal(_jax_forward(config, sharded, x), out)
-    assert _max_err(out, _torch_forward(model, x)) <= TOL
+    x = sd3_inputs(config)
+    out = mmdit_forward(config, single, x)
+    np.testing.assert_array_equal(mmdit_forward(config, sharded, x), out)
+    assert max_err(out, torch_sd3_forward(model, x)) <= TOL
 
     # Released checkpoints are mostly bfloat16, which numpy cannot represent.
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
@@ -184,7 +127,7 @@ def _write_checkpoint(directory: Path, config: MMDiTConfig, tensors: dict) -> Pa
     ],
 )
 def test_loader_names_bad_keys(tmp_path: Path, problem: str, key: str, edit) -> None:
-    model = _torch_sd3(SD3)
+    model = torch_sd3(SD3)
     config = diffusers_sd3.config_from_diffusers(dict(model.config))
     tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
     edit(tensors, key)
@@ -195,7 +138,7 @@ def test_loader_names_bad_keys(tmp_path: Path, problem: str, key: str, edit) -> 
 
 
 def test_loader_accepts_checkpoints_without_pos_embed_buffer(tmp_path: Path) -> None:
-    model = _torch_sd3(SD3)
+    model = torch_sd3(SD3)
     config = diffusers_sd3.config_from_diffusers(dict(model.config))
     tensors = {k: to_numpy(v) for k, v in model.state_dict().items()}
     tensors.pop("pos_embed.pos_embed")
@@ -210,7 +153,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert diffusers_sd3.config_from_diffusers(diffusers_sd3.config_to_diffusers(config)) == config
     rng = np.random.default_rng(3)
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))))
-    flat = {p: _noise(str(p[-1]), a.shape, rng) for p, a in flatten(abstract).items()}
+    flat = {p: random_like(str(p[-1]), a.shape, rng) for p, a in flatten(abstract).items()}
     params = unflatten(flat)
 
     with pytest.raises(ValueError, match="source_embed"):
@@ -220,8 +163,8 @@ def test_export_round_trip(tmp_path: Path) -> None:
     )
     params["source_embed"] = np.zeros_like(params["source_embed"])  # what diffusers computes
     model = SD3Transformer2DModel.from_pretrained(tmp_path / "out").eval()
-    x = _inputs(config, seed=1)
-    assert _max_err(_jax_forward(config, params, x), _torch_forward(model, x)) <= TOL
+    x = sd3_inputs(config, seed=1)
+    assert max_err(mmdit_forward(config, params, x), torch_sd3_forward(model, x)) <= TOL
     _assert_same_params(diffusers_sd3.load_diffusers_transformer(tmp_path / "out")[1], params)
 
     wrong = dataclasses.replace(config, num_layers=2, dual_attention_layers=(0,))
@@ -239,12 +182,7 @@ def _torch_clip(eos: int = 49) -> CLIPTextModelWithProjection:
         num_attention_heads=2, max_position_embeddings=16, projection_dim=24,
         bos_token_id=48, pad_token_id=0, eos_token_id=eos,
     )
-    model = CLIPTextModelWithProjection(config).eval()
-    rng = np.random.default_rng(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(_noise(name, tuple(p.shape), rng)))
-    return model
+    return randomize_torch(CLIPTextModelWithProjection(config))
 
 
 def test_clip_parity(tmp_path: Path) -> None:
@@ -263,8 +201,8 @@ def test_clip_parity(tmp_path: Path) -> None:
     with torch.no_grad():
         ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
     tokens, pooled = encoder(jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool))
-    assert _max_err(np.asarray(tokens), ref.last_hidden_state.numpy()) <= TOL
-    assert _max_err(np.asarray(pooled), ref.text_embeds.numpy()) <= TOL
+    assert max_err(np.asarray(tokens), ref.last_hidden_state.numpy()) <= TOL
+    assert max_err(np.asarray(pooled), ref.text_embeds.numpy()) <= TOL
 
 
 def test_clip_converter_names_bad_keys_and_maps_legacy_eos() -> None:
@@ -285,7 +223,7 @@ def test_clip_converter_names_bad_keys_and_maps_legacy_eos() -> None:
 
 
 def test_loading_never_imports_torch(tmp_path: Path) -> None:
-    _torch_sd3(SD3).save_pretrained(tmp_path / "transformer")
+    torch_sd3(SD3).save_pretrained(tmp_path / "transformer")
     _torch_clip().save_pretrained(tmp_path / "text_encoder")
     script = (
         "import sys; sys.modules['torch'] = None  # any torch import now fails\n"

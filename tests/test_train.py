@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_config, load_module, losses, tiny_config, tiny_flags
 
-from danceopd_jax.core.routing import Route
+from danceopd_jax.config import routes_of
+from danceopd_jax.core.routing import Route, Slot, per_step_route
 from danceopd_jax.data.batches import RouteBatcher
 from danceopd_jax.train import distill
 from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params, save_params
@@ -262,11 +263,32 @@ def test_cfg_absorption_runs_t2i_only_with_a_guided_teacher(trained, tmp_path):
 
 
 @pytest.mark.slow
-def test_per_step_routing_runs(trained, tmp_path):
+def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path, monkeypatch):
+    """The reference's mode: every step's batch is ONE slot, of the route drawn for that step
+    from the shared seed, and all its rows come from that route's bucket."""
     full, _ = trained
     shutil.copytree(full / "teachers", tmp_path / "teachers")
-    distill.run(tiny_config(**{"training.steps": 2, "training.routing": "per_step"}), tmp_path)
-    assert sorted(losses(tmp_path)) == [1, 2]
+    seen = []
+    method_update = distill.method_update
+
+    def recording(*args, **kwargs):
+        update = method_update(*args, **kwargs)
+
+        def record(state, batch, slots):
+            seen.append((slots, np.asarray(batch["has_source"])))
+            return update(state, batch, slots)
+        return record
+
+    monkeypatch.setattr(distill, "method_update", recording)
+    config = tiny_config(**{"training.steps": 4, "training.routing": "per_step"})
+    distill.run(config, tmp_path)
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    routes = routes_of(config)
+    batch = config.training.batch_size
+    for step, (slots, has_source) in enumerate(seen):
+        route = per_step_route(config.training.seed, step, [r.weight for r in routes])
+        assert slots == (Slot(route, 0, batch),)
+        assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
 
 
 @pytest.mark.parametrize("name", ["t2i_edit", "cfg_absorption"])

@@ -16,12 +16,15 @@ code is exact on any mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from danceopd_jax.core.fields import Cond, Field, Params, affine, map_per_sample
+from danceopd_jax.core.query import sample_query
 from danceopd_jax.core.rollout import rollout_to, sample, sde_rollout
 from danceopd_jax.core.routing import Route, Slot
 from danceopd_jax.core.schedule import (
@@ -31,8 +34,6 @@ from danceopd_jax.core.schedule import (
     velocity_target,
 )
 
-METHODS = ("danceopd", "diffusion_opd", "flow_opd", "off_policy", "soft_mix", "sft_mix",
-           "weight_merge")
 DSIGMA_MODES = ("true", "uniform")
 FLOW_ADVANTAGES = ("kl", "log_ratio")
 MERGE_MODES = ("average", "task_arithmetic")
@@ -286,6 +287,91 @@ def clipped_ppo(log_p: jax.Array, log_p_old: jax.Array, advantage: jax.Array,
     return loss, jnp.mean(jnp.abs(ratio - 1.0) > clip)
 
 
+# --- objectives: a loss bound to its random inputs ------------------------------------------
+
+Batch = dict[str, jax.Array]
+# (student params, routed teachers' params, slots, batch, cond, noise key, query key)
+#   -> (loss, metrics): one distillation method's loss on one batch, what the trainer's one
+#   distillation step (train/step.make_distill_step) differentiates.
+Objective = Callable[[Params, list, tuple[Slot, ...], Batch, Cond, jax.Array, jax.Array],
+                     tuple[jax.Array, dict]]
+
+
+def _noise_and_queries(batch: Batch, k_noise: jax.Array, k_query: jax.Array, num_steps: int,
+                       query_k: int, query_bias: str,
+                       shared_query: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Rollout noise shaped like the batch's images and [B, K] query indices."""
+    z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+    return z0, sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias, shared_query)
+
+
+def danceopd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                       query_k: int, query_bias: str, shards: int = 1,
+                       full_rollout: bool = False, shared_query: bool = False) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
+                                           query_k, query_bias, shared_query)
+        return danceopd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                             sigmas, query_idx, shards, full_rollout)
+    return objective
+
+
+def soft_mix_objective(student: Field, route_fields: Sequence[Field],
+                       route_weights: Sequence[float], sigmas: jax.Array, query_k: int,
+                       query_bias: str, shards: int = 1,
+                       full_rollout: bool = False) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del slots  # every sample gets the mixture of all routes
+        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
+                                           query_k, query_bias)
+        return soft_mix_loss(student, params, route_fields, route_params, route_weights, z0,
+                             cond, sigmas, query_idx, shards, full_rollout)
+    return objective
+
+
+def diffusion_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                            dsigma: str, shards: int = 1) -> Objective:
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del k_query  # dense: every state is queried
+        z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
+        return diffusion_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                                  sigmas, dsigma, shards)
+    return objective
+
+
+def flow_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
+                       group: int, eta: float, ppo_clip: float, adv_clip: float,
+                       advantage: str = "kl", shards: int = 1) -> Objective:
+    """Each prompt of the batch is rolled out `group` times (G rollouts per prompt)."""
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        del k_query  # dense: every transition is used
+        k_z0, k_sde = jax.random.split(k_noise)
+        b, *image = batch["target"].shape
+        z0 = jax.random.normal(k_z0, (b, group, *image), jnp.float32)
+        noise = jax.random.normal(k_sde, (b, group, sigmas.shape[0] - 1, *image), jnp.float32)
+        return flow_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
+                             sigmas, noise, eta=eta, ppo_clip=ppo_clip, adv_clip=adv_clip,
+                             advantage=advantage, shards=shards)
+    return objective
+
+
+def off_policy_objective(student: Field, route_fields: Sequence[Field],
+                         teacher_endpoint: Sequence[bool], sigmas: jax.Array, query_k: int,
+                         query_bias: str, shards: int = 1) -> Objective:
+    """teacher_endpoint[m]: route m's endpoints are its teacher's samples (T2I), not the
+    batch's ground-truth targets (edits)."""
+    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
+        k_end, k_eps = jax.random.split(k_noise)
+        x0 = batch["target"]
+        z_end, query_idx = _noise_and_queries(batch, k_end, k_query, sigmas.shape[0] - 1,
+                                              query_k, query_bias)
+        eps = jax.random.normal(k_eps, (x0.shape[0], query_k) + x0.shape[1:], jnp.float32)
+        return off_policy_loss(student, params, route_fields, route_params, slots, x0,
+                               teacher_endpoint, z_end, eps, cond, sigmas, query_idx, shards)
+    return objective
+
+
+
 # --- ground truth and weights only ----------------------------------------------------------
 
 def flow_matching_loss(field: Field, params: Params, x0: jax.Array, cond: Cond, eps: jax.Array,
@@ -322,3 +408,131 @@ def merge_weights(anchor: Params, teachers: Sequence[Params],
                     for c, t in zip(coefficients, thetas, strict=True))
         return (a32 + delta).astype(a.dtype)
     return jax.tree.map(merge, anchor, *teachers)
+
+
+# --- the registry: one record per method ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """What a method's objective is built from: the student's field, each route's teacher field
+    (with its CFG), the routes and whether their buckets carry source images, the rollout's
+    schedule, the batch's shard count, and the config's option groups `danceopd` and
+    `baselines` (mappings; core never sees the config object itself)."""
+
+    student: Field
+    route_fields: Sequence[Field]
+    routes: Sequence[Route]
+    route_has_source: Sequence[bool]
+    sigmas: jax.Array
+    shards: int
+    danceopd: Mapping[str, Any]
+    baselines: Mapping[str, Any]
+
+
+def _never(has_source: bool) -> bool:
+    return False
+
+
+def _no_check(config: Any) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method (README "Methods").
+
+    train: "distill" (objective(setting) is plugged into the one distillation step),
+    "flow_matching" (plain flow matching on the routed batch's ground truth) or "merge" (no
+    optimisation: the student is the teachers' weight merge).
+    needs_targets(has_source): whether a routed bucket must carry ground-truth target images.
+    check(config): the method's own validation, run by config.validate before anything loads.
+    Adding a method is one loss (with its Objective builder) plus one register(Method(...))."""
+
+    name: str
+    train: str
+    objective: Callable[[Setting], Objective] | None = None
+    needs_targets: Callable[[bool], bool] = _never
+    check: Callable[[Any], None] = _no_check
+    # The comparison tables' rows (the reproduce command): (variant, config overrides), each
+    # value a constant or a callable of the config; the label names the method.
+    label: str = ""
+    arms: tuple[tuple[str, Mapping[str, Any]], ...] = (("", {}),)
+
+
+TRAINERS = ("distill", "flow_matching", "merge")
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.train not in TRAINERS:
+        raise ValueError(f"method {method.name!r} has train={method.train!r}; use one of "
+                         f"{TRAINERS}.")
+    if (method.objective is None) == (method.train == "distill"):
+        raise ValueError(f"method {method.name!r}: a 'distill' method needs an objective, and "
+                         "only a 'distill' method has one.")
+    REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    if name not in REGISTRY:
+        raise ValueError(f"method={name!r} is unknown; use one of {tuple(REGISTRY)} "
+                         "(--config.method=...).")
+    return REGISTRY[name]
+
+
+def _check_weight_merge(config: Any) -> None:
+    if config.training.lora_rank > 0:
+        raise ValueError(f"method='weight_merge' with training.lora_rank="
+                         f"{config.training.lora_rank}: a merged student is a full set of "
+                         "weights, not a LoRA; set training.lora_rank=0.")
+
+
+def _danceopd(s: Setting) -> Objective:
+    d = s.danceopd
+    return danceopd_objective(s.student, s.route_fields, s.sigmas, d["query_k"],
+                              d["query_bias"], s.shards, d["full_rollout"], d["shared_query"])
+
+
+def _diffusion_opd(s: Setting) -> Objective:
+    return diffusion_opd_objective(s.student, s.route_fields, s.sigmas, s.baselines["dsigma"],
+                                   s.shards)
+
+
+def _flow_opd(s: Setting) -> Objective:
+    b = s.baselines
+    return flow_opd_objective(s.student, s.route_fields, s.sigmas, b["group"], b["eta"],
+                              b["ppo_clip"], b["adv_clip"], b["advantage"], s.shards)
+
+
+def _off_policy(s: Setting) -> Objective:
+    # T2I buckets have no source: their endpoints are the routed teacher's own samples.
+    return off_policy_objective(s.student, s.route_fields,
+                                [not has for has in s.route_has_source], s.sigmas,
+                                s.danceopd["query_k"], s.danceopd["query_bias"], s.shards)
+
+
+def _soft_mix(s: Setting) -> Objective:
+    return soft_mix_objective(s.student, s.route_fields, [r.weight for r in s.routes], s.sigmas,
+                              s.danceopd["query_k"], s.danceopd["query_bias"], s.shards,
+                              s.danceopd["full_rollout"])
+
+
+def _flow_prompts(config: Any) -> int:
+    # batch_size counts prompts and each is rolled out G times: B / G prompts keep the rollouts
+    # per step equal to the other methods' samples per step.
+    return max(len(config.routes), config.training.batch_size // config.baselines.group)
+
+
+register(Method("danceopd", "distill", _danceopd, label="DanceOPD"))
+register(Method("diffusion_opd", "distill", _diffusion_opd, label="DiffusionOPD", arms=(
+    ("uniform dsigma", {"baselines.dsigma": "uniform"}),
+    ("true dsigma", {"baselines.dsigma": "true"}))))
+register(Method("flow_opd", "distill", _flow_opd, label="Flow-OPD",
+                arms=(("", {"training.batch_size": _flow_prompts}),)))
+register(Method("off_policy", "distill", _off_policy, needs_targets=lambda has_source: has_source,
+                label="Off-policy"))
+register(Method("soft_mix", "distill", _soft_mix, label="Soft mixing"))
+register(Method("sft_mix", "flow_matching", needs_targets=lambda has_source: True,
+                label="Data-mixing SFT"))
+register(Method("weight_merge", "merge", check=_check_weight_merge, label="Weight merging"))

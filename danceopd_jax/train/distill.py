@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 
 from danceopd_jax.config import routes_of, validate, world_kind
 from danceopd_jax.core.fields import cfg
-from danceopd_jax.core.methods import merge_coefficients, merge_weights
+from danceopd_jax.core.methods import Setting, get_method, merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher, TrainBucket
@@ -55,16 +55,7 @@ from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
 from danceopd_jax.train.state import place_state, student_optimizer
-from danceopd_jax.train.step import (
-    StudentParams,
-    danceopd_objective,
-    diffusion_opd_objective,
-    flow_opd_objective,
-    make_distill_step,
-    make_flow_matching_step,
-    off_policy_objective,
-    soft_mix_objective,
-)
+from danceopd_jax.train.step import StudentParams, make_distill_step, make_flow_matching_step
 from danceopd_jax.train.teachers import prepare_teachers
 
 log = logging.getLogger(__name__)
@@ -228,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
             on_host(record)(state, 0)  # the curve starts at the anchor
     on_interval, interval_every = every(*hooks)
     t1 = time.perf_counter()
-    if config.method == "weight_merge":  # no optimisation: the student is the teachers' merge
+    if get_method(config.method).train == "merge":  # no optimisation: the teachers' merge
         state = state.replace(trainable={"backbone": merged_teachers(config, routes, frozen)})
         checkpoints.save(0, state, {"config": config.to_dict(), "step": 0})
         log.info("student: merged the teachers (%s), no training", config.baselines.merge)
@@ -260,34 +251,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 def method_update(config: ml_collections.ConfigDict, routes: list[Route], models: Models,
                   student_params: StudentParams, optimizer, sigmas: jax.Array, shards: int,
                   shardings, frozen: Params, bucket_has_source: dict[str, bool]) -> Update:
-    """The student's update for config.method (README "Methods"): (state, batch, slots) ->
-    (state, metrics), the same optimizer and batches for every method."""
-    d, b = config.danceopd, config.baselines
+    """The student's update for config.method (its record in the method registry): (state,
+    batch, slots) -> (state, metrics), the same optimizer and batches for every method."""
+    method = get_method(config.method)
     field = models.field()
-    if config.method == "sft_mix":  # flow matching on the routed batch's ground truth
+    if method.train == "flow_matching":  # on the routed batch's ground truth
         fm_step = make_flow_matching_step(field, student_params, models.conditioner(), optimizer,
                                           shardings=shardings)
         return lambda state, batch, slots: fm_step(state, frozen, batch)
-    fields = [cfg(field, r.cfg_alpha) for r in routes]
-    match config.method:
-        case "danceopd":
-            objective = danceopd_objective(field, fields, sigmas, d.query_k, d.query_bias,
-                                           shards, d.full_rollout, d.shared_query)
-        case "diffusion_opd":
-            objective = diffusion_opd_objective(field, fields, sigmas, b.dsigma, shards)
-        case "flow_opd":
-            objective = flow_opd_objective(field, fields, sigmas, b.group, b.eta, b.ppo_clip,
-                                           b.adv_clip, b.advantage, shards)
-        case "off_policy":  # T2I buckets have no source: their endpoints are teacher samples
-            endpoint = [not bucket_has_source[r.bucket] for r in routes]
-            objective = off_policy_objective(field, fields, endpoint, sigmas, d.query_k,
-                                             d.query_bias, shards)
-        case "soft_mix":
-            objective = soft_mix_objective(field, fields, [r.weight for r in routes], sigmas,
-                                           d.query_k, d.query_bias, shards, d.full_rollout)
-        case _:
-            raise ValueError(f"method {config.method!r} has no training step (weight_merge "
-                             "trains nothing; run() merges the teachers instead).")
+    if method.train != "distill":
+        raise ValueError(f"method {config.method!r} has no training step ({method.train}: "
+                         "run() builds the student without optimisation).")
+    objective = method.objective(Setting(
+        field, [cfg(field, r.cfg_alpha) for r in routes], routes,
+        [bucket_has_source[r.bucket] for r in routes], sigmas, shards,
+        config.danceopd.to_dict(), config.baselines.to_dict()))
     step = make_distill_step(objective, student_params, [r.teacher for r in routes],
                              models.conditioner(), optimizer, shardings)
     return lambda state, batch, slots: step(state, frozen, batch, slots)

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from danceopd_jax.config import apply_overrides
+from danceopd_jax.core.methods import REGISTRY
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
 from danceopd_jax.eval.report import category_bars, curves, gallery, results_markdown
@@ -59,26 +60,17 @@ def _num_steps(c: ml_collections.ConfigDict) -> int:
     return c.danceopd.num_steps
 
 
-def _flow_batch(c: ml_collections.ConfigDict) -> int:
-    return max(len(c.routes), c.training.batch_size // c.baselines.group)
+def method_arms() -> tuple[Arm, ...]:
+    """METHOD.md 7: every method of the registry, each variant of it a row; every method is a
+    configuration of the same trainer, same optimizer steps."""
+    return tuple(Arm(f"{m.label} ({variant})" if variant else m.label, {"method": m.name, **o})
+                 for m in REGISTRY.values() for variant, o in m.arms)
 
 
-# METHOD.md 7: every method is a configuration of the same trainer, same optimizer steps.
-METHODS = (
-    Arm("DanceOPD"),
-    Arm("DiffusionOPD (uniform dsigma)", {"method": "diffusion_opd",
-                                          "baselines.dsigma": "uniform"}),
-    Arm("DiffusionOPD (true dsigma)", {"method": "diffusion_opd", "baselines.dsigma": "true"}),
-    # batch_size counts prompts and each is rolled out G times: B / G prompts keep the
-    # rollouts per step equal to the other methods' samples per step.
-    Arm("Flow-OPD", {"method": "flow_opd", "training.batch_size": _flow_batch}),
-    Arm("Off-policy", {"method": "off_policy"}),
-    Arm("Soft mixing", {"method": "soft_mix"}),
-    Arm("Data-mixing SFT", {"method": "sft_mix"}),
-    Arm("Weight merging", {"method": "weight_merge"}),
-)
+METHODS = method_arms()
+DANCEOPD = next(a for a in METHODS if a.overrides == {"method": "danceopd"})
 QUERY_ARMS = (
-    Arm("DanceOPD"),  # the config's own query: the same run as the fusion table's
+    DANCEOPD,  # the config's own query: the same run as the fusion table's
     # The paper's default (one low-noise query) and its ablations, each with K and bias set.
     Arm("low noise (Beta(5,2)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "low"}),
     Arm("mid noise (Beta(5,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "mid"}),
@@ -93,7 +85,8 @@ CFG_ARMS = (
 # Flow-OPD's reference advantage (the analytic KL) has no expected policy gradient (README
 # "Methods"); the sampled log-ratio variant shows what the same machinery does when it can learn.
 FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)", {
-    "method": "flow_opd", "baselines.advantage": "log_ratio", "training.batch_size": _flow_batch})
+    **next(a.overrides for a in METHODS if a.label == "Flow-OPD"),
+    "baselines.advantage": "log_ratio"})
 EXPERIMENTS = (
     Experiment("t2i_edit", "T2I + Edit fusion (anchor + joint-edit teacher)", "t2i_edit",
                (*METHODS, FLOW_LOG_RATIO)),

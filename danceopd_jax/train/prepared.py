@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from danceopd_jax.config import routes_of
+from danceopd_jax.core.methods import get_method
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.conditions import PreparedBucket, PreparedData, check_routes
@@ -92,12 +93,11 @@ class PreparedWorld:
                              {"text": PartitionSpec(), "pooled": PartitionSpec()})
 
     def _check_targets(self) -> None:
-        """The ground-truth baselines need target images: SFT on every routed bucket,
-        off-policy on edit buckets (its T2I endpoints are teacher samples)."""
+        """The ground-truth baselines need target images (their registry records say on which
+        buckets: SFT on every routed one, off-policy on edit buckets)."""
         method = self.config.method
-        needs = {r.bucket for r in self.routes
-                 if method == "sft_mix" or (method == "off_policy"
-                                            and self.bucket_has_source[r.bucket])}
+        needs_targets = get_method(method).needs_targets
+        needs = {r.bucket for r in self.routes if needs_targets(self.bucket_has_source[r.bucket])}
         missing = sorted(b for b in needs if not self.data.buckets[b]["has_target"])
         if missing:
             raise ValueError(

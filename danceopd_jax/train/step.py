@@ -5,9 +5,9 @@ Each is one pure function (state, frozen, batch[, slots]) -> (state, metrics): r
 from the state's key folded with its step, routing slots are static (one compiled program per
 slot layout), and the state is donated so parameters are updated in place. Given StepShardings
 (train/mesh.py) the step is compiled with them as explicit in/out shardings; the math never
-depends on the mesh. A distillation method is an Objective (the *_objective builders below)
-plugged into the one make_distill_step, so every method shares the optimizer, the routing and
-the random streams.
+depends on the mesh. A distillation method is an Objective (built by its record in the method
+registry, core/methods.py) plugged into the one make_distill_step, so every method shares the
+optimizer, the routing and the random streams.
 """
 
 from __future__ import annotations
@@ -20,28 +20,15 @@ import jax.numpy as jnp
 import optax
 
 from danceopd_jax.core.fields import Field
-from danceopd_jax.core.methods import (
-    danceopd_loss,
-    diffusion_opd_loss,
-    flow_matching_loss,
-    flow_opd_loss,
-    off_policy_loss,
-    soft_mix_loss,
-)
-from danceopd_jax.core.query import sample_query
+from danceopd_jax.core.methods import Batch, Objective, danceopd_objective, flow_matching_loss
 from danceopd_jax.core.routing import Slot
 from danceopd_jax.train.mesh import StepShardings
 from danceopd_jax.train.state import TrainState, apply_if_finite
 
-Batch = dict[str, jax.Array]
 # (frozen params, batch, key) -> cond; the key drives optional prompt dropout.
 Conditioner = Callable[[Any, Batch, jax.Array], dict]
 # (trainable, frozen) -> the student's field params (identity, or a LoRA merge onto the base).
 StudentParams = Callable[[Any, Any], Any]
-# (student params, routed teachers' params, slots, batch, cond, noise key, query key)
-#   -> (loss, metrics): one distillation method's loss on one batch.
-Objective = Callable[[Any, list, tuple[Slot, ...], Batch, dict, jax.Array, jax.Array],
-                     tuple[jax.Array, dict]]
 
 
 def make_distill_step(objective: Objective, student_params: StudentParams,
@@ -66,80 +53,6 @@ def make_distill_step(objective: Objective, student_params: StudentParams,
 
     return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,),
                    **(shardings.jit_kwargs() if shardings else {}))
-
-
-def _noise_and_queries(batch: Batch, k_noise: jax.Array, k_query: jax.Array, num_steps: int,
-                       query_k: int, query_bias: str,
-                       shared_query: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Rollout noise shaped like the batch's images and [B, K] query indices."""
-    z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
-    return z0, sample_query(k_query, z0.shape[0], num_steps, query_k, query_bias, shared_query)
-
-
-def danceopd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
-                       query_k: int, query_bias: str, shards: int = 1,
-                       full_rollout: bool = False, shared_query: bool = False) -> Objective:
-    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
-        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
-                                           query_k, query_bias, shared_query)
-        return danceopd_loss(student, params, route_fields, route_params, slots, z0, cond,
-                             sigmas, query_idx, shards, full_rollout)
-    return objective
-
-
-def soft_mix_objective(student: Field, route_fields: Sequence[Field],
-                       route_weights: Sequence[float], sigmas: jax.Array, query_k: int,
-                       query_bias: str, shards: int = 1,
-                       full_rollout: bool = False) -> Objective:
-    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
-        del slots  # every sample gets the mixture of all routes
-        z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
-                                           query_k, query_bias)
-        return soft_mix_loss(student, params, route_fields, route_params, route_weights, z0,
-                             cond, sigmas, query_idx, shards, full_rollout)
-    return objective
-
-
-def diffusion_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
-                            dsigma: str, shards: int = 1) -> Objective:
-    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
-        del k_query  # dense: every state is queried
-        z0 = jax.random.normal(k_noise, batch["target"].shape, jnp.float32)
-        return diffusion_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
-                                  sigmas, dsigma, shards)
-    return objective
-
-
-def flow_opd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
-                       group: int, eta: float, ppo_clip: float, adv_clip: float,
-                       advantage: str = "kl", shards: int = 1) -> Objective:
-    """Each prompt of the batch is rolled out `group` times (G rollouts per prompt)."""
-    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
-        del k_query  # dense: every transition is used
-        k_z0, k_sde = jax.random.split(k_noise)
-        b, *image = batch["target"].shape
-        z0 = jax.random.normal(k_z0, (b, group, *image), jnp.float32)
-        noise = jax.random.normal(k_sde, (b, group, sigmas.shape[0] - 1, *image), jnp.float32)
-        return flow_opd_loss(student, params, route_fields, route_params, slots, z0, cond,
-                             sigmas, noise, eta=eta, ppo_clip=ppo_clip, adv_clip=adv_clip,
-                             advantage=advantage, shards=shards)
-    return objective
-
-
-def off_policy_objective(student: Field, route_fields: Sequence[Field],
-                         teacher_endpoint: Sequence[bool], sigmas: jax.Array, query_k: int,
-                         query_bias: str, shards: int = 1) -> Objective:
-    """teacher_endpoint[m]: route m's endpoints are its teacher's samples (T2I), not the
-    batch's ground-truth targets (edits)."""
-    def objective(params, route_params, slots, batch, cond, k_noise, k_query):
-        k_end, k_eps = jax.random.split(k_noise)
-        x0 = batch["target"]
-        z_end, query_idx = _noise_and_queries(batch, k_end, k_query, sigmas.shape[0] - 1,
-                                              query_k, query_bias)
-        eps = jax.random.normal(k_eps, (x0.shape[0], query_k) + x0.shape[1:], jnp.float32)
-        return off_policy_loss(student, params, route_fields, route_params, slots, x0,
-                               teacher_endpoint, z_end, eps, cond, sigmas, query_idx, shards)
-    return objective
 
 
 def make_danceopd_step(student: Field, student_params: StudentParams,

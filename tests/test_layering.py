@@ -1,0 +1,147 @@
+"""The import contract (shared/ARCHITECTURE.md, README "Layout"): which package of danceopd_jax
+may import which, read from every module's import statements (lazy imports included).
+
+RULES is the target layering. DEBT lists the edges of today's tree that break it, exactly:
+the test fails on a new forbidden edge, and also when a listed edge disappears (then remove it
+from DEBT), so the list only shrinks. The layering issue moves code until DEBT is empty."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGE = ROOT / "danceopd_jax"
+BELOW_JOBS = {"worlds", "train", "eval", "data", "interop", "models", "core", "config"}
+# package -> the packages it may import. "cli" is every top-level module but config.py.
+RULES: dict[str, set[str]] = {
+    "core": set(),
+    "models": set(),
+    "config": {"core"},  # the settings schema and its validation, beside the algorithm
+    "interop": {"models"},
+    "data": {"core"},
+    "worlds": {"data", "interop", "models", "core", "config"},
+    "train": {"worlds", "data", "models", "core", "config"},
+    "eval": {"worlds", "data", "models", "core", "config"},
+    "jobs": BELOW_JOBS,
+    "cli": {"jobs", "config"},
+}
+NO_TORCH = {"core", "models", "train"}  # the JAX training path
+TORCH = ("torch", "diffusers")
+DEBT = {
+    ("data", "interop"), ("eval", "interop"), ("eval", "train"), ("interop", "train"),
+    ("train", "eval"), ("train", "interop"),
+    ("cli", "core"), ("cli", "data"), ("cli", "eval"), ("cli", "interop"), ("cli", "models"),
+    ("cli", "train"),
+}
+
+
+def package_of(module: str) -> str:
+    """danceopd_jax.<first part>...: its folder's name, or "config" / "cli" for top-level
+    modules."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "cli"
+    if (PACKAGE / parts[1]).is_dir():
+        return parts[1]
+    return "config" if parts[1] == "config" else "cli"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement in the file names, at any depth (lazy ones too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_edges() -> dict[tuple[str, str], set[str]]:
+    """{(importer, imported): the importing files} between different packages."""
+    edges: dict[tuple[str, str], set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        src = package_of(module_name(path))
+        for target in imports_of(path):
+            if target.split(".")[0] == "danceopd_jax" and "." in target:
+                dst = package_of(target)
+                if dst != src:
+                    edges.setdefault((src, dst), set()).add(str(path.relative_to(ROOT)))
+    return edges
+
+
+def cycles(edges) -> list[list[str]]:
+    """The package graph's strongly connected components of more than one package."""
+    graph: dict[str, set[str]] = {}
+    for a, b in edges:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set())
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_package_imports_follow_the_layering():
+    edges = package_edges()
+    print("package-level import edges:")
+    for (a, b), files in sorted(edges.items()):
+        mark = "" if b in RULES[a] else "   <- forbidden" + (" (DEBT)" if (a, b) in DEBT else "")
+        print(f"  {a} -> {b}{mark}   ({len(files)} file(s))")
+    print("cycles:", cycles(edges) or "none")
+    forbidden = {e for e in edges if e[1] not in RULES[e[0]]}
+    new = {e: sorted(edges[e]) for e in forbidden - DEBT}
+    assert not new, f"imports that break the layering (RULES): {new}"
+    paid = DEBT - forbidden
+    assert not paid, f"{sorted(paid)} no longer occur: remove them from DEBT"
+    # Every cycle goes through a DEBT edge: without them the graph has none.
+    assert cycles(set(edges) - DEBT) == []
+
+
+def test_the_training_path_never_imports_torch():
+    for package in NO_TORCH:
+        for path in (PACKAGE / package).rglob("*.py"):
+            bad = {m for m in imports_of(path) if m.split(".")[0] in TORCH}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_contract_checker_sees_a_forbidden_edge(tmp_path):
+    """The checker itself: a cycle is found, and lazy imports count."""
+    assert cycles({("a", "b"), ("b", "c"), ("c", "a"), ("c", "d")}) == [["a", "b", "c"]]
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from danceopd_jax.train import distill\n    import torch\n")
+    assert imports_of(module) >= {"danceopd_jax.train", "danceopd_jax.train.distill", "torch"}
+    assert package_of("danceopd_jax.train.distill") == "train"
+    assert package_of("danceopd_jax.config") == "config"
+    assert package_of("danceopd_jax.main") == "cli"
