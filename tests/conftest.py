@@ -6,8 +6,12 @@ import importlib.util
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
+from flax import nnx
 
 from danceopd_jax.config import apply_overrides
 
@@ -70,3 +74,29 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("run")
     scores = distill.run(tiny_config(), workdir)
     return workdir, scores
+
+
+# --------------------------------------------------------------------------- parity helpers
+
+PARITY_STD = 0.2  # weights ~ N(0, STD), norm weights ~ 1 + N(0, STD): no layer is 0 or identity
+
+
+def randomize(model, seed: int, std: float = PARITY_STD):
+    """Every parameter of a torch module drawn at random (1-D ``*weight``: around 1, as a
+    norm's scale), so that parity covers every weight; returns the module in eval mode."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = std * rng.standard_normal(tuple(p.shape)).astype(np.float32)
+            is_norm_weight = p.ndim == 1 and name.endswith("weight")
+            p.copy_(torch.from_numpy(1 + noise if is_norm_weight else noise))
+    return model.eval()
+
+
+def with_params(factory, params: dict) -> nnx.Module:
+    """Build abstractly (no init ops to run), then fill in the converted params."""
+    graph, state = nnx.split(nnx.eval_shape(factory))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graph, state)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from conftest import randomize, with_params
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -34,7 +35,6 @@ from danceopd_jax.models.text.sd3 import SD3TextEncoders  # noqa: E402
 from danceopd_jax.models.text.t5 import T5Encoder, relative_position_bucket  # noqa: E402
 
 TOL = 1e-4
-STD = 0.2  # weights ~ N(0, STD), norm weights ~ 1 + N(0, STD): no layer is zero or identity
 VOCAB = 100
 # T5 variants: gated-gelu (T5 v1.1 / SD3's T5-XXL) with few buckets so that the sequence
 # reaches the clamped bucket; ReLU (original T5) with the default buckets. num_heads * d_kv
@@ -50,23 +50,6 @@ T5_VARIANTS = {
 def _exact_matmuls() -> Iterator[None]:
     with jax.default_matmul_precision("highest"):
         yield
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = STD * rng.standard_normal(tuple(p.shape)).astype(np.float32)
-            is_norm_weight = p.ndim == 1 and name.endswith("weight")
-            p.copy_(torch.from_numpy(1 + noise if is_norm_weight else noise))
-    return model.eval()
-
-
-def _with_params(factory: Callable[[], nnx.Module], params: dict) -> nnx.Module:
-    """Build abstractly (no init ops to run), then fill in the converted params."""
-    graph, state = nnx.split(nnx.eval_shape(factory))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graph, state)
 
 
 def _call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
@@ -85,7 +68,7 @@ def _max_err(a: np.ndarray, b: np.ndarray) -> float:
 def _torch_t5(d_model: int = 32, seed: int = 0, **overrides) -> T5EncoderModel:
     config = HFT5Config(vocab_size=VOCAB, d_model=d_model, d_kv=24, d_ff=64, num_layers=2,
                         num_heads=2, **overrides)
-    return _randomize(T5EncoderModel(config), seed)
+    return randomize(T5EncoderModel(config), seed)
 
 
 def _torch_clip(hidden: int, layers: int, projection: int, eos: int, seed: int,
@@ -95,19 +78,19 @@ def _torch_clip(hidden: int, layers: int, projection: int, eos: int, seed: int,
         num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=max_len,
         projection_dim=projection, bos_token_id=VOCAB - 2, pad_token_id=0, eos_token_id=eos,
     )
-    return _randomize(CLIPTextModelWithProjection(config), seed)
+    return randomize(CLIPTextModelWithProjection(config), seed)
 
 
 def _ours_t5(model: T5EncoderModel) -> T5Encoder:
     config = transformers_text.t5_config_from_transformers(model.config.to_dict())
     params = transformers_text.convert_t5_state_dict(model.state_dict(), config)
-    return _with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
+    return with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
 
 
 def _ours_clip(model: CLIPTextModelWithProjection) -> CLIPTextEncoder:
     config = transformers_text.config_from_transformers(model.config.to_dict())
     params = transformers_text.convert_state_dict(model.state_dict(), config)
-    return _with_params(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)), params)
+    return with_params(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)), params)
 
 
 # --------------------------------------------------------------------------- T5
@@ -131,7 +114,7 @@ def test_t5_parity(variant: str, tmp_path: Path) -> None:
     from_state_dict = transformers_text.convert_t5_state_dict(model.state_dict(), config)
     for path, leaf in flatten(from_state_dict).items():
         np.testing.assert_array_equal(flatten(params)[path], leaf, err_msg=str(path))
-    encoder = _with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
+    encoder = with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (3, 30))
