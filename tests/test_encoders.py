@@ -1,6 +1,8 @@
 """Image-side and Z-Image encoders against the PyTorch originals (tiny random models, nothing
 downloaded): the Flax AutoencoderKL decoder against diffusers' decode as the SD3 and Z-Image
-pipelines call it."""
+pipelines call it; the Flax Qwen3 against transformers and Z-Image's prompt features against
+the ZImagePipeline's and ZImageOmniPipeline's encode_prompt (a tiny byte-level BPE tokenizer
+with Qwen3's chat turn, built offline)."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from danceopd_jax.interop import diffusers_vae  # noqa: E402
+from danceopd_jax.interop import diffusers_vae, transformers_text  # noqa: E402
 from danceopd_jax.interop._common import flatten  # noqa: E402
+from danceopd_jax.models.text.qwen3 import Qwen3Model  # noqa: E402
 from danceopd_jax.models.vae import VAEDecoder, to_uint8  # noqa: E402
 
 TOL = 1e-4
@@ -123,3 +126,125 @@ def test_loading_never_imports_torch(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- Qwen3
+
+QWEN_VOCAB = 300
+# Qwen3's chat template reduced to what the Z-Image pipelines use: one user turn and the
+# generation prompt (with enable_thinking=True Qwen3 adds no empty <think> block).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+    "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+
+
+def _tokenizer(path: Path):
+    """A Qwen2 byte-level BPE tokenizer (Qwen3's class) over the 256 byte symbols and a few
+    merges, with Qwen's special tokens, pad = <|endoftext|> on the right."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+
+    vocab = {ch: i for i, ch in enumerate(ByteLevel.alphabet())}
+    merges = [("Ġ", "a"), ("e", "d"), ("Ġa", "ed")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return tok
+
+
+def _torch_qwen3(seed: int = 0):
+    from transformers import Qwen3Config as HFQwen3Config
+    from transformers import Qwen3Model as HFQwen3Model
+
+    config = HFQwen3Config(vocab_size=QWEN_VOCAB, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=12, max_position_embeddings=64, rope_theta=1000.0,
+                           rms_norm_eps=1e-6)
+    return randomize(HFQwen3Model(config), seed)
+
+
+def test_qwen3_parity(tmp_path: Path) -> None:
+    model = _torch_qwen3()
+    model.save_pretrained(tmp_path / "text_encoder")
+    config, params = transformers_text.load_transformers_qwen3(tmp_path / "text_encoder")
+    assert (config.head_dim, config.num_key_value_heads, config.rope_theta) == (12, 2, 1000.0)
+    encoder = with_params(lambda: Qwen3Model(config, rngs=nnx.Rngs(0)), params)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, QWEN_VOCAB, (2, 11))
+    mask = np.arange(11)[None] < np.array([[11], [6]])  # right padding, as Qwen's tokenizer
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    output_hidden_states=True)
+    run = nnx.jit(lambda m, i, k: (m(i, k), m(i, k, output_hidden_layer=-2),
+                                   m(i, k, output_hidden_layer=0)))
+    last, penultimate, embeddings = run(encoder, jnp.asarray(ids, jnp.int32), jnp.asarray(mask))
+    keep = mask[..., None]  # padded positions' outputs are never used
+    errors = [_max_err(np.asarray(ours) * keep, theirs.numpy() * keep) for ours, theirs in (
+        (last, ref.last_hidden_state), (penultimate, ref.hidden_states[-2]),
+        (embeddings, ref.hidden_states[0]))]
+    print(f"Qwen3: last {errors[0]:.2e}, hidden_states[-2] {errors[1]:.2e}")
+    assert max(errors) <= TOL
+
+
+def test_qwen3_converter_names_bad_keys_and_config() -> None:
+    model = _torch_qwen3()
+    config = transformers_text.qwen3_config_from_transformers(model.config.to_dict())
+    # A Qwen3ForCausalLM checkpoint: "model." prefix, lm_head skipped.
+    causal = {f"model.{k}": v for k, v in model.state_dict().items()}
+    causal["lm_head.weight"] = torch.zeros(QWEN_VOCAB, 32)
+    params = transformers_text.convert_qwen3_state_dict(causal, config)
+    np.testing.assert_array_equal(params["layers"][2]["self_attn"]["k_norm"]["scale"],
+                                  model.layers[2].self_attn.k_norm.weight.detach().numpy())
+    state_dict = dict(model.state_dict())
+    state_dict.pop("layers.1.mlp.up_proj.weight")
+    state_dict["layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 32)
+    state_dict["layers.3.input_layernorm.weight"] = torch.ones(32)
+    with pytest.raises(ValueError) as err:
+        transformers_text.convert_qwen3_state_dict(state_dict, config)
+    message = str(err.value)
+    assert "missing (1):\n    layers.1.mlp.up_proj.weight" in message
+    assert "unexpected (1):\n    layers.3.input_layernorm.weight" in message
+    assert "layers.0.self_attn.k_proj.weight: shape (48, 32), expected (24, 32)" in message
+    assert "Qwen3Model" in message
+    with pytest.raises(ValueError, match="rope type 'yarn' is unsupported"):
+        transformers_text.qwen3_config_from_transformers(
+            {**model.config.to_dict(), "rope_parameters": {"rope_type": "yarn"}})
+
+
+def test_zimage_prompt_features_match_the_pipelines(tmp_path: Path) -> None:
+    """Our ZImagePromptEncoder (Flax Qwen3 and the folder's tokenizer) against
+    ZImagePipeline.encode_prompt (chat template) and ZImageOmniPipeline.encode_prompt with a
+    condition image (three segments): hidden_states[-2] at the real tokens."""
+    from diffusers import ZImageOmniPipeline, ZImagePipeline
+
+    model = _torch_qwen3(seed=2)
+    tokenizer = _tokenizer(tmp_path / "pipeline" / "tokenizer")
+    model.save_pretrained(tmp_path / "pipeline" / "text_encoder")
+    encode = transformers_text.ZImagePromptEncoder(tmp_path / "pipeline", max_sequence_length=40,
+                                                   batch_size=4)
+    prompts = ["a red cat sat on a mat", "ed"]
+    t2i = ZImagePipeline(scheduler=None, vae=None, text_encoder=model, tokenizer=tokenizer,
+                         transformer=None)
+    omni = ZImageOmniPipeline(scheduler=None, vae=None, text_encoder=model, tokenizer=tokenizer,
+                              transformer=None, siglip=None, siglip_processor=None)
+    with torch.no_grad():
+        theirs_t2i, negative = t2i.encode_prompt(list(prompts), torch.device("cpu"),
+                                                 max_sequence_length=40)
+        theirs_omni, _ = omni.encode_prompt(list(prompts), torch.device("cpu"),
+                                            do_classifier_free_guidance=False,
+                                            max_sequence_length=40, num_condition_images=1)
+    for images, theirs in ((0, [[t] for t in theirs_t2i]), (1, theirs_omni)):
+        features, mask = encode(prompts, num_condition_images=images)
+        assert features.shape[:2] == mask.shape[:2] == (2, len(theirs[0]))
+        for i, segments in enumerate(theirs):
+            for j, segment in enumerate(segments):
+                ours = features[i, j][mask[i, j]]
+                err = _max_err(ours, segment.numpy())
+                assert err <= TOL, (images, i, j, err)
+    empty, empty_mask = encode([""])
+    assert _max_err(empty[0, 0][empty_mask[0, 0]], negative[0].numpy()) <= TOL
