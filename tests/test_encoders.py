@@ -2,7 +2,8 @@
 downloaded): the Flax AutoencoderKL decoder against diffusers' decode as the SD3 and Z-Image
 pipelines call it; the Flax Qwen3 against transformers and Z-Image's prompt features against
 the ZImagePipeline's and ZImageOmniPipeline's encode_prompt (a tiny byte-level BPE tokenizer
-with Qwen3's chat turn, built offline)."""
+with Qwen3's chat turn, built offline); the Flax SigLIP2 vision tower and the omni pipeline's
+source-image features (prepare_siglip_embeds)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from danceopd_jax.interop import diffusers_vae, transformers_text  # noqa: E402
+from danceopd_jax.interop import (  # noqa: E402
+    diffusers_vae,
+    transformers_text,
+    transformers_vision,
+)
 from danceopd_jax.interop._common import flatten  # noqa: E402
 from danceopd_jax.models.text.qwen3 import Qwen3Model  # noqa: E402
 from danceopd_jax.models.vae import VAEDecoder, to_uint8  # noqa: E402
@@ -248,3 +253,77 @@ def test_zimage_prompt_features_match_the_pipelines(tmp_path: Path) -> None:
                 assert err <= TOL, (images, i, j, err)
     empty, empty_mask = encode([""])
     assert _max_err(empty[0, 0][empty_mask[0, 0]], negative[0].numpy()) <= TOL
+
+
+# --------------------------------------------------------------------------- SigLIP2
+
+
+def _siglip_folder(root: Path, seed: int = 3):
+    """A tiny Siglip2VisionModel (4 x 4 position grid, 4-pixel patches) and its NaFlex
+    processor (at most 20 patches), saved as an omni pipeline's siglip / siglip_processor."""
+    from transformers import Siglip2ImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
+
+    config = Siglip2VisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_patches=16, patch_size=4)
+    model = randomize(Siglip2VisionModel(config), seed)
+    processor = Siglip2ImageProcessor(patch_size=4, max_num_patches=20)
+    model.save_pretrained(root / "siglip")
+    processor.save_pretrained(root / "siglip_processor")
+    return model, processor
+
+
+def test_siglip_position_resize_and_parity(tmp_path: Path) -> None:
+    """The resized position table (up along one axis, antialiased down along the other) and
+    the tower on padded NaFlex patches, against transformers."""
+    from transformers.models.siglip2.modeling_siglip2 import Siglip2VisionEmbeddings
+
+    from danceopd_jax.models.vision.siglip import SiglipVisionModel, position_weights
+
+    table = np.random.default_rng(4).standard_normal((5, 5, 3)).astype(np.float32)
+    for shape in ((3, 7), (8, 2), (5, 5)):
+        theirs = Siglip2VisionEmbeddings.resize_positional_embeddings(
+            torch.from_numpy(table), torch.tensor([shape]), max_length=60)[0].numpy()
+        ours = position_weights(5, shape, 60) @ table.reshape(25, 3)
+        assert _max_err(ours, theirs) <= 1e-5, shape
+
+    model, _ = _siglip_folder(tmp_path)
+    config, params = transformers_vision.load_transformers_siglip(tmp_path / "siglip")
+    tower = with_params(lambda: SiglipVisionModel(config, rngs=nnx.Rngs(0)), params)
+    rng = np.random.default_rng(5)
+    pixels = rng.uniform(-1, 1, (2, 20, 48)).astype(np.float32)
+    mask = np.arange(20)[None] < 15  # a 3 x 5 grid padded to 20 patches
+    mask = np.repeat(mask, 2, axis=0)
+    with torch.no_grad():
+        ref = model(pixel_values=torch.from_numpy(pixels),
+                    pixel_attention_mask=torch.from_numpy(mask.astype(np.int32)),
+                    spatial_shapes=torch.tensor([[3, 5], [3, 5]])).last_hidden_state.numpy()
+    ours = nnx.jit(lambda m, x, k: m(x, k, (3, 5)))(tower, jnp.asarray(pixels), jnp.asarray(mask))
+    err = _max_err(np.asarray(ours)[:, :15], ref[:, :15])
+    print(f"SigLIP2 vision: max abs error {err:.2e}")
+    assert err <= TOL
+    with pytest.raises(ValueError, match="patch grid \\(5, 5\\) does not fit 20 patches"):
+        position_weights(4, (5, 5), 20)
+
+
+def test_siglip_features_match_the_omni_pipeline(tmp_path: Path) -> None:
+    from diffusers import ZImageOmniPipeline
+    from PIL import Image
+
+    model, processor = _siglip_folder(tmp_path, seed=6)
+    encode = transformers_vision.SiglipImageEncoder(tmp_path, batch_size=2)
+    images = np.random.default_rng(7).integers(0, 256, (3, 24, 40, 3), dtype=np.uint8)
+    features = encode(images)
+    omni = ZImageOmniPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                              transformer=None, siglip=model, siglip_processor=processor)
+    with torch.no_grad():
+        theirs = omni.prepare_siglip_embeds([Image.fromarray(im) for im in images], 1,
+                                            torch.device("cpu"), torch.float32)[0]
+    assert features.shape == (3, *theirs[0].shape) and features.shape[1] * features.shape[2] <= 20
+    err = max(_max_err(features[i], t.numpy()) for i, t in enumerate(theirs))
+    print(f"SigLIP2 omni features {features.shape}: max abs error {err:.2e}")
+    assert err <= TOL
+
+    bad = dict(model.state_dict())
+    bad.pop("post_layernorm.bias")
+    with pytest.raises(ValueError, match="missing \\(1\\):\n    post_layernorm.bias"):
+        transformers_vision.convert_state_dict(bad, encode.config)
