@@ -119,20 +119,6 @@ def test_vae_converter_names_bad_keys_and_config() -> None:
         diffusers_vae.config_from_diffusers({"_class_name": "AutoencoderKLQwenImage"})
 
 
-def test_loading_never_imports_torch(tmp_path: Path) -> None:
-    _torch_vae(**VAE_VARIANTS["zimage"]).save_pretrained(tmp_path / "vae")
-    script = (
-        "import sys; sys.modules['torch'] = None  # any torch import now fails\n"
-        "from danceopd_jax.interop import diffusers_vae\n"
-        f"decode = diffusers_vae.ImageDecoder({str(tmp_path / 'vae')!r}, batch_size=2)\n"
-        "import numpy as np\n"
-        "images = decode(np.zeros((3, 2, 2, 16), np.float32))\n"
-        "assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8, images.shape\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-
-
 # --------------------------------------------------------------------------- Qwen3
 
 QWEN_VOCAB = 300
@@ -327,3 +313,28 @@ def test_siglip_features_match_the_omni_pipeline(tmp_path: Path) -> None:
     bad.pop("post_layernorm.bias")
     with pytest.raises(ValueError, match="missing \\(1\\):\n    post_layernorm.bias"):
         transformers_vision.convert_state_dict(bad, encode.config)
+
+
+# --------------------------------------------------------------------------- no torch
+
+
+def test_loading_never_imports_torch(tmp_path: Path) -> None:
+    """The VAE decoder (loaded and run), Qwen3 and SigLIP2 load from their folders without
+    torch."""
+    _torch_vae(**VAE_VARIANTS["zimage"]).save_pretrained(tmp_path / "vae")
+    _torch_qwen3().save_pretrained(tmp_path / "text_encoder")
+    _siglip_folder(tmp_path)
+    script = (
+        "import sys; sys.modules['torch'] = None  # any torch import now fails\n"
+        "from danceopd_jax.interop import diffusers_vae, transformers_text, "
+        "transformers_vision\n"
+        f"root = {str(tmp_path)!r}\n"
+        "transformers_text.load_transformers_qwen3(root + '/text_encoder')\n"
+        "transformers_vision.load_transformers_siglip(root + '/siglip')\n"
+        "decode = diffusers_vae.ImageDecoder(root + '/vae', batch_size=2)\n"
+        "import numpy as np\n"
+        "images = decode(np.zeros((3, 2, 2, 16), np.float32))\n"
+        "assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8, images.shape\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
