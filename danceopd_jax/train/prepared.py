@@ -300,6 +300,7 @@ class SampleGrids:
         self.generate = latent_generator(config, models)
         self.rows = {b: np.arange(min(config.eval.num_samples, len(bucket)))
                      for b, bucket in self.buckets.items()}
+        self._fixed: dict[str, list[np.ndarray]] = {}  # decoded sources / targets, per bucket
 
     def save(self, params: Params, text: Params, step: int) -> None:
         if jax.process_index() != 0:
@@ -316,7 +317,9 @@ class SampleGrids:
             if self.decode is None:
                 continue
             columns = [k for k in ("source", "target") if bucket.info[f"has_{k}"]]
-            images = [self.decode(batch[k]) for k in columns] + [self.decode(latents)]
+            if name not in self._fixed:  # the same rows at every step: decoded once
+                self._fixed[name] = [self.decode(batch[k]) for k in columns]
+            images = [*self._fixed[name], self.decode(latents)]
             save_grid(self.out_dir / f"{name}_step{step:06d}.png",
                       [list(row) for row in zip(*images, strict=True)], prompts,
                       f"{name} @ step {step}: {' | '.join([*columns, 'student'])}",
