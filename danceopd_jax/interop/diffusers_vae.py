@@ -177,7 +177,7 @@ class VAEEncoder:
         out = []
         with torch.no_grad():
             for start in range(0, len(images), self.batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[start:start + self.batch_size]))
+                x = torch.from_numpy(np.array(images[start:start + self.batch_size]))  # writable
                 x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
                 mean = self.vae.encode(x).latent_dist.mode()
                 latents = (mean - self.shift_factor) * self.scaling_factor
