@@ -132,7 +132,8 @@ def prepared_config() -> ml_collections.ConfigDict:
         seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=0, cooldown_fraction=0.0, lora_rank=128, lora_alpha=128.0,
         routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
-    # Student samples (latents) of the first rows of each routed bucket, at sample_every.
+    # Student samples (PNG grids and latents) of the first rows of each routed bucket, at
+    # sample_every.
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
     c.eval = dict(sample_steps=16, num_samples=4, curve_every=0, final_scores=True)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)

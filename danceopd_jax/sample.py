@@ -2,9 +2,16 @@
 
 Generates with the trained student of a workdir (its latest checkpoint). With --source the
 prompt is an edit instruction applied to that image; without, it is a T2I prompt.
+
+On a real-model workdir (prepared data) the prompt is encoded by our Flax SD3 text encoders and
+the samples decoded by our Flax VAE decoder, both converted from the folders the data was
+prepared with (conditions.json: ``text_encoders``, ``vae``): no PyTorch. Only --source needs it,
+to encode the source image with diffusers' VAE as the prepare command does.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,9 +21,11 @@ from PIL import Image
 from danceopd_jax.config import world_kind
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import to_unit_range
+from danceopd_jax.data.conditions import load_image
 from danceopd_jax.data.shapes.tokenizer import encode
 from danceopd_jax.eval.shapes import make_generator
-from danceopd_jax.interop.workdir import load_student
+from danceopd_jax.interop.workdir import Student, load_student
+from danceopd_jax.train.prepared import latent_generator
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
                                required=True)
@@ -33,10 +42,8 @@ def main(argv: list[str]) -> None:
     student = load_student(_WORKDIR.value)
     config, world = student.config, student.world
     if world_kind(config) != "shapes":
-        raise app.UsageError(
-            f"{_WORKDIR.value} trained on prepared data, whose prompts need SD3's text encoders "
-            "and whose samples need its VAE (PyTorch): export the student (python -m "
-            "danceopd_jax.export) and sample it with diffusers, as launch/sd3_tiny_e2e.py does.")
+        _sample_prepared(student)
+        return
     size = config.world.image_size
     ids, mask = encode(world.tokenizer, [_PROMPT.value] * _NUM.value)
     batch = {"input_ids": ids, "attention_mask": mask,
@@ -53,6 +60,38 @@ def main(argv: list[str]) -> None:
     Image.fromarray(np.concatenate(list(images), axis=1)).resize(
         (size * 4 * _NUM.value, size * 4), Image.NEAREST).save(_OUT.value)
     print(f"wrote {_NUM.value} sample(s) for {_PROMPT.value!r} to {_OUT.value}")
+
+
+def _sample_prepared(student: Student) -> None:
+    # Imported here: transformers' tokenizers are needed for real models only.
+    from danceopd_jax.interop.transformers_text import SD3PromptEncoder
+
+    world, num = student.world, _NUM.value
+    manifest = world.data.manifest
+    missing = [k for k in ("text_encoders", "vae", "max_sequence_length") if k not in manifest]
+    if missing:
+        raise app.UsageError(f"{world.data.directory}/conditions.json lacks {missing}: sampling "
+                             "needs the encoders the data was prepared with; prepare it with "
+                             "`python -m danceopd_jax.prepare`.")
+    decode = world.image_decoder()
+    if decode is None:
+        raise app.UsageError(f"the VAE folder {manifest['vae']} (conditions.json's \"vae\") is "
+                             "not here; sampling decodes with it. Restore it at that path.")
+    text, pooled = SD3PromptEncoder(manifest["text_encoders"], manifest["max_sequence_length"],
+                                    batch_size=num)([_PROMPT.value] * num)
+    shape = (num, *world.data.latent_shape)
+    batch = {"text": text, "pooled": pooled, "target": np.zeros(shape, np.float32)}
+    if _SOURCE.value:
+        from danceopd_jax.interop.diffusers_vae import VAEEncoder  # PyTorch, as in prepare
+
+        image = load_image(Path(_SOURCE.value), tuple(manifest["resolution"]))
+        batch["source"] = np.broadcast_to(VAEEncoder(manifest["vae"])(image[None]), shape)
+        batch["has_source"] = np.ones((num,), bool)
+    generate = latent_generator(student.config, student.models)
+    latents = generate(student.params, student.text, batch, jax.random.key(_SEED.value))
+    images = decode(np.asarray(latents))
+    Image.fromarray(np.concatenate(list(images), axis=1)).save(_OUT.value)
+    print(f"wrote {num} sample(s) for {_PROMPT.value!r} to {_OUT.value}")
 
 
 if __name__ == "__main__":

@@ -70,3 +70,4 @@ def trained(tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("run")
     scores = distill.run(tiny_config(), workdir)
     return workdir, scores
+

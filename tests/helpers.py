@@ -6,6 +6,7 @@ nothing to a test that does not use them."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,29 +30,38 @@ SD3 = {
 SD35 = {**SD3, "dual_attention_layers": (0, 2), "qk_norm": "rms_norm"}
 
 
-def random_like(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
-    noise = STD * rng.standard_normal(shape).astype(np.float32)
+def random_like(name: str, shape: tuple[int, ...], rng: np.random.Generator,
+                std: float = STD) -> np.ndarray:
+    noise = std * rng.standard_normal(shape).astype(np.float32)
     is_norm_weight = len(shape) == 1 and name.endswith(("weight", "scale"))
     return 1 + noise if is_norm_weight else noise
 
 
-def randomize_torch(model: Any, seed: int = 0) -> Any:
-    """Every parameter of a torch module randomised (random_like): default inits (zero biases,
-    unit norm weights) would hide dropped or swapped keys."""
+def randomize(model: Any, seed: int = 0, std: float = STD) -> Any:
+    """Every parameter of a torch module randomised (random_like: 1-D weights around 1, as a
+    norm's scale), so that parity covers every weight: default inits (zero biases, unit norm
+    weights) would hide dropped or swapped keys. Returns the module in eval mode."""
     import torch
 
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(torch.from_numpy(random_like(name, tuple(p.shape), rng)))
+            p.copy_(torch.from_numpy(random_like(name, tuple(p.shape), rng, std)))
     return model.eval()
+
+
+def with_params(factory: Callable[[], nnx.Module], params: dict) -> nnx.Module:
+    """Build abstractly (no init ops to run), then fill in the converted params."""
+    graph, state = nnx.split(nnx.eval_shape(factory))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graph, state)
 
 
 def torch_sd3(kwargs: dict, seed: int = 0) -> Any:
     """A diffusers SD3Transformer2DModel with every parameter randomised."""
     from diffusers import SD3Transformer2DModel
 
-    return randomize_torch(SD3Transformer2DModel(**kwargs), seed)
+    return randomize(SD3Transformer2DModel(**kwargs), seed)
 
 
 def sd3_inputs(config: MMDiTConfig, seed: int = 0) -> dict[str, np.ndarray]:

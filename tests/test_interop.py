@@ -28,7 +28,7 @@ from helpers import (  # noqa: E402
     max_err,
     mmdit_forward,
     random_like,
-    randomize_torch,
+    randomize,
     sd3_inputs,
     torch_sd3,
     torch_sd3_forward,
@@ -182,7 +182,7 @@ def _torch_clip(eos: int = 49) -> CLIPTextModelWithProjection:
         num_attention_heads=2, max_position_embeddings=16, projection_dim=24,
         bos_token_id=48, pad_token_id=0, eos_token_id=eos,
     )
-    return randomize_torch(CLIPTextModelWithProjection(config))
+    return randomize(CLIPTextModelWithProjection(config))
 
 
 def test_clip_parity(tmp_path: Path) -> None:

@@ -248,7 +248,14 @@ def test_sd3_tiny_end_to_end(tmp_path: Path) -> None:
     assert (root / "export" / "source_embed.npy").is_file()
     assert (root / "export_lora" / "pytorch_lora_weights.safetensors").is_file()
 
+    # Sample grids decoded by our Flax VAE; sample on the workdir: Flax encoders and decoder.
+    grids = sorted(p.name for p in (root / "run" / "samples").glob("*.png"))
+    assert grids == ["edit_step000002.png", "edit_step000004.png", "t2i_step000002.png",
+                     "t2i_step000004.png"]
     sample = subprocess.run([sys.executable, "-m", "danceopd_jax.sample",
-                             f"--workdir={root / 'run'}", "--prompt=a cat"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert sample.returncode != 0 and "trained on prepared data" in sample.stderr
+                             f"--workdir={root / 'run'}", "--prompt=a cat", "--num=2",
+                             f"--out={root / 'cat.png'}"], cwd=ROOT,
+                            env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                            timeout=300)
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert Image.open(root / "cat.png").size == (2 * 32, 32)

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from helpers import randomize, with_params
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -22,7 +23,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusion3Pipeline  # noqa: E402
 from flax import nnx  # noqa: E402
-from helpers import randomize_torch  # noqa: E402
 from transformers import CLIPTextConfig as HFCLIPTextConfig  # noqa: E402
 from transformers import CLIPTextModelWithProjection, T5EncoderModel  # noqa: E402
 from transformers import T5Config as HFT5Config  # noqa: E402
@@ -52,13 +52,6 @@ def _exact_matmuls() -> Iterator[None]:
         yield
 
 
-def _with_params(factory: Callable[[], nnx.Module], params: dict) -> nnx.Module:
-    """Build abstractly (no init ops to run), then fill in the converted params."""
-    graph, state = nnx.split(nnx.eval_shape(factory))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graph, state)
-
-
 def _call(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
 
@@ -75,7 +68,7 @@ def _max_err(a: np.ndarray, b: np.ndarray) -> float:
 def _torch_t5(d_model: int = 32, seed: int = 0, **overrides) -> T5EncoderModel:
     config = HFT5Config(vocab_size=VOCAB, d_model=d_model, d_kv=24, d_ff=64, num_layers=2,
                         num_heads=2, **overrides)
-    return randomize_torch(T5EncoderModel(config), seed)
+    return randomize(T5EncoderModel(config), seed)
 
 
 def _torch_clip(hidden: int, layers: int, projection: int, eos: int, seed: int,
@@ -85,19 +78,19 @@ def _torch_clip(hidden: int, layers: int, projection: int, eos: int, seed: int,
         num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=max_len,
         projection_dim=projection, bos_token_id=VOCAB - 2, pad_token_id=0, eos_token_id=eos,
     )
-    return randomize_torch(CLIPTextModelWithProjection(config), seed)
+    return randomize(CLIPTextModelWithProjection(config), seed)
 
 
 def _ours_t5(model: T5EncoderModel) -> T5Encoder:
     config = transformers_text.t5_config_from_transformers(model.config.to_dict())
     params = transformers_text.convert_t5_state_dict(model.state_dict(), config)
-    return _with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
+    return with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
 
 
 def _ours_clip(model: CLIPTextModelWithProjection) -> CLIPTextEncoder:
     config = transformers_text.config_from_transformers(model.config.to_dict())
     params = transformers_text.convert_state_dict(model.state_dict(), config)
-    return _with_params(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)), params)
+    return with_params(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)), params)
 
 
 # --------------------------------------------------------------------------- T5
@@ -121,7 +114,7 @@ def test_t5_parity(variant: str, tmp_path: Path) -> None:
     from_state_dict = transformers_text.convert_t5_state_dict(model.state_dict(), config)
     for path, leaf in flatten(from_state_dict).items():
         np.testing.assert_array_equal(flatten(params)[path], leaf, err_msg=str(path))
-    encoder = _with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
+    encoder = with_params(lambda: T5Encoder(config, rngs=nnx.Rngs(0)), params)
 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, VOCAB, (3, 30))

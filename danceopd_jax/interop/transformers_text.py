@@ -12,6 +12,11 @@ former to the latter; a checkpoint holding only the former loads it as ``shared`
 Our CLIP encoder returns transformers' ``(last_hidden_state, text_embeds)``, our T5 encoder
 its ``last_hidden_state``. ``SD3PromptEncoder`` loads all three encoders and their tokenizers from
 a diffusers SD3 pipeline folder and turns prompts into SD3's conditions.
+
+Qwen3 (``Qwen3Model``, Z-Image's ``text_encoder``): the same layout rules, with RMSNorm
+``weight`` (``*norm``, ``*layernorm``) -> ``scale`` and ``embed_tokens.weight`` ->
+``embedding``; a ``Qwen3ForCausalLM`` checkpoint loads too (its ``model.`` prefix is dropped,
+its ``lm_head`` skipped). ``ZImagePromptEncoder`` turns prompts into Z-Image's features.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from danceopd_jax.interop._common import (
     to_numpy,
 )
 from danceopd_jax.models.text.clip import CLIPTextConfig, CLIPTextEncoder
+from danceopd_jax.models.text.qwen3 import Qwen3Config, Qwen3Model
 from danceopd_jax.models.text.sd3 import SD3TextEncoders
 from danceopd_jax.models.text.t5 import T5Config, T5Encoder
 
@@ -60,6 +66,16 @@ _T5_FIELDS = (
     "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
     "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
     "feed_forward_proj",
+)
+_QWEN3_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
+)
+_QWEN3_PREFIX = "model."
+_QWEN3_SKIPPED = ("lm_head.weight", "rotary_emb.inv_freq")
+_QWEN3_FIX = (
+    "Fix: use the config.json that belongs to these weights and a transformers Qwen3Model "
+    "checkpoint (e.g. <Z-Image pipeline>/text_encoder)."
 )
 _T5_FIX = (
     "Fix: use the config.json that belongs to these weights and a transformers T5EncoderModel "
@@ -295,3 +311,151 @@ class SD3PromptEncoder:
             texts.append(np.asarray(cond["text"])[:len(chunk)])
             pooled.append(np.asarray(cond["pooled"])[:len(chunk)])
         return np.concatenate(texts), np.concatenate(pooled)
+
+
+# --------------------------------------------------------------------------- Qwen3
+
+
+def qwen3_config_from_transformers(config: Mapping[str, Any]) -> Qwen3Config:
+    """transformers ``Qwen3Config`` dict (``config.json``) -> our ``Qwen3Config``. The rotary
+    base is ``rope_parameters.rope_theta`` (transformers 5) or ``rope_theta`` (older files);
+    only the default RoPE and full attention are supported."""
+    missing = [k for k in _QWEN3_FIELDS if k not in config]
+    if missing:
+        raise ValueError(f"Qwen3 config lacks {missing}; pass the config.json of a transformers "
+                         "Qwen3Model (model_type 'qwen3').")
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope type {rope['rope_type']!r} is unsupported; Qwen3's text "
+                         "encoder uses the default RoPE.")
+    if config.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=true is unsupported; Z-Image's Qwen3 attends to "
+                         "the whole prompt.")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={config['hidden_act']!r} is unsupported; Qwen3 uses silu.")
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    if theta is None:
+        raise ValueError("Qwen3 config has neither rope_parameters.rope_theta nor rope_theta.")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return Qwen3Config(**{k: config[k] for k in _QWEN3_FIELDS}, head_dim=head_dim,
+                       rope_theta=float(theta),
+                       attention_bias=bool(config.get("attention_bias", False)))
+
+
+def _qwen3_path(name: str) -> ParamPath:
+    module, _, leaf = name.removeprefix(_QWEN3_PREFIX).rpartition(".")
+    if leaf == "weight":
+        kind = module.rpartition(".")[2]
+        leaf = ("scale" if kind.endswith("norm") else
+                "embedding" if kind == "embed_tokens" else "kernel")
+    return path_from_dotted(module, leaf)
+
+
+def _qwen3_to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
+    path, array = _qwen3_path(name), to_numpy(tensor)
+    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+
+
+def _qwen3_to_transformers(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:
+    return to_transformers(path, array, prefix="")
+
+
+def convert_qwen3_state_dict(
+    tensors: Mapping[str, Any] | Iterable[tuple[str, Any]],
+    config: Qwen3Config,
+    what: str = "transformers Qwen3Model state dict",
+) -> dict:
+    """transformers ``Qwen3Model`` (or ``Qwen3ForCausalLM``) state dict (a mapping or ``(name,
+    tensor)`` pairs; numpy or torch tensors) -> our ``Qwen3Model`` params (nested dict of
+    float32 numpy). Raises ``ValueError`` naming every missing, unexpected or mis-shaped key."""
+    items = tensors.items() if isinstance(tensors, Mapping) else tensors
+    return assemble(
+        ((name, t) for name, t in items if name not in _QWEN3_SKIPPED),
+        _qwen3_path, _qwen3_to_ours, _qwen3_to_transformers,
+        param_shapes(lambda rngs: Qwen3Model(config, rngs=rngs)), what, _QWEN3_FIX)
+
+
+def load_transformers_qwen3(directory: str | os.PathLike) -> tuple[Qwen3Config, dict]:
+    """Read a transformers Qwen3 folder (``config.json`` plus ``model.safetensors`` or its
+    sharded ``.index.json``, as Z-Image's ``text_encoder``), one tensor at a time; never imports
+    torch. Returns ``(config, params)`` for ``Qwen3Model(config, ...)``."""
+    config = qwen3_config_from_transformers(read_config(directory))
+    params = convert_qwen3_state_dict(iter_safetensors(directory, WEIGHTS_STEM), config,
+                                      what=f"checkpoint {directory}")
+    return config, params
+
+
+# Z-Image's prompt features: hidden_states[-2] of its Qwen3, at the tokenizer's real tokens.
+ZIMAGE_TEXT_LAYER = -2
+ZIMAGE_TEXT_FOLDERS = ("text_encoder", "tokenizer")
+
+
+def zimage_prompt_segments(prompt: str, num_condition_images: int) -> list[str]:
+    """The omni pipeline's text segments of one prompt (``ZImageOmniPipeline._encode_prompt``):
+    one chat turn without images; with n condition images, the turn is cut at each image's
+    place (``<|vision_start|>`` ... ``<|vision_end|>``) and every piece is encoded on its own."""
+    tail = "<|im_end|>\n<|im_start|>assistant\n"
+    if num_condition_images == 0:
+        return ["<|im_start|>user\n" + prompt + tail]
+    return (["<|im_start|>user\n<|vision_start|>"]
+            + ["<|vision_end|><|vision_start|>"] * (num_condition_images - 1)
+            + ["<|vision_end|>" + prompt + tail + "<|vision_start|>", "<|vision_end|><|im_end|>"])
+
+
+class ZImagePromptEncoder:
+    """Prompts -> Z-Image's text features as its pipelines compute them, by our Flax Qwen3
+    converted from a Z-Image pipeline folder's ``text_encoder`` and transformers' tokenizer
+    from its ``tokenizer`` (no torch).
+
+    ``__call__(prompts)`` follows ``ZImagePipeline._encode_prompt``: the tokenizer's chat
+    template (one user turn, generation prompt, ``enable_thinking=True``); with
+    ``num_condition_images > 0``, ``ZImageOmniPipeline._encode_prompt``'s segments. Each text
+    is padded to ``max_sequence_length`` (truncated beyond) and run through the Qwen3 with its
+    attention mask; the features are ``hidden_states[-2]``. Returns ``(features [n, s, L, D],
+    mask [n, s, L])`` float32 / bool with s segments per prompt (1 without images): the
+    pipelines keep ``features[i, j][mask[i, j]]``, i.e. drop the padding.
+    """
+
+    def __init__(self, pipeline: str | os.PathLike, max_sequence_length: int = 512,
+                 batch_size: int = 16):
+        from transformers import AutoTokenizer  # tokenizers only (no torch)
+
+        pipeline = Path(pipeline)
+        missing = [sub for sub in ZIMAGE_TEXT_FOLDERS if not (pipeline / sub).is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{pipeline} lacks {missing}; pass a diffusers Z-Image "
+                                    "pipeline folder (it holds text_encoder and tokenizer).")
+        config, params = load_transformers_qwen3(pipeline / "text_encoder")
+        graph, state = nnx.split(nnx.eval_shape(lambda: Qwen3Model(config, rngs=nnx.Rngs(0))))
+        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+        self._params, self.config = state, config
+        self._encode = jax.jit(lambda p, ids, mask: nnx.merge(graph, p)(
+            ids, mask, output_hidden_layer=ZIMAGE_TEXT_LAYER))
+        self.tokenizer = AutoTokenizer.from_pretrained(pipeline / "tokenizer")
+        self.max_sequence_length, self.batch_size = max_sequence_length, batch_size
+
+    def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Already-templated texts -> (features [n, L, D], mask [n, L])."""
+        features, masks = [], []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = list(texts[start:start + self.batch_size])
+            padded = chunk + [chunk[-1]] * (self.batch_size - len(chunk))
+            tokens = self.tokenizer(padded, padding="max_length",
+                                    max_length=self.max_sequence_length, truncation=True)
+            ids = np.asarray(tokens["input_ids"], np.int32)
+            mask = np.asarray(tokens["attention_mask"], bool)
+            features.append(np.asarray(self._encode(self._params, ids, mask))[:len(chunk)])
+            masks.append(mask[:len(chunk)])
+        return np.concatenate(features), np.concatenate(masks)
+
+    def __call__(self, prompts: Sequence[str], num_condition_images: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        if num_condition_images == 0:
+            texts = [[self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=True)] for p in prompts]
+        else:
+            texts = [zimage_prompt_segments(p, num_condition_images) for p in prompts]
+        features, mask = self.encode([t for segments in texts for t in segments])
+        n, s = len(prompts), len(texts[0])
+        return features.reshape(n, s, *features.shape[1:]), mask.reshape(n, s, -1)

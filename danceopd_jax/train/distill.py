@@ -10,7 +10,7 @@ Each stage is reusable and resumable from the workdir:
   <workdir>/teachers/<name>/       frozen teachers (Orbax + recipe.json)
   <workdir>/checkpoints/<step>/    student train state (Orbax), resumed automatically
   <workdir>/metrics.jsonl          training metrics
-  <workdir>/samples/               sample grids (shapes) or sampled latents (prepared)
+  <workdir>/samples/               sample grids (PNG; prepared data: also the latents, .npz)
   <workdir>/curve.jsonl            held-out scores vs step (config.eval.curve_every > 0)
   <workdir>/scores.json            final held-out scores (shapes), wall times
 """

@@ -16,9 +16,10 @@ alternative to the shapes world. The training loop, the step and the algorithm a
   merge happens inside the field (METHOD.md 6).
 * Text: no encoder runs in the step. Batches carry `text` / `pooled`; the frozen "text" entry is
   the empty prompt's conditions (CFG's unconditional branch).
-* Samples: the student's sampled latents on the first rows of each routed bucket, saved as
-  .npz (decoding needs the PyTorch VAE; launch/sd3_tiny_e2e.py shows it). No held-out scores:
-  evaluating real models is out of scope here, and the log says so.
+* Samples: the student's samples on the first rows of each routed bucket, decoded to a PNG
+  grid by our Flax VAE decoder (models/vae.py, converted from the VAE the data was prepared
+  with), and their latents as .npz. No held-out scores: evaluating real models is out of scope
+  here, and the log says so.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from danceopd_jax.core.methods import get_method
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.conditions import PreparedBucket, PreparedData, check_routes
+from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.interop._common import flatten, read_config, unflatten
 from danceopd_jax.interop.diffusers_sd3 import config_from_diffusers, load_diffusers_transformer
+from danceopd_jax.interop.diffusers_vae import ImageDecoder
 from danceopd_jax.interop.peft_lora import load_diffusers_lora
 from danceopd_jax.models import lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, stack_blocks
@@ -226,15 +229,27 @@ class PreparedWorld:
         return self.data.bucket(bucket)
 
     def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
-        return LatentSamples(self.config, self.models, self.data, self.routes, out_dir).save
+        return SampleGrids(self.config, self.models, self.data, self.routes, out_dir,
+                           self.image_decoder()).save
+
+    def image_decoder(self) -> ImageDecoder | None:
+        """Our Flax decoder of the VAE the data was prepared with (the manifest's ``vae``), or
+        None (logged) when that folder is not here: samples then stay latents."""
+        vae = self.data.manifest.get("vae")
+        if vae is None or not (Path(vae) / "config.json").is_file():
+            log.warning("samples stay latents (.npz): the VAE the data was prepared with (%s, "
+                        "the manifest's \"vae\") is not a diffusers AutoencoderKL folder here",
+                        vae)
+            return None
+        return ImageDecoder(vae)
 
     def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
         raise ValueError("prepared data has no scorer for a training curve (eval.curve_every).")
 
     def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
         del teachers, student, text
-        log.info("evaluation: skipped (prepared data has no scorer; the student's sampled "
-                 "latents are under samples/)")
+        log.info("evaluation: skipped (prepared data has no scorer; the student's samples "
+                 "are under samples/)")
         return {}
 
 
@@ -250,27 +265,42 @@ def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-class LatentSamples:
-    """The student's samples (single pass, no CFG) on the first eval.num_samples rows of each
-    routed bucket, written as <out_dir>/<bucket>_step<step>.npz: latents [n, h, w, C], the
-    prompts, and the source latents of edit buckets."""
+def latent_generator(config: ml_collections.ConfigDict, models: Models
+                     ) -> Callable[[Params, Params, dict, jax.Array], jax.Array]:
+    """(params, text, batch, key) -> the student's latents for ``batch`` (a bucket's rows):
+    single pass, no CFG, config.eval.sample_steps Euler steps from noise of the target's
+    shape."""
+    sigmas = make_sigmas(config.eval.sample_steps, config.danceopd.shift,
+                         config.danceopd.schedule)
+    field, conditioner = models.field(), models.conditioner()
+
+    @jax.jit
+    def generate(params: Params, text: Params, batch: dict, key: jax.Array) -> jax.Array:
+        z0 = jax.random.normal(key, batch["target"].shape, np.float32)
+        return sample(field, params, z0, sigmas, conditioner({"text": text}, batch, key))
+
+    return generate
+
+
+def grid_scale(side: int) -> int:
+    """Nearest-neighbour upscaling that makes tiny test images readable; real ones stay."""
+    return max(1, 96 // side)
+
+
+class SampleGrids:
+    """The student's samples on the first eval.num_samples rows of each routed bucket, as
+    <out_dir>/<bucket>_step<step>.png (rows: source | target | student, where the bucket has
+    them; decoded by ``decode``) and .npz (latents [n, h, w, C], the prompts, the source
+    latents of edit buckets)."""
 
     def __init__(self, config: ml_collections.ConfigDict, models: Models, data: PreparedData,
-                 routes: list, out_dir: Path):
-        self.out_dir, self.seed = out_dir, config.seed
-        sigmas = make_sigmas(config.eval.sample_steps, config.danceopd.shift,
-                             config.danceopd.schedule)
+                 routes: list, out_dir: Path, decode: Callable[[np.ndarray], np.ndarray] | None):
+        self.out_dir, self.seed, self.decode = out_dir, config.seed, decode
         self.buckets = {b: data.bucket(b) for b in sorted({r.bucket for r in routes})}
-        field, conditioner = models.field(), models.conditioner()
-
-        @jax.jit
-        def generate(params: Params, text: Params, batch: dict, key: jax.Array) -> jax.Array:
-            z0 = jax.random.normal(key, batch["target"].shape, np.float32)
-            return sample(field, params, z0, sigmas, conditioner({"text": text}, batch, key))
-
-        self.generate = generate
+        self.generate = latent_generator(config, models)
         self.rows = {b: np.arange(min(config.eval.num_samples, len(bucket)))
                      for b, bucket in self.buckets.items()}
+        self._fixed: dict[str, list[np.ndarray]] = {}  # decoded sources / targets, per bucket
 
     def save(self, params: Params, text: Params, step: int) -> None:
         if jax.process_index() != 0:
@@ -279,7 +309,18 @@ class LatentSamples:
         for name, bucket in self.buckets.items():
             rows = self.rows[name]
             batch = bucket.rows(rows, with_source=bucket.has_sources)
-            latents = self.generate(params, text, batch, jax.random.key(self.seed))
+            latents = np.asarray(self.generate(params, text, batch, jax.random.key(self.seed)))
             extra = {"source": batch["source"]} if bucket.has_sources else {}
-            np.savez(self.out_dir / f"{name}_step{step:06d}.npz", latents=np.asarray(latents),
-                     prompts=np.asarray(bucket.prompts(rows)), **extra)
+            prompts = bucket.prompts(rows)
+            np.savez(self.out_dir / f"{name}_step{step:06d}.npz", latents=latents,
+                     prompts=np.asarray(prompts), **extra)
+            if self.decode is None:
+                continue
+            columns = [k for k in ("source", "target") if bucket.info[f"has_{k}"]]
+            if name not in self._fixed:  # the same rows at every step: decoded once
+                self._fixed[name] = [self.decode(batch[k]) for k in columns]
+            images = [*self._fixed[name], self.decode(latents)]
+            save_grid(self.out_dir / f"{name}_step{step:06d}.png",
+                      [list(row) for row in zip(*images, strict=True)], prompts,
+                      f"{name} @ step {step}: {' | '.join([*columns, 'student'])}",
+                      scale=grid_scale(images[0].shape[1]))
