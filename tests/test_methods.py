@@ -426,27 +426,27 @@ def test_every_training_method_takes_a_step(tiny_run, method):
     assert not np.array_equal(state.trainable["backbone"]["proj_out"]["kernel"], before)
 
 
-def _to_zero(s: methods.Setting) -> methods.Objective:
-    """A test-only method: regress the student's velocity at pure noise onto zero."""
+def _to_one(s: methods.Setting) -> methods.Objective:
+    """A test-only method: regress the student's velocity at pure noise onto one."""
     def objective(params, route_params, slots, batch, cond, k_noise, k_query):
         z = jax.random.normal(k_noise, batch["target"].shape)
         v = s.student(params, z, jnp.ones((z.shape[0],)), cond)
-        return methods.velocity_mse(v, jnp.zeros_like(v)), {"zero_queries": jnp.asarray(1)}
+        return methods.velocity_mse(v, jnp.ones_like(v)), {"one_queries": jnp.asarray(1)}
     return objective
 
 
 def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
     """README "How to extend": one objective builder plus one registry record, and config
     validation, the prepared-data check, the trainer and the reproduce arms all know it."""
-    monkeypatch.setitem(methods.REGISTRY, "to_zero", None)  # so that it is removed after
-    methods.register(methods.Method("to_zero", "distill", _to_zero,
+    monkeypatch.setitem(methods.REGISTRY, "to_one", None)  # so that it is removed after
+    methods.register(methods.Method("to_one", "distill", _to_one,
                                     needs_targets=lambda has_source: has_source,
-                                    label="To zero"))
-    config = tiny_config(method="to_zero", **ONE_LAYER)
+                                    label="To one"))
+    config = tiny_config(method="to_one", **ONE_LAYER)
     validate(config)
-    assert methods.get_method("to_zero").needs_targets(True)
+    assert methods.get_method("to_one").needs_targets(True)
     from danceopd_jax.train import experiments
-    assert ("To zero", {"method": "to_zero"}) in [(a.label, a.overrides)
+    assert ("To one", {"method": "to_one"}) in [(a.label, a.overrides)
                                                   for a in experiments.method_arms()]
     routes, world, models, frozen = tiny_run
     frozen_axes = {"teachers": {n: models.backbone_axes for n in frozen["teachers"]},
@@ -462,7 +462,7 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                                 "per_sample", 4, config.seed)(0)
     state, metrics = update(state, put(batch, shardings.batch), slots)
-    assert int(metrics["zero_queries"]) == 1 and float(metrics["loss"]) > 0
+    assert int(metrics["one_queries"]) == 1 and float(metrics["loss"]) > 0
     assert int(state.step) == 1
 
 
