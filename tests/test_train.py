@@ -361,6 +361,7 @@ def test_student_sweep_variants_and_table(tmp_path):
     assert table.row(running) == "| running | unfinished | | | | 0:0.00 200:0.25 |"
 
 
+@pytest.mark.slow
 def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     """The omni family's recipe, tiny: the base (anchor) trains on a mix of T2I and edit
     buckets, so its source pathway learns (source_embed leaves zero); the joint-edit teacher is
