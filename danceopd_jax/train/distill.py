@@ -341,8 +341,8 @@ class Curve:
     """Quick held-out ShapesBench scores of the student during distillation, appended to
     `path` (curve.jsonl) by process 0 as {"step", "t2i": the GenEval-style mean, "edit": the
     GEditBench-style combined mean, null when no route trains edits}, for score-vs-step plots.
-    Sampled like the final scores (config.eval.sample_steps, the run's seed) on
-    config.eval.curve_num prompts / edits per category."""
+    Sampled with the final scores' steps (config.eval.sample_steps), one seed (config.seed),
+    on config.eval.curve_num prompts / edits per category."""
 
     def __init__(self, config, models: Models, world: World, routes, path: Path, start: int):
         self.path, self.seed = path, config.seed
