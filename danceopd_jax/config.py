@@ -16,15 +16,32 @@ import ml_collections
 from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
+from danceopd_jax.eval.targets import RULES as TARGET_RULES
+from danceopd_jax.eval.targets import SCORES as TARGET_SCORES
+
+MIX = "mix"
 
 
 def teacher(kind: str, bucket: str, init: str, steps: int, lr: float,
-            batch_size: int = 256, prompt_dropout: float = 0.1) -> ml_collections.ConfigDict:
+            batch_size: int = 256, prompt_dropout: float = 0.1,
+            mix: dict[str, float] | None = None) -> ml_collections.ConfigDict:
     """The recipe of one frozen teacher: trained by flow matching on `bucket`, starting from
-    `init` ("scratch" trains the text encoder too; otherwise the name of another teacher)."""
-    return ml_collections.ConfigDict(dict(
-        kind=kind, bucket=bucket, init=init, steps=steps, lr=lr, batch_size=batch_size,
-        prompt_dropout=prompt_dropout))
+    `init` ("scratch" trains the text encoder too; otherwise the name of another teacher).
+
+    With `mix` ({bucket: weight}), it trains on a weighted mix of buckets instead, drawn per
+    sample (`bucket` must then be "mix"). A recipe without a mix has no "mix" field, so the
+    shipped single-bucket teachers' recipe.json still match."""
+    t = dict(kind=kind, bucket=bucket, init=init, steps=steps, lr=lr, batch_size=batch_size,
+             prompt_dropout=prompt_dropout)
+    if mix is not None:
+        t["mix"] = dict(mix)
+    return ml_collections.ConfigDict(t)
+
+
+def teacher_buckets(t: ml_collections.ConfigDict | dict) -> dict[str, float]:
+    """{bucket: weight} a teacher recipe (a config entry or a recipe.json's "teacher")
+    trains on."""
+    return dict(t["mix"]) if "mix" in t else {t["bucket"]: 1.0}
 
 
 # The shipped teachers' recipes (docs/teachers.md): the anchor was trained on one H200 in
@@ -35,6 +52,50 @@ ANCHOR_STEPS = 12000
 
 def edit_teacher(bucket: str) -> ml_collections.ConfigDict:
     return teacher("edit", bucket, "anchor", steps=10000, lr=1e-3, batch_size=64)
+
+
+def target(score: str, reference: str, rule: str, value: float) -> ml_collections.ConfigDict:
+    """A target of the main job (eval/targets.py): the student's `score` (one of
+    TARGET_SCORES) against `reference`'s (the anchor or a teacher), by `rule`: "within"
+    (>= reference - value) or "ratio" (>= value x reference)."""
+    return ml_collections.ConfigDict(dict(score=score, reference=reference, rule=rule,
+                                          value=value))
+
+
+# The omni teacher family (docs/teachers.md, "The omni teacher family"; not yet trained): an
+# omni base (the anchor) trained from scratch on T2I and on source-conditioned generation in the
+# edit layout, so its edit pathway works but is weaker than the edit teachers', and a joint-,
+# a local- and a global-edit teacher fine-tuned from it. Sized for about 10 minutes on one
+# H200 (launch/make_teachers.sh omni): an estimate from the T2I anchor's ~110 steps/s at batch
+# 256, not a measurement. The base's edit share (10% of its samples) is the knob that keeps its
+# edits below the teachers'.
+OMNI_BASE_STEPS = 16000
+OMNI_EDIT_STEPS = 8000
+
+
+def omni_family(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` with the omni family as its teachers (shipped in their own assets folder)."""
+    c.teachers = ml_collections.ConfigDict()
+    c.teachers.anchor = teacher("t2i", MIX, "scratch", steps=OMNI_BASE_STEPS, lr=1e-3,
+                                mix={"t2i": 0.9, "joint_edit": 0.1})
+    for bucket in ("joint_edit", "local_edit", "global_edit"):
+        c.teachers[bucket] = teacher("edit", bucket, "anchor", steps=OMNI_EDIT_STEPS, lr=1e-3,
+                                     batch_size=64)
+    c.shipped_teachers = "omni_teachers"
+    return c
+
+
+def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`c` with the paper's DanceOPD student (METHOD.md 2, 8: N = 16, K = 1, Beta(5, 2) drawn
+    per sample, per-sample hard routing; the base config's) and the default's budget knobs:
+    1,400 steps x 32, AdamW lr 1e-3 cooled down linearly to zero over the last quarter, full
+    fine-tuning. The 1,400 steps fit the 30-minute main job on 2 CPU cores with the final
+    ShapesBench scores (README, docs/teachers.md: an estimate from a short run)."""
+    c.danceopd.update(num_steps=16, query_k=1, query_bias="low", shared_query=False)
+    c.training.update(routing="per_sample", steps=1400, batch_size=32, lr=1e-3,
+                      cooldown_fraction=0.25, lora_rank=0)
+    c.eval.sample_steps = 16  # the student's own rollout length
+    return c
 
 
 def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
@@ -68,6 +129,9 @@ def world_kind(config: ml_collections.ConfigDict) -> str:
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The folder under danceopd_jax/assets/ whose teachers the main job reuses when their
+    # recipe matches (train/teachers.py).
+    c.shipped_teachers = "shapes_teachers"
     c.world = dict(image_size=24, train_size=30000, seed=1234)
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
                    text_heads=4, dtype="float32", remat="none")
@@ -98,12 +162,19 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=20, cooldown_fraction=0.0, lora_rank=0, lora_alpha=0.0, routing="per_sample",
         checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2)
+    # final_scores: score the anchor, the routed teachers and the student at the end of the run
+    # with ShapesBench (eval/shapesbench.py): `num` held-out prompts / edits per category,
+    # sampled with `sample_steps` Euler steps for each of `seeds` (the issue's benchmark
+    # standard, 32 x 3 seeds: about 3.5 minutes for the anchor, one edit teacher and the
+    # student on 2 shared CPU cores at 16 steps, docs/teachers.md), and check `targets`.
     # curve_every > 0: every that many distillation steps, append quick held-out ShapesBench
-    # scores of the student ({"step", "t2i", "edit"}, curve_num prompts / edits per category)
-    # to <workdir>/curve.jsonl, for score-vs-step plots.
-    # final_scores: score the anchor, the teachers and the student at the end of the run.
-    c.eval = dict(num_t2i=128, num_edit=128, sample_steps=16, batch_size=128, curve_every=0,
+    # scores of the student ({"step", "t2i", "edit"}, curve_num prompts / edits per category,
+    # the first seed) to <workdir>/curve.jsonl, for score-vs-step plots.
+    c.eval = dict(num=32, seeds=(0, 1, 2), sample_steps=16, batch_size=128, curve_every=0,
                   curve_num=8, final_scores=True)
+    # What the student must reach (eval/targets.py); the configs with edit routes add theirs.
+    c.eval.targets = ml_collections.ConfigDict()
+    c.eval.targets.t2i = target("t2i", "anchor", "within", 0.02)
     # Mesh sizes; -1 = the rest of the devices (train/mesh.py). Batch shards = data x fsdp.
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
     return c
@@ -185,6 +256,35 @@ def _validate_shapes(config: ml_collections.ConfigDict) -> None:
         if t.init != "scratch" and t.init not in config.teachers:
             raise ValueError(f"teacher {name!r} starts from {t.init!r}, which is not a teacher; "
                              f"use 'scratch' or one of {sorted(config.teachers)}.")
+        if ("mix" in t) != (t.bucket == MIX):
+            raise ValueError(f"teachers.{name}.bucket={t.bucket!r} with "
+                             f"{'a' if 'mix' in t else 'no'} mix: a recipe trains on one bucket "
+                             f"(no mix) or on bucket={MIX!r} with mix={{bucket: weight}}.")
+        if "mix" in t and (not t.mix or any(not w > 0 for w in t.mix.values())):
+            raise ValueError(f"teachers.{name}.mix={t.mix.to_dict()}: give at least one bucket, "
+                             "each with a weight > 0.")
+    validate_targets(config)
+
+
+def validate_targets(config: ml_collections.ConfigDict) -> None:
+    """Each of config.eval.targets names a known score and rule, and a reference model that is
+    the anchor or a teacher; edit targets need a route that trains edits."""
+    edits = any(r.bucket != "t2i" for r in config.routes.values())
+    for name, t in config.eval.get("targets", {}).items():  # none in older workdirs' configs
+        where = f"config.eval.targets.{name}"
+        if t.score not in TARGET_SCORES:
+            raise ValueError(f"{where}.score={t.score!r}; use one of {tuple(TARGET_SCORES)}.")
+        if t.rule not in TARGET_RULES:
+            raise ValueError(f"{where}.rule={t.rule!r}; use one of {TARGET_RULES}.")
+        if t.reference not in config.teachers:
+            raise ValueError(f"{where}.reference={t.reference!r} is not a teacher; use one of "
+                             f"{sorted(config.teachers)}.")
+        if not t.value >= 0:
+            raise ValueError(f"{where}.value={t.value}: it must be >= 0.")
+        if TARGET_SCORES[t.score][0] == "edit" and not edits:
+            raise ValueError(f"{where} compares edit scores, but no route trains edits, so the "
+                             "student is not scored on them; remove that target from the "
+                             "config file or route an edit bucket.")
 
 
 def _validate_prepared(config: ml_collections.ConfigDict) -> None:

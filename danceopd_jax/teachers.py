@@ -17,18 +17,22 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from danceopd_jax.config import world_kind
+from danceopd_jax.config import teacher_buckets, world_kind
 from danceopd_jax.core.routing import Route
-from danceopd_jax.train.distill import build, format_scores, score_models
+from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
+from danceopd_jax.train.distill import build
 from danceopd_jax.train.mesh import make_mesh
-from danceopd_jax.train.teachers import SHIPPED_DIR, prepare_teachers
+from danceopd_jax.train.teachers import ASSETS_DIR, prepare_teachers, shipped_dir
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
-_EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher on held-out data.")
+_EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher with ShapesBench on "
+                              "held-out data (config.eval's num, seeds and sample_steps), on "
+                              "what its recipe trains: T2I, edits or both.")
 _REUSE = flags.DEFINE_bool("reuse_shipped", False,
                            "Reuse shipped teachers whose recipe matches instead of retraining.")
-_SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {SHIPPED_DIR}.")
+_SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {ASSETS_DIR}/"
+                          "<config.shipped_teachers>/.")
 
 
 def main(argv: list[str]) -> None:
@@ -44,17 +48,21 @@ def main(argv: list[str]) -> None:
     every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
     teachers, text = prepare_teachers(config, every, world.models, world.init_backbone,
                                       world.init_text, world.train, make_mesh(config.mesh),
-                                      workdir, shipped_dir=SHIPPED_DIR if _REUSE.value else None)
+                                      workdir, shipped_dir(config) if _REUSE.value else None)
     if _EVALUATE.value:
-        jobs = [(name, teachers[name], t.bucket, 1.0) for name, t in config.teachers.items()]
-        scores = score_models(config, world.models, world.splits, text, jobs)
+        e = config.eval
+        bench = ShapesBench(config, world.models, world.splits, sample_steps=e.sample_steps,
+                            num=e.num, batch_size=e.batch_size)
+        jobs = [Job(name, teachers[name], tasks=teacher_tasks(list(teacher_buckets(t))))
+                for name, t in config.teachers.items()]
+        scores = bench.evaluate(text, jobs, tuple(e.seeds))
         (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
-        print(format_scores(scores), flush=True)
+        print(markdown(scores), flush=True)
     if _SHIP.value:  # what this run trained (a reused shipped teacher is already there)
         for name in config.teachers:
             if not (workdir / "teachers" / name).is_dir():
                 continue
-            dest = SHIPPED_DIR / name
+            dest = shipped_dir(config) / name
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(workdir / "teachers" / name, dest)
             logging.info("shipped teacher %s -> %s", name, dest)

@@ -1,9 +1,33 @@
 #!/usr/bin/env bash
-# Reproduces the teachers shipped in danceopd_jax/assets/shapes_teachers/ with their recipes
-# and seeds (config.teachers.*): the anchor and joint-edit teacher of configs/t2i_edit.py, then
-# the local- and global-edit teachers of configs/edit_fusion.py (the anchor is reused).
-# Made on one GPU (see docs/teachers.md); on 2 CPU cores it takes many hours.
+# Reproduces shipped teachers with their recipes and seeds (config.teachers.*).
+#
+#   bash launch/make_teachers.sh [shapes]   the teachers in danceopd_jax/assets/shapes_teachers/:
+#       the anchor and joint-edit teacher of configs/t2i_edit.py, then the local- and
+#       global-edit teachers of configs/edit_fusion.py (the anchor is reused). Made on one GPU
+#       and this CPU (see docs/teachers.md); on 2 CPU cores it takes many hours.
+#   bash launch/make_teachers.sh omni       the omni teacher family of configs/omni_family.py
+#       (an omni base, then joint-, local- and global-edit teachers fine-tuned from it) into
+#       danceopd_jax/assets/omni_teachers/, scored with ShapesBench. NOT YET RUN: sized for
+#       about 10 minutes on one H200 / H100 (an estimate, docs/teachers.md).
+# Extra arguments go to every `python -m danceopd_jax.teachers` call. On the device machine
+# (no ml_collections there: its wheel in .whl/) the wheels are installed first.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/teachers}
-python -m danceopd_jax.teachers --config=configs/t2i_edit.py --workdir="$WORKDIR" --ship "$@"
-python -m danceopd_jax.teachers --config=configs/edit_fusion.py --workdir="$WORKDIR" --ship "$@"
+FAMILY=${1:-shapes}
+shift || true
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+teachers() { python3 -m danceopd_jax.teachers --ship "$@"; }
+case "$FAMILY" in
+  shapes)
+    teachers --config=configs/t2i_edit.py --workdir="$WORKDIR" "$@"
+    teachers --config=configs/edit_fusion.py --workdir="$WORKDIR" "$@" ;;
+  omni)
+    start=$SECONDS
+    teachers --config=configs/omni_family.py --workdir="$WORKDIR/omni" "$@"
+    echo "omni family trained, scored and shipped in $((SECONDS - start)) s" ;;
+  *)
+    echo "unknown family '$FAMILY': use shapes or omni" >&2; exit 2 ;;
+esac

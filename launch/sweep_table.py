@@ -1,5 +1,5 @@
 """The table of launch/student_sweep.sh: python launch/sweep_table.py DIR (one workdir per
-variant, each with scores.json and curve.jsonl)."""
+variant, each with the ShapesBench scores.json of the main job and curve.jsonl)."""
 
 import json
 import sys
@@ -14,16 +14,18 @@ def row(workdir: Path) -> str:
     if not (workdir / "scores.json").exists():
         return f"| {workdir.name} | unfinished | | | | {points} |"
     scores = json.loads((workdir / "scores.json").read_text())
-    teacher = scores["joint_edit"]["joint_edit@cfg1"]["score"]
-    student = scores["student"]
-    edit = student["joint_edit@cfg1"]["score"]
-    return (f"| {workdir.name} | {student['t2i@cfg1']['score']:.3f} | {edit:.3f} | "
-            f"{edit / teacher:.0%} | {scores['wall_time_s']['distill']:.0f} | {points} |")
+    student = scores["models"]["student"]
+    edit = student["edit"]["mean"]["correct"]["mean"] if "edit" in student else None
+    verdicts = ", ".join(f"{name} {'met' if v['met'] else 'NOT met'} ({v['margin']:+.3f})"
+                         for name, v in scores["targets"].items())
+    return (f"| {workdir.name} | {student['t2i']['mean']['mean']:.3f} | "
+            f"{'' if edit is None else f'{edit:.3f}'} | {verdicts} | "
+            f"{scores['wall_time_s']['distill']:.0f} | {points} |")
 
 
 def main(root: str) -> None:
-    print("| variant | student T2I | student edits | of teacher | distill s "
-          "| curve edit (step:score) |")
+    print("| variant | student GenEval-style mean | student GEdit-style correct "
+          "| targets (margin) | distill s | curve edit (step:score) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for workdir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         print(row(workdir))

@@ -23,7 +23,8 @@ TINY = {
     "training.sample_every": 2, "training.log_every": 1,
     # Tests stop runs early by lowering training.steps, which would move a cool-down.
     "training.cooldown_fraction": 0.0,
-    "eval.num_t2i": 4, "eval.num_edit": 4, "eval.batch_size": 4, "eval.sample_steps": 4,
+    # ShapesBench's final scores: 1 prompt / edit per category, one seed, one batch each.
+    "eval.num": 1, "eval.seeds": (0,), "eval.batch_size": 6, "eval.sample_steps": 4,
 }
 
 

@@ -86,7 +86,7 @@ def test_geneval_scores_ground_truth_fully_and_catches_corruptions(t2i) -> None:
 
 def test_gedit_scores_ground_truth_fully_and_separates_changed_from_preserved(edit) -> None:
     perfect = gedit(judge(edit["target"], edit))
-    assert set(perfect) == {*EDIT_NAMES, "mean"}
+    assert set(perfect) == {*EDIT_NAMES, "mean", "local", "global"}
     assert all(r == {"changed": 1.0, "preserved": 1.0, "correct": 1.0} for r in perfect.values())
     source = gedit(judge(edit["source"], edit))  # returning the source: nothing changed
     assert all(r == {"changed": 0.0, "preserved": 1.0, "correct": 0.0} for r in source.values())
@@ -99,8 +99,10 @@ def test_gedit_scores_ground_truth_fully_and_separates_changed_from_preserved(ed
                                                                        s.objects)}), s.objects)
             for s in targets]
     local = gedit(judge(np.stack([render(s, SIZE) for s in rebg]), edit))
-    for kind in ("add", "remove", "replace", "recolor"):
+    for kind in ("add", "remove", "replace", "recolor", "local"):
         assert local[kind] == {"changed": 1.0, "preserved": 0.0, "correct": 0.0}, kind
+    # 4 local categories at 0 and 2 global ones: the plain mean is a third of the global one
+    assert local["mean"]["correct"] == pytest.approx(local["global"]["correct"] / 3)
 
 
 def test_mean_std_over_seeds() -> None:
@@ -157,6 +159,85 @@ def test_model_specs_and_job_tasks() -> None:
             parse_model(bad)
     with pytest.raises(ValueError, match="subset"):
         Job("x", {}, tasks=("t2i", "video"))
+
+
+def _report(scores: dict[str, dict]) -> dict:
+    """A ShapesBench report holding only the means the targets read."""
+    def model(t2i=None, edit=None, local=None, glob=None):
+        m = {}
+        if t2i is not None:
+            m["t2i"] = {"mean": {"mean": t2i, "std": 0.0}}
+        if edit is not None:
+            m["edit"] = {k: {"correct": {"mean": v, "std": 0.0}}
+                         for k, v in (("mean", edit), ("local", local), ("global", glob))}
+        return m
+
+    return {"split": "heldout", "sample_steps": 16, "num_per_category": 32, "seeds": [0, 1, 2],
+            "models": {name: model(**s) for name, s in scores.items()}}
+
+
+def test_targets_verdicts_and_the_printed_table() -> None:
+    from danceopd_jax.config import target
+    from danceopd_jax.eval import targets
+
+    report = _report({"anchor": {"t2i": 0.90},
+                      "local_edit": {"edit": 0.6, "local": 0.9, "glob": 0.1},
+                      "student": {"t2i": 0.885, "edit": 0.5, "local": 0.80, "glob": 0.2}})
+    wanted = {"t2i": target("t2i", "anchor", "within", 0.02),
+              "local": target("edit_local", "local_edit", "ratio", 0.9),
+              "edit": target("edit", "local_edit", "ratio", 0.9)}
+    got = targets.check(report, wanted)
+    assert got["t2i"]["threshold"] == pytest.approx(0.88) and got["t2i"]["met"]
+    assert got["t2i"]["margin"] == pytest.approx(0.005)
+    assert got["local"]["threshold"] == pytest.approx(0.81) and not got["local"]["met"]
+    assert got["edit"]["met"] is False and got["edit"]["reference_score"] == 0.6
+    table = targets.summary(report, got, split_edits=True)
+    assert "| student | 0.885 | 0.500 | 0.800 | 0.200 |" in table
+    assert "| anchor | 0.900 |  |  |  |" in table
+    assert ("| local: GEdit-style correct, local >= 0.9 x local_edit's | 0.800 | >= 0.810 | "
+            "-0.010 | NOT met |") in table
+    assert "t2i: GenEval-style mean >= anchor's - 0.02" in table
+    assert "correct, local" not in targets.summary(report, {}, split_edits=False)
+    with pytest.raises(ValueError, match="none for 'anchor'"):
+        targets.check(report, {"x": target("edit", "anchor", "ratio", 0.9)})
+
+
+def test_score_jobs_follow_routes_recipes_and_targets() -> None:
+    """The final scores' models: the anchor, each routed teacher at its CFG scale, the
+    student; each on what its recipe trains and what a target compares it on."""
+    from danceopd_jax.config import routes_of, teacher, validate
+
+    def jobs(config) -> dict[str, tuple]:
+        teachers = {name: {} for name in config.teachers}
+        return {j.name: (j.cfg_alpha, j.tasks)
+                for j in distill.score_jobs(config, routes_of(config), teachers, {})}
+
+    assert jobs(tiny_config("edit_fusion")) == {
+        "anchor": (1.0, ("t2i",)), "local_edit": (1.0, ("edit",)),
+        "global_edit": (1.0, ("edit",)), "student": (1.0, ("t2i", "edit"))}
+    assert jobs(tiny_config("cfg_absorption")) == {
+        "anchor": (1.0, ("t2i",)), "anchor@cfg3.5": (3.5, ("t2i",)), "student": (1.0, ("t2i",))}
+    config = tiny_config()
+    config.teachers.anchor = teacher("t2i", "mix", "scratch", 3, 1e-3,
+                                     mix={"t2i": 1.0, "joint_edit": 1.0})
+    config.eval.targets.t2i.reference = "joint_edit"  # compared on T2I: scored on it too
+    assert jobs(config) == {"anchor": (1.0, ("t2i", "edit")),
+                            "joint_edit": (1.0, ("t2i", "edit")),
+                            "student": (1.0, ("t2i", "edit"))}
+    for field, value, match in (("score", "fid", "score='fid'"), ("rule", "above", "rule"),
+                                ("reference", "nobody", "not a teacher")):
+        bad = tiny_config()
+        bad.eval.targets.edit[field] = value
+        with pytest.raises(ValueError, match=match):
+            validate(bad)
+    with pytest.raises(ValueError, match="no route trains edits"):
+        bad = tiny_config("cfg_absorption")
+        bad.eval.targets.t2i.score = "edit"
+        validate(bad)
+    bad = tiny_config()
+    bad.teachers.anchor.bucket = "mix"
+    with pytest.raises(ValueError, match="with no mix"):
+        validate(bad)
 
 
 def test_every_runs_each_hook_at_its_own_interval() -> None:

@@ -170,11 +170,19 @@ def test_main_job_trains_checkpoints_samples_and_scores(trained):
     assert all(np.isfinite(v) for v in losses(workdir).values())
     assert {p.name for p in (workdir / "samples").glob("*.png")} >= {
         "t2i_step000004.png", "joint_edit_step000004.png", "t2i_step000002.png"}
-    assert set(scores) >= {"anchor", "joint_edit", "student"}
-    assert set(scores["student"]) == {"t2i@cfg1", "joint_edit@cfg1"}
-    kinds = scores["edit_breakdown"]["student"]["joint_edit@cfg1"]
-    assert all(r["correct"] <= min(r["changed"], r["preserved"]) for r in kinds.values())
-    assert json.loads((workdir / "scores.json").read_text())["student"] == scores["student"]
+    models = scores["models"]  # ShapesBench: the anchor, the routed teacher, the student
+    assert set(models) == {"anchor", "joint_edit", "student"}
+    assert "edit" not in models["anchor"] and "t2i" not in models["joint_edit"]
+    assert {"t2i", "edit", "per_seed", "wall_time_s"} <= set(models["student"])
+    edits = models["student"]["edit"]
+    assert all(r["correct"]["mean"] <= min(r["changed"]["mean"], r["preserved"]["mean"])
+               for r in edits.values())
+    assert set(scores["targets"]) == {"t2i", "edit"}
+    assert all(isinstance(v["met"], bool) for v in scores["targets"].values())
+    assert set(scores["wall_time_s"]) == {"teachers", "distill", "scores", "total"}
+    written = json.loads((workdir / "scores.json").read_text())
+    assert written["models"]["student"] == models["student"]
+    assert "subject-remove" in (workdir / "scores.md").read_text()
 
 
 @pytest.mark.slow
@@ -257,7 +265,8 @@ def test_cfg_absorption_runs_t2i_only_with_a_guided_teacher(trained, tmp_path):
     full, _ = trained
     shutil.copytree(full / "teachers", tmp_path / "teachers")
     scores = distill.run(tiny_config("cfg_absorption", **{"training.steps": 2}), tmp_path)
-    assert set(scores["anchor"]) == {"t2i@cfg1", "t2i@cfg3.5"}
+    assert set(scores["models"]) == {"anchor", "anchor@cfg3.5", "student"}
+    assert "edit" not in scores["models"]["student"]
     first = losses(tmp_path)[1]
     assert np.isfinite(first) and first > 0  # student == anchor, teacher == guided anchor
 
@@ -291,7 +300,7 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
 
 
-@pytest.mark.parametrize("name", ["t2i_edit", "cfg_absorption"])
+@pytest.mark.parametrize("name", ["t2i_edit", "t2i_edit_budget", "cfg_absorption"])
 def test_default_configs_reuse_the_shipped_teachers(name):
     """The README's main job must not silently train a teacher for an hour: every teacher the
     config routes (and what it starts from) is shipped with exactly the config's recipe."""
@@ -355,17 +364,47 @@ def test_student_sweep_variants_and_table(tmp_path):
         for flag in flags:
             path, value = flag.removeprefix("--config.").split("=")
             overrides[path] = parse(value)
-        validate(apply_overrides(load_config("t2i_edit"), overrides))
+        validate(apply_overrides(load_config("t2i_edit_budget"), overrides))
 
     done, running = tmp_path / "done", tmp_path / "running"
     done.mkdir(), running.mkdir()
     (done / "scores.json").write_text(json.dumps({
-        "joint_edit": {"joint_edit@cfg1": {"score": 0.8}},
-        "student": {"t2i@cfg1": {"score": 1.0}, "joint_edit@cfg1": {"score": 0.4}},
+        "models": {"student": {"t2i": {"mean": {"mean": 1.0}},
+                               "edit": {"mean": {"correct": {"mean": 0.4}}}}},
+        "targets": {"t2i": {"met": True, "margin": 0.02}, "edit": {"met": False,
+                                                               "margin": -0.32}},
         "wall_time_s": {"distill": 99.6}}))
     for workdir in (done, running):
         (workdir / "curve.jsonl").write_text(
             '{"step": 0, "t2i": 0.5, "edit": 0.0}\n{"step": 200, "t2i": 0.4, "edit": 0.25}\n')
     table = load_module(ROOT / "launch/sweep_table.py")
-    assert table.row(done) == "| done | 1.000 | 0.400 | 50% | 100 | 0:0.00 200:0.25 |"
+    assert table.row(done) == ("| done | 1.000 | 0.400 | t2i met (+0.020), edit NOT met "
+                               "(-0.320) | 100 | 0:0.00 200:0.25 |")
     assert table.row(running) == "| running | unfinished | | | | 0:0.00 200:0.25 |"
+
+
+@pytest.mark.slow
+def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
+    """The omni family's recipe, tiny: the base (anchor) trains on a mix of T2I and edit
+    buckets, so its source pathway learns (source_embed leaves zero); the joint-edit teacher is
+    fine-tuned from it; each recipe.json carries the mix and its init chain."""
+    from danceopd_jax.config import routes_of
+    from danceopd_jax.train.mesh import make_mesh
+    from danceopd_jax.train.teachers import prepare_teachers, shipped_dir
+
+    config = tiny_config("omni_family")
+    config.teachers.anchor.mix = {"t2i": 0.5, "joint_edit": 0.5}  # edits in every tiny batch
+    assert shipped_dir(config).name == "omni_teachers"
+    world = distill.build(config, tmp_path)
+    assert not np.any(world.init_backbone["source_embed"])  # the pathway starts closed
+    teachers, _ = prepare_teachers(config, routes_of(config), world.models, world.init_backbone,
+                                   world.init_text, world.train, make_mesh(), tmp_path, None)
+    base, edit = teachers["anchor"], teachers["joint_edit"]
+    assert np.any(np.asarray(base["source_embed"]))  # the base saw source images
+    assert not np.array_equal(base["source_embed"], edit["source_embed"])
+    recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())
+               for n in ("anchor", "joint_edit")}
+    assert recipes["anchor"]["teacher"]["bucket"] == "mix"
+    assert recipes["anchor"]["teacher"]["mix"] == {"t2i": 0.5, "joint_edit": 0.5}
+    assert recipes["joint_edit"]["init"] == recipes["anchor"]
+    assert "mix" not in recipes["joint_edit"]["teacher"]

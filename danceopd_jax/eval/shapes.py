@@ -1,7 +1,7 @@
 """Sampling fields on the shapes world and judging the samples with its exact parser.
 
-Shared by the main job's end-of-run scores (train/distill.py) and ShapesBench
-(eval/shapesbench.py): one sampler, one judge, different summaries.
+Used by ShapesBench (eval/shapesbench.py), which makes every score of the project, and by the
+sample grids and the sample command (the sampler only).
 """
 
 from __future__ import annotations
@@ -75,19 +75,17 @@ def generate_bucket(generate: Callable, params: Params, text_params: Params, buc
 
 
 def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
-    """The parser's verdict on each row: its "task" (T2I category or edit kind), "kind" (the
-    edit kind, style edits split by style) and "correct" (T2I: every attribute the prompt
-    asked; edits: the instructed change made AND the rest preserved); edit rows also carry
-    "changed" and "preserved"."""
+    """The parser's verdict on each row: its "task" (T2I category or edit kind) and "correct"
+    (T2I: every attribute the prompt asked; edits: the instructed change made AND the rest
+    preserved); edit rows also carry "changed" and "preserved"."""
     verdicts = []
     for image, spec_json, task in zip(images, bucket["spec"], bucket["task"], strict=True):
         spec = json.loads(str(spec_json))
         task = str(task)
         if "source" in spec:  # edits carry their source scene
-            kind = task + (f"/{spec['style']}" if spec.get("style") else "")
-            verdicts.append({"task": task, "kind": kind, **score_edit(image, spec)})
+            verdicts.append({"task": task, **score_edit(image, spec)})
         else:
-            verdicts.append({"task": task, "kind": task, "correct": score_t2i(image, spec)["all"]})
+            verdicts.append({"task": task, "correct": score_t2i(image, spec)["all"]})
     return verdicts
 
 
@@ -99,16 +97,3 @@ def rates(verdicts: Sequence[Verdict], by: str, keys: Sequence[str]) -> dict[str
         groups.setdefault(v[by], []).append(v)
     return {g: {k: float(np.mean([v[k] for v in vs])) for k in keys}
             for g, vs in sorted(groups.items())}
-
-
-def score_bucket(verdicts: Sequence[Verdict]) -> dict[str, float]:
-    """Fraction of rows judged correct, overall ("score") and per task."""
-    per_task = rates(verdicts, "task", ("correct",))
-    return {"score": float(np.mean([v["correct"] for v in verdicts])),
-            **{task: r["correct"] for task, r in per_task.items()}}
-
-
-def edit_breakdown(verdicts: Sequence[Verdict]) -> dict[str, dict[str, float]]:
-    """Per edit kind (style edits split by style): the fractions where the instructed change
-    happened ("changed"), the rest was preserved ("preserved"), and both ("correct")."""
-    return rates(verdicts, "kind", EDIT_KEYS)

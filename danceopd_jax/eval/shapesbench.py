@@ -5,7 +5,9 @@
   image passes when the parser recovers everything its prompt asked (and nothing more).
 - Editing, GEditBench-style: subject-add, subject-replace, background-change, style-change,
   color-alter, subject-remove (`num` edits each, from the joint-edit bucket, the one holding
-  all six) and their plain mean. Each edit is judged against its exact target: "changed" (the
+  all six), their plain mean, and the plain means over the local (add, replace, recolor,
+  remove) and the global (background, style) categories, which the local- and global-edit
+  teachers are trained on. Each edit is judged against its exact target: "changed" (the
   instructed change happened), "preserved" (everything else kept) and "correct" (both; the
   combined score).
 - Image quality: the Frechet distance between the generated images and the exact targets of
@@ -32,6 +34,7 @@ import numpy as np
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import Bucket
 from danceopd_jax.data.shapes import dataset
+from danceopd_jax.data.shapes.edits import GLOBAL_EDITS, LOCAL_EDITS
 from danceopd_jax.data.shapes.prompts import CATEGORIES
 from danceopd_jax.eval import report
 from danceopd_jax.eval.features import SceneFeatures
@@ -48,6 +51,7 @@ EDIT_NAMES = {"add": "subject-add", "replace": "subject-replace",
               "background": "background-change", "style": "style-change",
               "recolor": "color-alter", "remove": "subject-remove"}
 EDIT_BUCKET = "joint_edit"
+EDIT_GROUPS = {"local": LOCAL_EDITS, "global": GLOBAL_EDITS}
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,24 @@ def geneval(verdicts: Sequence[Verdict]) -> dict[str, float]:
 
 
 def gedit(verdicts: Sequence[Verdict]) -> dict[str, dict[str, float]]:
-    """changed / preserved / correct per edit category, and their plain means."""
+    """changed / preserved / correct per edit category, and their plain means: over all
+    categories ("mean") and over each of EDIT_GROUPS ("local", "global")."""
     per = rates(verdicts, "task", EDIT_KEYS)
     scores = {k: per[k] for k in EDIT_NAMES}
-    return {**scores, "mean": {key: float(np.mean([s[key] for s in scores.values()]))
-                               for key in EDIT_KEYS}}
+
+    def mean(categories: Sequence[str]) -> dict[str, float]:
+        return {key: float(np.mean([scores[c][key] for c in categories])) for key in EDIT_KEYS}
+
+    return {**scores, "mean": mean(list(EDIT_NAMES)),
+            **{group: mean(kinds) for group, kinds in EDIT_GROUPS.items()}}
+
+
+def teacher_tasks(buckets: Sequence[str]) -> tuple[str, ...]:
+    """Which of TASKS a model trained on `buckets` is scored on: T2I for a bucket without
+    sources, edits for one with sources (an omni base trained on both: both)."""
+    has_source = [dataset.BUCKET_HAS_SOURCE[b] for b in buckets]
+    return tuple(t for t, wanted in (("t2i", not all(has_source)), ("edit", any(has_source)))
+                 if wanted)
 
 
 SUMMARIES = {"t2i": geneval, "edit": gedit}

@@ -2,8 +2,8 @@
 
 Models are named as on the command line: "student" or a teacher under
 ``<workdir>/teachers/``, optionally with a CFG scale, "anchor@cfg3.5". A teacher is scored on
-what it was trained for (its recipe's kind: T2I or edits) and, unless given, at the CFG scale
-the workdir's routes query it with; the student on both tasks, without CFG.
+what it was trained for (its recipe's buckets: T2I, edits or both) and, unless given, at the
+CFG scale the workdir's routes query it with; the student on both tasks, without CFG.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from danceopd_jax.config import routes_of
+from danceopd_jax.config import routes_of, teacher_buckets
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
-from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown
+from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.interop.workdir import Student, load_student, load_teacher
 
 CFG_TAG = "@cfg"
@@ -48,9 +48,8 @@ def workdir_jobs(workdir: str | Path, student: Student, specs: Sequence[str]) ->
             jobs.append(Job(spec, student.params, alpha or 1.0))
             continue
         params, recipe = load_teacher(workdir, student, name)
-        kind = recipe["teacher"]["kind"]
         jobs.append(Job(spec, params, alpha or route_alpha.get(name, 1.0),
-                        ("t2i",) if kind == "t2i" else ("edit",)))
+                        teacher_tasks(list(teacher_buckets(recipe["teacher"])))))
     return jobs
 
 

@@ -12,7 +12,8 @@ Each stage is reusable and resumable from the workdir:
   <workdir>/metrics.jsonl          training metrics
   <workdir>/samples/               sample grids (PNG; prepared data: also the latents, .npz)
   <workdir>/curve.jsonl            held-out scores vs step (config.eval.curve_every > 0)
-  <workdir>/scores.json            final held-out scores (shapes), wall times
+  <workdir>/scores.json            final ShapesBench scores (shapes), targets, wall times
+  <workdir>/scores.md              the same as markdown tables (and the printout)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from danceopd_jax.config import routes_of, validate, world_kind
+from danceopd_jax.config import routes_of, teacher_buckets, validate, world_kind
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.methods import Setting, get_method, merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
@@ -39,16 +40,10 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher, TrainBucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
+from danceopd_jax.eval import targets
 from danceopd_jax.eval.grids import save_grid
-from danceopd_jax.eval.shapes import (
-    Generators,
-    edit_breakdown,
-    generate_bucket,
-    judge,
-    make_generator,
-    score_bucket,
-)
-from danceopd_jax.eval.shapesbench import Job, ShapesBench
+from danceopd_jax.eval.shapes import generate_bucket, make_generator
+from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
 from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
@@ -56,7 +51,7 @@ from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
 from danceopd_jax.train.state import place_state, student_optimizer
 from danceopd_jax.train.step import StudentParams, make_distill_step, make_flow_matching_step
-from danceopd_jax.train.teachers import prepare_teachers
+from danceopd_jax.train.teachers import prepare_teachers, shipped_dir
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -81,13 +76,6 @@ class World:
         w = self.config.world
         return dataset.load_split("heldout", bucket, num, w.seed, w.image_size, self.cache_dir,
                                   self.tokenizer)
-
-    def heldout_t2i(self) -> dict[str, np.ndarray]:
-        """Held-out single-object prompts: every attribute (shape, colour, cell, background)
-        is asked, so they measure the whole T2I capability."""
-        b = self.heldout("t2i", 4 * self.config.eval.num_t2i)
-        rows = np.flatnonzero(np.asarray(b["task"]).astype(str) == "single_object")
-        return {k: v[rows[: self.config.eval.num_t2i]] for k, v in b.items()}
 
 
 class Provider(Protocol):
@@ -114,7 +102,8 @@ class Provider(Protocol):
         (rows after step `start` are dropped first: a resumed run scores them again)."""
 
     def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
-        """Held-out scores of the teachers and the student."""
+        """Held-out scores of the teachers and the student (shapes: a ShapesBench report with
+        the verdicts on the config's targets, "targets")."""
 
 
 class ShapesWorld:
@@ -141,7 +130,8 @@ class ShapesWorld:
 
     def prepare_teachers(self, mesh: Mesh) -> tuple[dict[str, Params], Params]:
         return prepare_teachers(self.config, self.routes, self.models, self.init_backbone,
-                                self.init_text, self.splits.train, mesh, self.workdir)
+                                self.init_text, self.splits.train, mesh, self.workdir,
+                                shipped_dir(self.config))
 
     def load_anchor(self) -> tuple[Params, Params]:
         anchor, _ = load_params(self.workdir / "teachers" / "anchor",
@@ -239,12 +229,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         return {}
     save_samples(student, text, int(state.step))
     # The reproduce command scores every run with ShapesBench itself (train/experiments.py).
+    t2 = time.perf_counter()
     scores = world.evaluate(teachers, student, text) if config.eval.final_scores else {}
     scores["wall_time_s"] = {"teachers": t_teachers, "distill": t_student,
+                             "scores": time.perf_counter() - t2,
                              "total": time.perf_counter() - t0}
     (workdir / "scores.json").write_text(json.dumps(scores, indent=2))
-    log.info("%s:\n%s", "scores" if config.eval.final_scores else "scores skipped",
-             format_scores(scores))
+    wall = ", ".join(f"{k} {v:.0f} s" for k, v in scores["wall_time_s"].items())
+    if "models" in scores:  # shapes: the small table of eval/targets.py, then the details
+        (workdir / "scores.md").write_text(markdown(scores))
+        split_edits = any(r.bucket in ("local_edit", "global_edit") for r in routes)
+        print(f"{targets.summary(scores, scores['targets'], split_edits)}\n\nwall time: "
+              f"{wall}; per category: {workdir / 'scores.md'}", flush=True)
+    else:
+        log.info("scores skipped; wall time: %s", wall)
     return scores
 
 
@@ -298,8 +296,7 @@ class SampleGrids:
                              config.danceopd.schedule)
         self.generate = make_generator(models.field(), models.conditioner(), sigmas)
         buckets = {r.bucket for r in routes} | {"t2i"}
-        self.buckets = {b: _head(world.heldout(b, config.eval.num_edit), GRID_ROWS)
-                        for b in sorted(buckets)}
+        self.buckets = {b: world.heldout(b, GRID_ROWS) for b in sorted(buckets)}
 
     def save(self, params: Params, text: Params, step: int) -> None:
         if jax.process_index() != 0:
@@ -322,8 +319,8 @@ class Curve:
     """Quick held-out ShapesBench scores of the student during distillation, appended to
     `path` (curve.jsonl) by process 0 as {"step", "t2i": the GenEval-style mean, "edit": the
     GEditBench-style combined mean, null when no route trains edits}, for score-vs-step plots.
-    Sampled like the final scores (config.eval.sample_steps, the run's seed) on
-    config.eval.curve_num prompts / edits per category."""
+    Sampled with the final scores' steps (config.eval.sample_steps), one seed (config.seed),
+    on config.eval.curve_num prompts / edits per category."""
 
     def __init__(self, config, models: Models, world: World, routes, path: Path, start: int):
         self.path, self.seed = path, config.seed
@@ -350,59 +347,36 @@ class Curve:
 
 def evaluate(config, models: Models, world: World, routes, teachers: dict[str, Params],
              student: Params, text: Params) -> dict:
-    """Held-out scores of the anchor, each routed teacher (with its CFG) and the student
-    (single pass, no CFG) on T2I single-object prompts and on each route's bucket."""
-    jobs = [("anchor", teachers["anchor"], "t2i", 1.0)]
-    jobs += [(r.teacher, teachers[r.teacher], r.bucket, r.cfg_alpha) for r in routes]
-    jobs += [("student", student, b, 1.0) for b in ["t2i", *(r.bucket for r in routes)]]
-    return score_models(config, models, world, text, jobs)
+    """The ShapesBench report (eval/shapesbench.py) of score_jobs' models on
+    config.eval.num held-out prompts / edits per category and config.eval.seeds, sampled with
+    config.eval.sample_steps, and "targets": the verdicts on config.eval.targets."""
+    e = config.eval
+    bench = ShapesBench(config, models, world, sample_steps=e.sample_steps, num=e.num,
+                        batch_size=e.batch_size)
+    report = bench.evaluate(text, score_jobs(config, routes, teachers, student),
+                            tuple(e.seeds))
+    report["targets"] = targets.check(report, e.targets)
+    return report
 
 
-def score_models(config, models: Models, world: World, text: Params,
-                 jobs: list[tuple[str, Params, str, float]]) -> dict:
-    """{model: {"<bucket>@cfg<alpha>": scores}} for (model name, params, bucket, CFG alpha)
-    jobs, each sampled deterministically on the bucket's held-out evaluation set; plus
-    "edit_breakdown": {model: {eval set: {edit kind: changed / preserved / correct}}}."""
-    e, d = config.eval, config.danceopd
-    generators = Generators(models.field(), models.conditioner(),
-                            make_sigmas(e.sample_steps, d.shift, d.schedule))
-    results: dict[str, dict] = {}
-    breakdown: dict[str, dict] = {}
-    for name, params, bucket, alpha in jobs:
-        key = f"{bucket}@cfg{alpha:g}"
-        if key in results.setdefault(name, {}):
-            continue
-        data = world.heldout_t2i() if bucket == "t2i" else world.heldout(bucket, e.num_edit)
-        images = generate_bucket(generators(alpha), params, text, data, config.seed,
-                                 e.batch_size)
-        verdicts = judge(images, data)
-        results[name][key] = score_bucket(verdicts)
-        if bucket != "t2i":
-            breakdown.setdefault(name, {})[key] = edit_breakdown(verdicts)
-    return {**results, "edit_breakdown": breakdown}
-
-
-def format_scores(scores: dict) -> str:
-    lines = [f"{'model':<14}{'eval set':<20}score   per task"]
-    for model, sets in scores.items():
-        if model in ("wall_time_s", "edit_breakdown"):
-            continue
-        for name, s in sets.items():
-            tasks = ", ".join(f"{k} {v:.2f}" for k, v in s.items() if k != "score")
-            lines.append(f"{model:<14}{name:<20}{s['score']:.3f}   {tasks}")
-    for model, sets in scores.get("edit_breakdown", {}).items():
-        for name, kinds in sets.items():
-            lines.append(f"{model} on {name}, per edit kind (changed / preserved / correct): "
-                         + ", ".join(f"{kind} {r['changed']:.2f}/{r['preserved']:.2f}/"
-                                     f"{r['correct']:.2f}" for kind, r in kinds.items()))
-    w = scores.get("wall_time_s", {})
-    if w:
-        lines.append("wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in w.items()))
-    return "\n".join(lines)
-
-
-def _head(bucket: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-    return {k: v[:n] for k, v in bucket.items()}
+def score_jobs(config, routes, teachers: dict[str, Params], student: Params) -> list[Job]:
+    """The anchor, each routed teacher (at each CFG scale it is routed with; "name@cfgA"
+    when A != 1) and the student (single pass, no CFG). A teacher is scored on what its
+    recipe trains (teacher_tasks) and on what a target compares it on; the student on T2I
+    and, when a route trains edits, on edits."""
+    needs: dict[str, set[str]] = {}
+    for t in config.eval.targets.values():
+        needs.setdefault(t.reference, set()).add(targets.SCORES[t.score][0])
+    wanted = {("anchor", 1.0): None, **{(r.teacher, r.cfg_alpha): None for r in routes},
+              **{(name, 1.0): None for name in needs}}
+    jobs = []
+    for name, alpha in wanted:
+        own = teacher_tasks(list(teacher_buckets(config.teachers[name])))
+        tasks = tuple(t for t in ("t2i", "edit") if t in {*own, *needs.get(name, ())})
+        jobs.append(Job(name if alpha == 1.0 else f"{name}@cfg{alpha:g}", teachers[name],
+                        alpha, tasks))
+    edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
+    return [*jobs, Job(targets.STUDENT, student, 1.0, ("t2i", "edit") if edits else ("t2i",))]
 
 
 def _prompts(bucket: dict[str, np.ndarray]) -> list[str]:

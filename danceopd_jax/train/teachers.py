@@ -1,12 +1,13 @@
 """The frozen teachers: made once by flow matching, then reused.
 
 Each teacher has a recipe (config.teachers.<name>: data bucket, starting point, steps, ...).
-The anchor is trained from scratch on T2I data together with the text encoder, which is then
+The anchor is trained from scratch on T2I data (or, for an omni base, on a weighted mix of
+T2I and edit buckets: config.teacher's `mix`) together with the text encoder, which is then
 frozen for everyone; edit teachers are fine-tuned from the anchor on edit buckets.
 
 Lookup order for a teacher: the workdir (reused), then the checkpoints shipped with the package
-(copied into the workdir, only if their recipe.json equals this config's recipe), else it is
-trained and saved.
+in danceopd_jax/assets/<config.shipped_teachers>/ (copied into the workdir, only if their
+recipe.json equals this config's recipe), else it is trained and saved.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from danceopd_jax.config import teacher_buckets
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import Bucket, RouteBatcher
 from danceopd_jax.train.checkpoint import RunCheckpoints, has_params, load_params, save_params
@@ -34,8 +36,14 @@ from danceopd_jax.train.step import make_flow_matching_step
 
 log = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "shapes_teachers"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+SHIPPED_DIR = ASSETS_DIR / "shapes_teachers"  # the anchor and joint-edit teacher
 Params = Any
+
+
+def shipped_dir(config: ml_collections.ConfigDict) -> Path:
+    """Where the teachers of `config`'s family are shipped (config.shipped_teachers)."""
+    return ASSETS_DIR / config.get("shipped_teachers", SHIPPED_DIR.name)
 
 
 def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
@@ -112,11 +120,13 @@ def _recipe_at(directory: Path) -> dict | None:
 def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, init: Params,
                   text: Params, bucket: Callable[[str], Bucket], mesh: Mesh,
                   workdir: Path) -> Params:
-    """Flow matching on the teacher's bucket; the anchor also trains the text encoder.
+    """Flow matching on the teacher's bucket (or mix of buckets); the anchor also trains the
+    text encoder.
 
     Resumable: its run checkpoints live under workdir/teachers/_runs/<name> until it is done.
     """
     t = config.teachers[name]
+    buckets = teacher_buckets(t)
     optimizer = make_optimizer(t.lr, 0.0, 1.0, min(500, t.steps // 10), decay_steps=t.steps)
     trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
     frozen = {} if "text" in trainable else {"text": text}
@@ -130,8 +140,10 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     if runs.latest_step() is not None:
         state, _ = runs.restore(state)
         log.info("teacher %s: resuming its training at step %d", name, int(state.step))
-    batcher = RouteBatcher({t.bucket: bucket(t.bucket)}, [Route(name, name, t.bucket, 1.0)],
-                           "per_sample", t.batch_size, config.seed, batch_shards(mesh))
+    # One route per bucket, drawn per sample by weight (a single bucket: every sample).
+    routes = [Route(f"{name}/{b}", name, b, w) for b, w in buckets.items()]
+    batcher = RouteBatcher({b: bucket(b) for b in buckets}, routes, "per_sample", t.batch_size,
+                           config.seed, batch_shards(mesh))
     state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
                 name=f"teacher:{name}", checkpoints=runs,
                 checkpoint_every=max(100, t.steps // 8), log_every=100,

@@ -1,0 +1,14 @@
+"""Local + global edit fusion on the omni teacher family (configs/omni_family.py; NOT YET
+TRAINED: until it is shipped, the main job would train it first, hours on 2 CPU cores): the
+paper's DanceOPD recipe with the default's budget (as configs/edit_fusion.py)."""
+
+from danceopd_jax.config import base_config, omni_family, paper_student, route, target
+
+
+def get_config():
+    c = omni_family(paper_student(base_config()))
+    c.routes.local = route("local_edit", "local_edit", 0.5)
+    c.routes["global"] = route("global_edit", "global_edit", 0.5)
+    c.eval.targets.local = target("edit_local", "local_edit", "ratio", 0.9)
+    c.eval.targets["global"] = target("edit_global", "global_edit", "ratio", 0.9)
+    return c

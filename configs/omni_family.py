@@ -1,0 +1,20 @@
+"""The omni teacher family (docs/teachers.md, "The omni teacher family"; NOT YET TRAINED): an
+omni base trained on T2I and on source-conditioned generation (the anchor), and joint-, local-
+and global-edit teachers fine-tuned from it (config.omni_family), shipped in
+danceopd_jax/assets/omni_teachers/. Train and ship them on a GPU:
+
+    bash launch/make_teachers.sh omni
+
+As a main-job config: T2I + edit fusion on the omni base, the paper's DanceOPD recipe with the
+default's budget (as configs/t2i_edit.py). Until the family is shipped, the main job would
+train it first (hours on 2 CPU cores)."""
+
+from danceopd_jax.config import base_config, omni_family, paper_student, route, target
+
+
+def get_config():
+    c = omni_family(paper_student(base_config()))
+    c.routes.t2i = route("anchor", "t2i", 0.1875)
+    c.routes.edit = route("joint_edit", "joint_edit", 0.8125)
+    c.eval.targets.edit = target("edit", "joint_edit", "ratio", 0.9)
+    return c
