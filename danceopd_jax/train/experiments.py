@@ -63,6 +63,7 @@ def _flow_batch(c: ml_collections.ConfigDict) -> int:
     return max(len(c.routes), c.training.batch_size // c.baselines.group)
 
 
+FLOW_OPD = {"method": "flow_opd", "training.batch_size": _flow_batch, "training.init": "merge"}
 # METHOD.md 7: every method is a configuration of the same trainer, same optimizer steps.
 METHODS = (
     Arm("DanceOPD"),
@@ -70,8 +71,9 @@ METHODS = (
                                           "baselines.dsigma": "uniform"}),
     Arm("DiffusionOPD (true dsigma)", {"method": "diffusion_opd", "baselines.dsigma": "true"}),
     # batch_size counts prompts and each is rolled out G times: B / G prompts keep the
-    # rollouts per step equal to the other methods' samples per step.
-    Arm("Flow-OPD", {"method": "flow_opd", "training.batch_size": _flow_batch}),
+    # rollouts per step equal to the other methods' samples per step. Flow-OPD starts from the
+    # teachers' weight merge, as the reference's paper baselines do (METHOD.md 7).
+    Arm("Flow-OPD", FLOW_OPD),
     Arm("Off-policy", {"method": "off_policy"}),
     Arm("Soft mixing", {"method": "soft_mix"}),
     Arm("Data-mixing SFT", {"method": "sft_mix"}),
@@ -92,8 +94,8 @@ CFG_ARMS = (
 )
 # Flow-OPD's reference advantage (the analytic KL) has no expected policy gradient (README
 # "Methods"); the sampled log-ratio variant shows what the same machinery does when it can learn.
-FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)", {
-    "method": "flow_opd", "baselines.advantage": "log_ratio", "training.batch_size": _flow_batch})
+FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)",
+                     {**FLOW_OPD, "baselines.advantage": "log_ratio"})
 EXPERIMENTS = (
     Experiment("t2i_edit", "T2I + Edit fusion (anchor + joint-edit teacher)", "t2i_edit",
                (*METHODS, FLOW_LOG_RATIO)),
