@@ -9,6 +9,7 @@ here, so every value is overridable from the command line (`--config.training.st
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import ml_collections
@@ -113,6 +114,27 @@ def required(what: str) -> str:
     return REQUIRED + what
 
 
+# training.init keywords; any other value names the teacher whose weights the student starts
+# from.
+STUDENT_INITS = ("anchor", "base", "merge")
+# A LoRA student also trains the source embedding in full: only the edit pathway reads it
+# (zero for T2I), and a real T2I base has it at zero, so LoRA alone could never learn edits.
+# The adaLN modulations and the patch embedding also serve T2I tokens, and the modulations are
+# a large share of the weights (SD3.5: about a quarter): they stay frozen by default.
+LORA_FULL = "^source_embed$"
+
+
+def init_teacher(config: ml_collections.ConfigDict) -> str | None:
+    """The teacher whose weights the student starts from (training.init), or None for
+    "merge" (the routed teachers' weight merge, as the weight_merge baseline makes it).
+    "anchor" and "base" are the anchor: in both worlds it is the omni base the teachers are
+    fine-tuned from. A workdir's config.json from before training.init existed: the anchor."""
+    init = config.training.get("init", "anchor")
+    if init == "merge":
+        return None
+    return "anchor" if init == "base" else init
+
+
 def diffusers_teacher(kind: str, path: str, lora_base: str = "") -> ml_collections.ConfigDict:
     """A frozen teacher from a diffusers checkpoint (prepared world): `path` is an
     SD3Transformer2DModel folder (the base, or a full fine-tune), or, when `lora_base` names
@@ -158,10 +180,15 @@ def base_config() -> ml_collections.ConfigDict:
     # > 0 decays it linearly to zero over that fraction of the steps, at the end.
     # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
     # config.seed the teachers, so runs with other training seeds share the same teachers.
+    # init: where the student starts (STUDENT_INITS or a teacher's name; init_teacher()).
+    # ema_decay > 0 keeps a moving average of the student's weights, which then samples,
+    # scores and exports it (0: the weights themselves). lora_full: the base params a LoRA
+    # student (lora_rank > 0) trains in full beside its factors (a regex over param paths).
     c.training = dict(
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=20, cooldown_fraction=0.0, lora_rank=0, lora_alpha=0.0, routing="per_sample",
-        checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2)
+        checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2, init="anchor",
+        ema_decay=0.0, lora_full=LORA_FULL)
     # final_scores: score the anchor, the routed teachers and the student at the end of the run
     # with ShapesBench (eval/shapesbench.py): `num` held-out prompts / edits per category,
     # sampled with `sample_steps` Euler steps for each of `seeds` (the issue's benchmark
@@ -202,7 +229,8 @@ def prepared_config() -> ml_collections.ConfigDict:
     c.training = dict(
         seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=0, cooldown_fraction=0.0, lora_rank=128, lora_alpha=128.0,
-        routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2)
+        routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2,
+        init="anchor", ema_decay=0.0, lora_full=LORA_FULL)
     # Student samples (PNG grids and latents) of the first rows of each routed bucket, at
     # sample_every.
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
@@ -240,10 +268,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")
+    _validate_student(config)
     if kind == "shapes":
         _validate_shapes(config)
     else:
         _validate_prepared(config)
+
+
+def _validate_student(config: ml_collections.ConfigDict) -> None:
+    """training.init, ema_decay and lora_full."""
+    tc, teachers = config.training, sorted(config.teachers)
+    if tc.init in ("base", "merge") and tc.init in config.teachers:
+        raise ValueError(f"training.init={tc.init!r} is ambiguous: it is a keyword and a "
+                         f"teacher's name; rename teachers.{tc.init}.")
+    if tc.init not in STUDENT_INITS and tc.init not in config.teachers:
+        raise ValueError(
+            f"training.init={tc.init!r} is unknown; use one of {list(STUDENT_INITS)} (the anchor; "
+            f"the omni base, which is the anchor; the routed teachers' weight merge) or a "
+            f"teacher's name {teachers} (--config.training.init=...).")
+    if not 0.0 <= tc.ema_decay < 1.0:
+        raise ValueError(f"training.ema_decay={tc.ema_decay}: use 0 (no moving average) or a "
+                         "decay in (0, 1), e.g. 0.999.")
+    try:
+        re.compile(tc.lora_full)
+    except re.error as e:
+        raise ValueError(f"training.lora_full={tc.lora_full!r} is not a regex ({e}); give one "
+                         f"over param paths, e.g. {LORA_FULL!r}, or '' for none.") from e
 
 
 def _validate_shapes(config: ml_collections.ConfigDict) -> None:

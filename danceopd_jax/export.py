@@ -6,14 +6,20 @@ Exports the trained student of a workdir (its latest checkpoint) for diffusers:
   (a LoRA student is merged onto its anchor), plus ``source_embed.npy``, the student's edit
   conditioning, which diffusers' transformer has no place for.
 * ``lora`` (LoRA students only): ``pytorch_lora_weights.safetensors`` for
-  ``StableDiffusion3Pipeline.load_lora_weights``, on top of the workdir's anchor teacher.
+  ``StableDiffusion3Pipeline.load_lora_weights``, on top of the teacher the student started
+  from (the workdir's anchor by default), plus ``source_embed.npy``, trained in full.
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from danceopd_jax.interop.workdir import export_diffusers, export_lora, load_student
+from danceopd_jax.interop.workdir import (
+    export_diffusers,
+    export_lora,
+    load_student,
+    lora_base_teacher,
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
                                required=True)
@@ -27,8 +33,11 @@ def main(argv: list[str]) -> None:
     student = load_student(_WORKDIR.value)
     if _FORMAT.value == "lora":
         path = export_lora(student, _OUT.value)
+        base = lora_base_teacher(student)
         print(f"wrote the student's LoRA (alpha {student.lora_alpha:g}) to {path}; its base is "
-              f"the anchor teacher under {_WORKDIR.value}/teachers/anchor.")
+              f"the {base} teacher under {_WORKDIR.value}/teachers/{base}."
+              + (f" Its source embedding (edit conditioning) is in {path.parent}/"
+                 "source_embed.npy." if student.full and "source_embed" in student.full else ""))
         return
     source = export_diffusers(student, _OUT.value)
     print(f"wrote the student as a diffusers SD3Transformer2DModel to {_OUT.value}.\n"

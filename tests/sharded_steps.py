@@ -53,7 +53,7 @@ def main(workdir: Path) -> None:
         trainable = {"backbone": jax.tree.map(np.array, backbone)}
         state, placed, sh = place_state(mesh, trainable, models.trainable_axes(trainable),
                                         frozen, frozen_axes, optimizer, config.training.seed)
-        step = make_danceopd_step(field, student_params_fn("anchor", 0.0),
+        step = make_danceopd_step(field, student_params_fn(0.0),
                                   [cfg(field, r.cfg_alpha) for r in routes],
                                   [r.teacher for r in routes], models.conditioner(), optimizer,
                                   make_sigmas(d.num_steps, d.shift, d.schedule), d.query_k,

@@ -409,11 +409,11 @@ def test_every_training_method_takes_a_step(tiny_run, method):
     frozen_axes = {"teachers": {n: models.backbone_axes for n in frozen["teachers"]},
                    "text": models.text_axes}
     optimizer = make_optimizer(1e-3, 0.0, 1.0)
-    trainable = distill.initial_trainable(config, frozen)
+    trainable = distill.initial_trainable(config, frozen["teachers"]["anchor"])
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
-    update = distill.method_update(config, routes, models, student_params_fn("anchor", 0.0),
+    update = distill.method_update(config, routes, models, student_params_fn(0.0),
                                    optimizer, schedule.make_sigmas(4), 1, shardings, frozen,
                                    world.bucket_has_source)
     before = np.asarray(state.trainable["backbone"]["proj_out"]["kernel"])

@@ -528,8 +528,9 @@ register(Method("danceopd", "distill", _danceopd, label="DanceOPD"))
 register(Method("diffusion_opd", "distill", _diffusion_opd, label="DiffusionOPD", arms=(
     ("uniform dsigma", {"baselines.dsigma": "uniform"}),
     ("true dsigma", {"baselines.dsigma": "true"}))))
+# Flow-OPD starts from the teachers' weight merge, as the reference's paper baselines do.
 register(Method("flow_opd", "distill", _flow_opd, label="Flow-OPD",
-                arms=(("", {"training.batch_size": _flow_prompts}),)))
+                arms=(("", {"training.batch_size": _flow_prompts, "training.init": "merge"}),)))
 register(Method("off_policy", "distill", _off_policy, needs_targets=lambda has_source: has_source,
                 label="Off-policy"))
 register(Method("soft_mix", "distill", _soft_mix, label="Soft mixing"))

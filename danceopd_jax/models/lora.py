@@ -68,8 +68,8 @@ def init_lora(key: jax.Array, params: PyTree, rank: int, targets: str = DEFAULT_
     """LoRA factors for every kernel whose path matches ``targets`` (``re.search``); a
     stacked kernel ``[..., in, out]`` gets stacked factors.
 
-    ``a`` ~ N(0, 1/in) (fan-in scaled, so the update's scale does not depend on
-    ``rank``); ``b`` = 0, so the initial delta is exactly zero.
+    PEFT's ``init_lora_weights="gaussian"`` (the reference's): ``a`` ~ N(0, (1/rank)^2),
+    ``b`` = 0, so the initial delta is exactly zero.
     """
     if rank < 1:
         raise ValueError(f"rank={rank} must be >= 1.")
@@ -85,7 +85,7 @@ def init_lora(key: jax.Array, params: PyTree, rank: int, targets: str = DEFAULT_
     lora: PyTree = {}
     for sub, (keys, w) in zip(jax.random.split(key, len(matched)), matched, strict=True):
         *lead, fan_in, fan_out = w.shape
-        a = jax.random.normal(sub, (*lead, fan_in, rank), jnp.float32) / jnp.sqrt(fan_in)
+        a = jax.random.normal(sub, (*lead, fan_in, rank), jnp.float32) / rank
         _set(lora, keys, {"a": a, "b": jnp.zeros((*lead, rank, fan_out), jnp.float32)})
     return lora
 
@@ -106,6 +106,44 @@ def merge(params: PyTree, lora: PyTree, alpha: float) -> PyTree:
             a, b = sub["a"], sub["b"]
             delta = (alpha / a.shape[-1]) * (a @ b)  # batched over stacked layers
             out[k] = (base + delta).astype(base.dtype)
+    return out
+
+
+def select(params: PyTree, pattern: str) -> PyTree:
+    """The leaves of ``params`` whose path matches ``pattern`` (``re.search``), as a tree of
+    the same nesting; ``""`` selects nothing. What a LoRA model trains in full beside its
+    factors (PEFT's ``modules_to_save``)."""
+    if not pattern:
+        return {}
+    regex = re.compile(pattern)
+
+    def walk(tree: PyTree, prefix: tuple[Any, ...]) -> PyTree:
+        out: PyTree = {}
+        for k, v in tree.items():
+            keys = (*prefix, k)
+            if isinstance(v, dict):
+                if sub := walk(v, keys):
+                    out[k] = sub
+            elif regex.search(_path(keys)):
+                out[k] = v
+        return out
+    return walk(params, ())
+
+
+def pick(tree: PyTree, like: PyTree) -> PyTree:
+    """The entries of ``tree`` at the paths of ``like`` (e.g. the logical axes of a
+    ``select``-ed subtree)."""
+    return {k: pick(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
+def overlay(params: PyTree, partial: PyTree) -> PyTree:
+    """``params`` with the leaves of ``partial`` (a tree of the same nesting) in place of
+    theirs. Pure: untouched subtrees are shared, not copied."""
+    out = dict(params)
+    for k, v in partial.items():
+        if k not in params:
+            raise KeyError(f"{k!r} is not in the params; was the subtree selected from them?")
+        out[k] = overlay(params[k], v) if isinstance(v, dict) else v
     return out
 
 

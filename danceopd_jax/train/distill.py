@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
+from jax.tree_util import keystr, tree_flatten_with_path
 
-from danceopd_jax.config import routes_of, teacher_buckets, validate, world_kind
+from danceopd_jax.config import init_teacher, routes_of, teacher_buckets, validate, world_kind
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.methods import Setting, get_method, merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
@@ -91,6 +92,10 @@ class Provider(Protocol):
     def load_anchor(self) -> tuple[Params, Params]:
         """The anchor's params and the frozen "text" params, from the workdir only."""
 
+    def load_teachers(self, names: list[str]) -> tuple[dict[str, Params], Params]:
+        """({name: params} of the anchor, `names` and what they need, the frozen "text"
+        params), from the workdir only."""
+
     def train(self, bucket: str) -> TrainBucket:
         """A bucket's training rows."""
 
@@ -138,6 +143,16 @@ class ShapesWorld:
                                 {"backbone": self.init_backbone, "text": self.init_text})
         return anchor["backbone"], anchor["text"]
 
+    def load_teachers(self, names: list[str]) -> tuple[dict[str, Params], Params]:
+        anchor, text = self.load_anchor()
+        teachers = {"anchor": anchor}
+        for name in names:
+            if name not in teachers:
+                params, _ = load_params(self.workdir / "teachers" / name,
+                                        {"backbone": self.init_backbone})
+                teachers[name] = params["backbone"]
+        return teachers, text
+
     def train(self, bucket: str) -> TrainBucket:
         return self.splits.train(bucket)
 
@@ -179,12 +194,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     tc, d = config.training, config.danceopd
     sigmas = make_sigmas(d.num_steps, d.shift, d.schedule)
     optimizer = student_optimizer(tc)
-    student_params = student_params_fn("anchor", tc.lora_alpha or float(tc.lora_rank))
+    student_params = student_params_fn(tc.lora_alpha or float(tc.lora_rank))
     names = sorted({r.teacher for r in routes} | {"anchor"})
     frozen = {"teachers": {n: teachers[n] for n in names}, "text": text}
     frozen_axes = {"teachers": {n: models.params_axes(teachers[n]) for n in names},
                    "text": models.text_axes}
-    trainable = initial_trainable(config, frozen)
+    init = student_init(config, routes, teachers)
+    if tc.lora_rank > 0:  # the LoRA's frozen base; a teacher's own arrays are placed once
+        frozen["init"], frozen_axes["init"] = init, models.params_axes(init)
+    trainable = initial_trainable(config, init)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)
@@ -198,7 +216,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     save_samples = world.sampler(workdir / "samples")
 
     def on_host(show):  # every process gathers the student; process 0 shows it
-        return lambda s, n: show(to_host(student_params(s.trainable, frozen)),
+        return lambda s, n: show(to_host(student_params(s.eval_trainable(), frozen)),
                                  to_host(frozen["text"]), n)
 
     hooks = [(tc.sample_every, on_host(save_samples))]
@@ -210,7 +228,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     on_interval, interval_every = every(*hooks)
     t1 = time.perf_counter()
     if get_method(config.method).train == "merge":  # no optimisation: the teachers' merge
-        state = state.replace(trainable={"backbone": merged_teachers(config, routes, frozen)})
+        merged = {"backbone": merged_teachers(config, routes, frozen)}
+        state = state.replace(trainable=merged, opt_state=optimizer.init(merged))  # and its EMA
         checkpoints.save(0, state, {"config": config.to_dict(), "step": 0})
         log.info("student: merged the teachers (%s), no training", config.baselines.merge)
     else:
@@ -224,7 +243,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     checkpoints.close()
     t_student = time.perf_counter() - t1
 
-    student = to_host(student_params(state.trainable, frozen))
+    student = to_host(student_params(state.eval_trainable(), frozen))
     if jax.process_index() != 0:  # process 0 samples, scores and writes the results
         return {}
     save_samples(student, text, int(state.step))
@@ -278,13 +297,48 @@ def merged_teachers(config: ml_collections.ConfigDict, routes: list[Route],
                          list(coefficients.values()))
 
 
-def initial_trainable(config: ml_collections.ConfigDict, frozen: Params) -> Params:
-    """The student starts at the anchor: LoRA factors with a zero delta, or a full copy."""
+def init_sources(config: ml_collections.ConfigDict, routes: list[Route]) -> list[str]:
+    """The teachers student_init reads."""
+    name = init_teacher(config)
+    return ["anchor", *(r.teacher for r in routes)] if name is None else [name]
+
+
+def student_init(config: ml_collections.ConfigDict, routes: list[Route],
+                 teachers: dict[str, Params]) -> Params:
+    """The weights the student starts from (training.init): a teacher's own params (the
+    anchor's by default; a LoRA teacher's are lora.adapted), or the routed teachers' weight
+    merge, made as the weight_merge baseline makes it (config.baselines.merge)."""
+    name = init_teacher(config)
+    if name is None:
+        return merged_teachers(config, routes, {"teachers": teachers})
+    return teachers[name]
+
+
+def initial_trainable(config: ml_collections.ConfigDict, init: Params) -> Params:
+    """The student at `init` (student_init): a full copy, or LoRA factors with a zero delta
+    plus copies of the base params it trains in full (training.lora_full) under "full"."""
     tc = config.training
-    anchor = frozen["teachers"]["anchor"]
-    if tc.lora_rank > 0:
-        return {"lora": lora.init_lora(jax.random.key(tc.seed), anchor, tc.lora_rank)}
-    return {"backbone": jax.tree.map(jnp.copy, anchor)}  # donated by the step: never alias
+    weights = lora.resolve(init)
+
+    def copy(tree: Params) -> Params:
+        return jax.tree.map(jnp.copy, tree)  # donated by the step: never alias the base
+
+    if tc.lora_rank <= 0:
+        return {"backbone": copy(weights)}
+    factors = lora.init_lora(jax.random.key(tc.seed), weights, tc.lora_rank)
+    pattern = tc.get("lora_full", "")  # a workdir's config.json from before it: none
+    full = lora.select(weights, pattern)
+    if pattern and not full:
+        raise ValueError(f"training.lora_full={pattern!r} matches no param of the backbone; "
+                         f"fix the regex (top-level params: {sorted(weights)}), or set it to "
+                         "'' to train only the LoRA factors.")
+    both = {keystr(p[:-1]) for p, _ in tree_flatten_with_path(factors)[0]} & {
+        keystr(p) for p, _ in tree_flatten_with_path(full)[0]}
+    if both:
+        raise ValueError(f"training.lora_full={pattern!r} selects kernels that LoRA already "
+                         f"adapts ({sorted(both)[:4]}); narrow the regex to params LoRA leaves "
+                         "frozen (e.g. source_embed, biases, norms).")
+    return {"lora": factors, **({"full": copy(full)} if full else {})}
 
 
 class SampleGrids:

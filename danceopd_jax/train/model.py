@@ -43,10 +43,17 @@ class Models:
     null_mask: np.ndarray | None = None  # [1, L] bool
 
     def trainable_axes(self, trainable: Params) -> Params:
-        """Logical axes of a trainable tree: {"backbone"[, "text"]} or {"lora"}."""
-        axes = {"backbone": self.backbone_axes, "text": self.text_axes}
-        return {k: lora.axes(self.backbone_axes, v) if k == "lora" else axes[k]
-                for k, v in trainable.items()}
+        """Logical axes of a trainable tree: {"backbone"[, "text"]} or {"lora", "full"}."""
+        def axes(kind: str, tree: Params) -> Params:
+            match kind:
+                case "lora":
+                    return lora.axes(self.backbone_axes, tree)
+                case "full":  # base params a LoRA student trains in full
+                    return lora.pick(self.backbone_axes, tree)
+                case "text":
+                    return self.text_axes
+            return self.backbone_axes
+        return {k: axes(k, v) for k, v in trainable.items()}
 
     def params_axes(self, params: Params) -> Params:
         """Logical axes of a frozen backbone's params: plain, or a LoRA teacher's
@@ -128,14 +135,17 @@ def count(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-def student_params_fn(anchor: str, lora_alpha: float):
+def student_params_fn(lora_alpha: float):
     """How the student's field params come from (trainable, frozen).
 
-    Full fine-tuning trains a copy of the anchor ("backbone"); LoRA trains only the low-rank
-    factors ("lora") and merges them onto the frozen anchor teacher's own params, so the
-    student holds no second copy of the base."""
+    Full fine-tuning trains a copy of the weights it starts from ("backbone"). LoRA trains
+    low-rank factors ("lora") merged onto its frozen base, frozen["init"] (the weights it starts
+    from: the anchor's or a teacher's own params, shared with frozen["teachers"], or the
+    teachers' merge), plus the few base params it trains in full ("full": the source
+    embedding), which replace the base's."""
     def student_params(trainable: Params, frozen: Params) -> Params:
         if "lora" in trainable:
-            return lora.merge(frozen["teachers"][anchor], trainable["lora"], lora_alpha)
+            merged = lora.merge(lora.resolve(frozen["init"]), trainable["lora"], lora_alpha)
+            return lora.overlay(merged, trainable.get("full", {}))
         return trainable["backbone"]
     return student_params

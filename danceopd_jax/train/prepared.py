@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
-from danceopd_jax.config import routes_of
+from danceopd_jax.config import init_teacher, routes_of
 from danceopd_jax.core.methods import get_method
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
@@ -132,10 +132,14 @@ class PreparedWorld:
 
     # ----------------------------------------------------------------- teachers
 
-    def needed_teachers(self) -> list[str]:
-        """The anchor, every routed teacher and the LoRA bases they need, bases first."""
+    def needed_teachers(self, names: list[str] | None = None) -> list[str]:
+        """`names` (default: the anchor, every routed teacher and the one the student starts
+        from) and the LoRA bases they need, bases first."""
+        if names is None:
+            names = ["anchor", *(r.teacher for r in self.routes),
+                     init_teacher(self.config) or "anchor"]
         order: list[str] = []
-        for name in ["anchor", *(r.teacher for r in self.routes)]:
+        for name in names:
             for needed in (self.config.teachers[name].lora_base, name):
                 if needed and needed not in order:
                     order.append(needed)
@@ -150,6 +154,12 @@ class PreparedWorld:
     def load_anchor(self) -> tuple[Params, Params]:
         """The anchor's params (from the workdir's cache only) and the frozen text entry."""
         return self._teachers(["anchor"], convert=False)["anchor"], self.data.null_condition()
+
+    def load_teachers(self, names: list[str]) -> tuple[dict[str, Params], Params]:
+        """The anchor, `names` and their LoRA bases (from the workdir's cache only), and the
+        frozen text entry."""
+        return (self._teachers(self.needed_teachers(["anchor", *names]), convert=False),
+                self.data.null_condition())
 
     def _teachers(self, names: list[str], convert: bool) -> dict[str, Params]:
         teachers: dict[str, Params] = {}

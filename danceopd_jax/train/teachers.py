@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from danceopd_jax.config import teacher_buckets
+from danceopd_jax.config import init_teacher, teacher_buckets
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import Bucket, RouteBatcher
 from danceopd_jax.train.checkpoint import RunCheckpoints, has_params, load_params, save_params
@@ -57,7 +57,8 @@ def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
 
 
 def needed_teachers(config: ml_collections.ConfigDict, routes: list[Route]) -> list[str]:
-    """The anchor, every routed teacher and what they start from, parents first."""
+    """The anchor, every routed teacher, the one the student starts from (training.init) and
+    what they start from, parents first."""
     order: list[str] = []
 
     def visit(name: str) -> None:
@@ -67,7 +68,7 @@ def needed_teachers(config: ml_collections.ConfigDict, routes: list[Route]) -> l
         if name not in order:
             order.append(name)
 
-    for name in ["anchor", *(r.teacher for r in routes)]:
+    for name in ["anchor", *(r.teacher for r in routes), init_teacher(config) or "anchor"]:
         visit(name)
     return order
 
