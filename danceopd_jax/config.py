@@ -17,8 +17,6 @@ import ml_collections
 from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
-from danceopd_jax.eval.targets import RULES as TARGET_RULES
-from danceopd_jax.eval.targets import SCORES as TARGET_SCORES
 
 MIX = "mix"
 
@@ -104,6 +102,10 @@ def route(teacher: str, bucket: str, weight: float, cfg_alpha: float = 1.0):
                                           cfg_alpha=cfg_alpha))
 
 
+# What a target (config.eval.targets, eval/targets.py) may compare: score -> its ShapesBench
+# task, and how the student's score relates to the reference's.
+TARGET_SCORES = {"t2i": "t2i", "edit": "edit", "edit_local": "edit", "edit_global": "edit"}
+TARGET_RULES = ("within", "ratio")
 # A path the user must give: validation stops at it and says what to provide.
 REQUIRED = "REQUIRED: "
 WORLDS = ("shapes", "prepared")
@@ -331,7 +333,7 @@ def validate_targets(config: ml_collections.ConfigDict) -> None:
                              f"{sorted(config.teachers)}.")
         if not t.value >= 0:
             raise ValueError(f"{where}.value={t.value}: it must be >= 0.")
-        if TARGET_SCORES[t.score][0] == "edit" and not edits:
+        if TARGET_SCORES[t.score] == "edit" and not edits:
             raise ValueError(f"{where} compares edit scores, but no route trains edits, so the "
                              "student is not scored on them; remove that target from the "
                              "config file or route an edit bucket.")

@@ -31,6 +31,7 @@ NO_TORCH = {"core", "models", "train"}  # the JAX training path
 TORCH = ("torch", "diffusers")
 DEBT = {
     ("data", "interop"), ("eval", "interop"), ("eval", "train"), ("interop", "train"),
+    ("interop", "config"),
     ("train", "eval"), ("train", "interop"),
     ("cli", "core"), ("cli", "data"), ("cli", "eval"), ("cli", "interop"), ("cli", "models"),
     ("cli", "train"),

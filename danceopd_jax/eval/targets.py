@@ -13,14 +13,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from danceopd_jax.config import TARGET_RULES, TARGET_SCORES
+
 # Target score -> (task, path into a ShapesBench summary of that task) and its printed name.
-SCORES = {"t2i": ("t2i", ("mean",)), "edit": ("edit", ("mean", "correct")),
-          "edit_local": ("edit", ("local", "correct")),
-          "edit_global": ("edit", ("global", "correct"))}
+PATHS = {"t2i": ("mean",), "edit": ("mean", "correct"), "edit_local": ("local", "correct"),
+         "edit_global": ("global", "correct")}
+SCORES = {name: (task, PATHS[name]) for name, task in TARGET_SCORES.items()}
 SCORE_NAMES = {"t2i": "GenEval-style mean", "edit": "GEdit-style correct",
                "edit_local": "GEdit-style correct, local", "edit_global":
                "GEdit-style correct, global"}
-RULES = ("within", "ratio")
+RULES = TARGET_RULES
 STUDENT = "student"
 
 
