@@ -1,21 +1,25 @@
 """python -m danceopd_jax.sample --workdir=DIR --prompt="..." [--source=img.png] [--out=x.png]
 
 Generates with the trained student of a workdir (its latest checkpoint). With --source the
-prompt is an edit instruction applied to that image; without, it is a T2I prompt.
+prompt is an edit instruction applied to that image (an RGB image of the world's size; --resize
+converts another size or a grayscale / palette image); without, it is a T2I prompt. The prompt
+must use the world's words; an empty one needs --unconditional.
 """
 
 from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from danceopd_jax import cli
 from danceopd_jax.config import world_kind
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import to_unit_range
-from danceopd_jax.data.shapes.tokenizer import encode
-from danceopd_jax.eval.shapes import make_generator
+from danceopd_jax.data.shapes.tokenizer import encode, unknown_words
+from danceopd_jax.errors import ConfigError
+from danceopd_jax.eval.shapes import make_generator, read_source
 from danceopd_jax.interop.workdir import load_student
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
@@ -26,24 +30,37 @@ _OUT = flags.DEFINE_string("out", "sample.png", "Where to write the generated im
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.eval.sample_steps).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _NUM = flags.DEFINE_integer("num", 4, "How many samples (written side by side).")
+_RESIZE = flags.DEFINE_bool("resize", False, "Convert a --source of another size (nearest "
+                            "neighbour) or a grayscale / palette one to the world's RGB.")
+_UNCONDITIONAL = flags.DEFINE_bool("unconditional", False,
+                                   "Allow an empty --prompt: unconditional samples.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
+    if _NUM.value < 1:
+        raise ConfigError(f"--num={_NUM.value}: ask for at least 1 sample.")
+    if not _PROMPT.value.strip() and not _UNCONDITIONAL.value:
+        raise ConfigError("--prompt is empty, which samples unconditionally; pass "
+                          "--unconditional if that is what you want, or a prompt.")
     student = load_student(_WORKDIR.value)
     config, world = student.config, student.world
     if world_kind(config) != "shapes":
-        raise app.UsageError(
+        raise ConfigError(
             f"{_WORKDIR.value} trained on prepared data, whose prompts need SD3's text encoders "
             "and whose samples need its VAE (PyTorch): export the student (python -m "
             "danceopd_jax.export) and sample it with diffusers, as launch/sd3_tiny_e2e.py does.")
     size = config.world.image_size
+    unknown = unknown_words(world.tokenizer, _PROMPT.value)
+    if unknown:
+        raise ConfigError(f"--prompt={_PROMPT.value!r}: the words {unknown} are not in the "
+                          "shapes world's vocabulary (the student would read them as [UNK]); "
+                          "use its shapes, colours, positions and edit verbs, as in "
+                          f"{_WORKDIR.value}/samples.")
     ids, mask = encode(world.tokenizer, [_PROMPT.value] * _NUM.value)
     batch = {"input_ids": ids, "attention_mask": mask,
              "target": np.zeros((_NUM.value, size, size, 3), np.float32)}
     if _SOURCE.value:
-        src = np.asarray(Image.open(_SOURCE.value).convert("RGB").resize((size, size),
-                                                                          Image.NEAREST))
+        src = read_source(_SOURCE.value, size, _RESIZE.value)
         batch["source"] = np.broadcast_to(to_unit_range(src), (_NUM.value, size, size, 3))
         batch["has_source"] = np.ones((_NUM.value,), bool)
     sigmas = make_sigmas(_STEPS.value or config.eval.sample_steps, config.danceopd.shift,
@@ -56,4 +73,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

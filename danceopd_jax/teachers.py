@@ -13,17 +13,17 @@ import logging
 import shutil
 from pathlib import Path
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from absl import flags
 
+from danceopd_jax import cli
 from danceopd_jax.config import world_kind
 from danceopd_jax.core.routing import Route
+from danceopd_jax.errors import ConfigError
 from danceopd_jax.train.distill import build, format_scores, score_models
 from danceopd_jax.train.mesh import make_mesh
 from danceopd_jax.train.teachers import SHIPPED_DIR, prepare_teachers
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher on held-out data.")
 _REUSE = flags.DEFINE_bool("reuse_shipped", False,
@@ -31,13 +31,10 @@ _REUSE = flags.DEFINE_bool("reuse_shipped", False,
 _SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {SHIPPED_DIR}.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
-    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
+def main() -> None:
     config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
     if world_kind(config) != "shapes":
-        raise app.UsageError("this command trains the shapes world's teachers; a prepared-data "
+        raise ConfigError("this command trains the shapes world's teachers; a prepared-data "
                              "config's teachers are diffusers checkpoints, which the main job "
                              "converts and caches itself.")
     world = build(config, workdir)
@@ -61,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
