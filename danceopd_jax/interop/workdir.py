@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,3 +121,30 @@ def export_lora(student: Student, out: str | Path) -> Path:
         )
     _, tree = unscanned(student.backbone_config, student.lora)
     return save_diffusers_lora(tree, student.lora_alpha, out)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A path beside `out` to write the export to. When the block succeeds it replaces `out`
+    by renames (the old export is deleted only once the new one is in place); when the block
+    fails it is deleted and `out` is left as it was."""
+    partial = out.with_name(f".partial-{os.getpid()}-{out.name}")  # same suffix: same format
+    _remove(partial)
+    try:
+        yield partial
+        if out.is_dir():  # a rename cannot replace a non-empty folder: move it aside first
+            old = out.with_name(f".old-{os.getpid()}-{out.name}")
+            os.replace(out, old)
+            os.replace(partial, out)
+            _remove(old)
+        else:
+            os.replace(partial, out)
+    finally:
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
