@@ -192,6 +192,7 @@ def test_export_replaces_the_folder_whole_or_not_at_all(tmp_path):
 
 # --- checkpoints: corrupt, killed mid-save, preempted ----------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_names_the_fix_and_the_run_resumes_after_it(trained,
                                                                             tmp_path):
     workdir = workdir_with_teachers(trained, tmp_path / "run")

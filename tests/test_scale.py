@@ -135,8 +135,9 @@ def env_with(devices: int = 1) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one_process_survive_sigterm_and_restore_in_one(trained, tmp_path):
     """Two processes (one CPU device each) over localhost train until process 1 gets SIGTERM:
-    both save the same step and exit with the preemption status 42. Their losses equal a single process's on the
-    same global batch (2 devices), and one process on one device resumes the checkpoint."""
+    both save the same step and exit with the preemption status 42. Their losses equal a single
+    process's on the same global batch (2 devices), and one process on one device resumes the
+    checkpoint."""
     two = workdir_with_teachers(trained, tmp_path / "two")
     port = free_port()
     procs = [subprocess.Popen(
