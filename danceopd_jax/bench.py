@@ -18,14 +18,14 @@ import dataclasses
 import json
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
+from danceopd_jax import cli
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
 from danceopd_jax.models.mmdit import REMAT_POLICIES, sd35_medium_config, tiny_config
 from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
 _PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
@@ -67,8 +67,7 @@ def table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     report = {"device": device.device_kind, "backend": jax.default_backend(),
@@ -94,4 +93,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

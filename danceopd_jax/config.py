@@ -10,6 +10,8 @@ here, so every value is overridable from the command line (`--config.training.st
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ml_collections
@@ -17,6 +19,7 @@ import ml_collections
 from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
+from danceopd_jax.errors import ConfigError
 
 MIX = "mix"
 
@@ -178,6 +181,8 @@ def base_config() -> ml_collections.ConfigDict:
     # and query_bias.
     c.baselines = dict(dsigma="true", eta=0.7, group=16, ppo_clip=1e-4, adv_clip=5.0,
                        advantage="kl", merge="average", merge_scale=1.0)
+    # max_param_growth: a checkpoint is saved only if its weights are sound (finite, and their
+    # global norm at most this many times that of the last sound state: train/loop.py).
     # The student's rate: a linear warm-up over warmup_steps, then constant; cooldown_fraction
     # > 0 decays it linearly to zero over that fraction of the steps, at the end.
     # training.seed drives the student's run (rollout noise, queries, batches, LoRA init);
@@ -190,7 +195,7 @@ def base_config() -> ml_collections.ConfigDict:
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=20, cooldown_fraction=0.0, lora_rank=0, lora_alpha=0.0, routing="per_sample",
         checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2, init="anchor",
-        ema_decay=0.0, lora_full=LORA_FULL)
+        ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0)
     # final_scores: score the anchor, the routed teachers and the student at the end of the run
     # with ShapesBench (eval/shapesbench.py): `num` held-out prompts / edits per category,
     # sampled with `sample_steps` Euler steps for each of `seeds` (the issue's benchmark
@@ -232,7 +237,7 @@ def prepared_config() -> ml_collections.ConfigDict:
         seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=0, cooldown_fraction=0.0, lora_rank=128, lora_alpha=128.0,
         routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2,
-        init="anchor", ema_decay=0.0, lora_full=LORA_FULL)
+        init="anchor", ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0)
     # Student samples (PNG grids and latents) of the first rows of each routed bucket, at
     # sample_every.
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
@@ -246,8 +251,26 @@ def routes_of(config: ml_collections.ConfigDict) -> list[Route]:
             for name, r in config.routes.items()]
 
 
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Re-raise a config check's plain ValueError / KeyError as ConfigError (a command line
+    prints it without a traceback, exit 2). Subclasses (DataError, ...) are specific already."""
+    try:
+        yield
+    except (ValueError, KeyError) as e:
+        if type(e) not in (ValueError, KeyError):
+            raise
+        raise ConfigError(e.args[0] if e.args else str(e)) from e
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Everything that can be checked before data is built, anything loads or compiles."""
+    """Everything that can be checked before data is built, anything loads or compiles;
+    raises ConfigError."""
+    with config_errors():
+        _validate(config)
+
+
+def _validate(config: ml_collections.ConfigDict) -> None:
     kind = world_kind(config)
     if kind not in WORLDS:
         raise ValueError(f"world.kind={kind!r}; use one of {WORLDS}.")
@@ -267,6 +290,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"training.cooldown_fraction={config.training.cooldown_fraction}: it is "
                          "the fraction of the steps over which the rate decays to zero at the "
                          "end; use a value in [0, 1] (0: no cool-down).")
+    if config.method != "weight_merge" and not config.training.steps >= 1:
+        raise ValueError(f"training.steps={config.training.steps}: train for at least 1 step "
+                         "(--config.training.steps=N).")
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")
@@ -296,6 +322,27 @@ def _validate_student(config: ml_collections.ConfigDict) -> None:
     except re.error as e:
         raise ValueError(f"training.lora_full={tc.lora_full!r} is not a regex ({e}); give one "
                          f"over param paths, e.g. {LORA_FULL!r}, or '' for none.") from e
+
+
+def validate_batch(config: ml_collections.ConfigDict, shards: int) -> None:
+    """The batch splits into `shards` equal parts (the mesh's data x fsdp size) and, with
+    per-sample routing, each part holds a sample of every route with a positive weight;
+    checked before teachers or data are made (the first step would fail on it)."""
+    tc = config.training
+    if get_method(config.method).train == "merge":  # trains nothing
+        return
+    per_sample = tc.routing == "per_sample"
+    active = sum(float(r.weight) > 0 for r in config.routes.values()) if per_sample else 1
+    need = shards * active
+    if tc.batch_size >= need and tc.batch_size % shards == 0:
+        return
+    what = (f"one sample of each of the {active} routes with a positive weight" if per_sample
+            else "one sample")
+    fix = f"a multiple of {shards} that is at least {need}" if shards > 1 else f"at least {need}"
+    raise ConfigError(
+        f"training.batch_size={tc.batch_size} cannot hold {what} in each of its {shards} batch "
+        f"shard(s) (mesh data x fsdp): use {fix}"
+        + (", or training.routing='per_step'." if per_sample else "."))
 
 
 def _validate_shapes(config: ml_collections.ConfigDict) -> None:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from danceopd_jax.eval.workdir import evaluate_workdir
+from danceopd_jax import cli
+from danceopd_jax.config import config_errors
+from danceopd_jax.errors import ConfigError
+from danceopd_jax.eval.workdir import evaluate_workdir, parse_model
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
                                required=True)
@@ -30,13 +33,19 @@ _CACHE = flags.DEFINE_string("cache_dir", None, "Where the FD classifier is cach
                              "(default: <workdir>/data/fd_classifier).")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     try:
         seeds = [int(s) for s in _SEEDS.value]
     except ValueError:
         raise app.UsageError(f"--seeds={','.join(_SEEDS.value)}: pass integers, e.g. 0,1,2") \
             from None
+    with config_errors():  # before anything loads
+        for spec in _MODELS.value or []:
+            parse_model(spec)
+    for flag, value in (("sample_steps", _STEPS.value), ("num", _NUM.value),
+                        ("batch_size", _BATCH.value or 1)):
+        if value < 1:
+            raise ConfigError(f"--{flag}={value}: it must be at least 1.")
     _, path = evaluate_workdir(_WORKDIR.value, models=_MODELS.value, split=_SPLIT.value,
                                seeds=seeds, sample_steps=_STEPS.value, num=_NUM.value,
                                batch_size=_BATCH.value, fd=_FD.value, cache_dir=_CACHE.value)
@@ -45,4 +54,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,22 +3,25 @@
 Prepares (or reuses) the teachers, trains the student with config.method (DanceOPD, or a
 baseline: README "Methods"), writes checkpoints, metrics and sample grids to the workdir, and
 prints held-out scores at the end. Rerunning with the same workdir resumes where the last run
-stopped.
+stopped. Exit statuses: README "When things go wrong" (42: preempted, rerun to resume).
 """
 
 from __future__ import annotations
 
-import logging
+import runpy
+import shlex
+import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+import ml_collections
+from absl import flags
 from ml_collections import config_flags
 
+from danceopd_jax import cli
+from danceopd_jax.config import config_errors
 from danceopd_jax.train import cluster, distill
-from danceopd_jax.train.loop import Preempted
+from danceopd_jax.train.loop import NonFiniteLossError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py",
-                                          "Experiment config file (get_config()).")
+_CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
                                "Directory for teachers, checkpoints, metrics, samples.")
 _COORDINATOR = flags.DEFINE_string(
@@ -28,17 +31,28 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value.")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
-    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
-    cluster.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+def main() -> None:
+    with config_errors():
+        cluster.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
         distill.run(_CONFIG.value, _WORKDIR.value)
-    except Preempted as e:  # the checkpoint is saved: stop cleanly, the next start resumes
-        logging.getLogger("danceopd_jax").warning("%s", e)
+    except NonFiniteLossError as e:
+        raise NonFiniteLossError(f"{e} For example: {rerun_command(_CONFIG.value)}") from e
+
+
+def rerun_command(config: ml_collections.ConfigDict) -> str:
+    """This command line with a rate that can resume: the config file's own rate where an
+    override raised it, otherwise a tenth of the rate."""
+    key = "--config.training.lr="
+    args = [a for a in sys.argv[1:] if not a.startswith(key)]
+    lr = config.training.lr
+    if "training.lr" in config_flags.get_override_values(flags.FLAGS["config"]):
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        file_lr = runpy.run_path(path)["get_config"]().training.lr
+        if file_lr < lr:
+            return shlex.join(["python", "-m", "danceopd_jax.main", *args])
+    return shlex.join(["python", "-m", "danceopd_jax.main", *args, f"{key}{lr / 10:g}"])
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

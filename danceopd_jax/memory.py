@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from danceopd_jax import cli
 from danceopd_jax.models.mmdit import mmdit_6b_config, sd35_medium_config
 from danceopd_jax.train.memory import HARDWARE, Workload, markdown, memory_table
 
@@ -19,8 +20,7 @@ _RANK = flags.DEFINE_integer("lora_rank", 64, "LoRA rank of the LoRA rows.")
 MODELS = {"SD3.5-Medium": sd35_medium_config, "MMDiT-6B": mmdit_6b_config}
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
     unknown = sorted(set(_HARDWARE.value) - set(HARDWARE))
     if unknown:
         raise app.UsageError(f"--hardware {unknown} unknown; use {list(HARDWARE)}.")
@@ -36,4 +36,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

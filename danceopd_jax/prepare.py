@@ -10,10 +10,9 @@ dataset per task bucket (layout: danceopd_jax/data/conditions.py). Point a real-
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from absl import flags
 
+from danceopd_jax import cli
 from danceopd_jax.config import routes_of
 from danceopd_jax.data.conditions import STORE_DTYPES, prepare
 
@@ -30,14 +29,11 @@ _RESOLUTION = flags.DEFINE_string("resolution", "1024", "Image size: N or HEIGHT
 _MAX_LEN = flags.DEFINE_integer("max_sequence_length", 256, "T5 tokens (diffusers' default).")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Rows encoded at once.")
 _DTYPE = flags.DEFINE_enum("dtype", "float16", list(STORE_DTYPES), "Storage dtype of arrays.")
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.config_flag(
     "config", None, "Optional experiment config: check that its routes' buckets are here.")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; use --flag=value.")
-    absl_logging.set_verbosity(absl_logging.WARNING)  # tfds logs every file it writes
+def main() -> None:
     tfds.disable_progress_bar()
     config = _CONFIG.value
     routes = routes_of(config) if config is not None else None
@@ -48,4 +44,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

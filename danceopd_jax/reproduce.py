@@ -10,7 +10,6 @@ curves and a gallery per experiment. Rerunning the same command skips finished r
 from __future__ import annotations
 
 import json
-import logging
 import os
 import platform
 import sys
@@ -19,8 +18,8 @@ from pathlib import Path
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 
+from danceopd_jax import cli
 from danceopd_jax.train.experiments import EXPERIMENTS, PRESETS, Reproduction
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size of every run.")
@@ -36,10 +35,7 @@ _INTRO = flags.DEFINE_string("intro", "docs/results_intro.md",
                              "Hand-written text put above the generated tables, if it exists.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
+def main() -> None:
     preset = PRESETS[_PRESET.value]
     out = Path(_OUT.value or f"runs/reproduce_{preset.name}")
     unknown = set(_EXPERIMENTS.value) - {e.name for e in EXPERIMENTS}
@@ -86,4 +82,4 @@ def run(reproduction: Reproduction, out: Path) -> dict:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,7 +1,9 @@
 """python -m danceopd_jax.sample --workdir=DIR --prompt="..." [--source=img.png] [--out=x.png]
 
 Generates with the trained student of a workdir (its latest checkpoint). With --source the
-prompt is an edit instruction applied to that image; without, it is a T2I prompt.
+prompt is an edit instruction applied to that image (an RGB image of the world's size; --resize
+converts another size or a grayscale / palette image); without, it is a T2I prompt. The prompt
+must use the world's words; an empty one needs --unconditional.
 
 On a real-model workdir (prepared data) the prompt is encoded by our Flax SD3 text encoders and
 the samples decoded by our Flax VAE decoder, both converted from the folders the data was
@@ -15,15 +17,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from PIL import Image
 
+from danceopd_jax import cli
 from danceopd_jax.config import world_kind
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import to_unit_range
 from danceopd_jax.data.conditions import load_image
-from danceopd_jax.data.shapes.tokenizer import encode
-from danceopd_jax.eval.shapes import make_generator
+from danceopd_jax.data.shapes.tokenizer import encode, unknown_words
+from danceopd_jax.errors import ConfigError, DataError
+from danceopd_jax.eval.shapes import make_generator, read_source
 from danceopd_jax.interop.workdir import Student, load_student
 from danceopd_jax.train.prepared import latent_generator
 
@@ -35,22 +39,35 @@ _OUT = flags.DEFINE_string("out", "sample.png", "Where to write the generated im
 _STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.eval.sample_steps).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _NUM = flags.DEFINE_integer("num", 4, "How many samples (written side by side).")
+_RESIZE = flags.DEFINE_bool("resize", False, "Convert a --source of another size (nearest "
+                            "neighbour) or a grayscale / palette one to the world's RGB.")
+_UNCONDITIONAL = flags.DEFINE_bool("unconditional", False,
+                                   "Allow an empty --prompt: unconditional samples.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
+def main() -> None:
+    if _NUM.value < 1:
+        raise ConfigError(f"--num={_NUM.value}: ask for at least 1 sample.")
+    if not _PROMPT.value.strip() and not _UNCONDITIONAL.value:
+        raise ConfigError("--prompt is empty, which samples unconditionally; pass "
+                          "--unconditional if that is what you want, or a prompt.")
     student = load_student(_WORKDIR.value)
     config, world = student.config, student.world
     if world_kind(config) != "shapes":
         _sample_prepared(student)
         return
     size = config.world.image_size
+    unknown = unknown_words(world.tokenizer, _PROMPT.value)
+    if unknown:
+        raise ConfigError(f"--prompt={_PROMPT.value!r}: the words {unknown} are not in the "
+                          "shapes world's vocabulary (the student would read them as [UNK]); "
+                          "use its shapes, colours, positions and edit verbs, as in "
+                          f"{_WORKDIR.value}/samples.")
     ids, mask = encode(world.tokenizer, [_PROMPT.value] * _NUM.value)
     batch = {"input_ids": ids, "attention_mask": mask,
              "target": np.zeros((_NUM.value, size, size, 3), np.float32)}
     if _SOURCE.value:
-        src = np.asarray(Image.open(_SOURCE.value).convert("RGB").resize((size, size),
-                                                                          Image.NEAREST))
+        src = read_source(_SOURCE.value, size, _RESIZE.value)
         batch["source"] = np.broadcast_to(to_unit_range(src), (_NUM.value, size, size, 3))
         batch["has_source"] = np.ones((_NUM.value,), bool)
     sigmas = make_sigmas(_STEPS.value or config.eval.sample_steps, config.danceopd.shift,
@@ -70,12 +87,12 @@ def _sample_prepared(student: Student) -> None:
     manifest = world.data.manifest
     missing = [k for k in ("text_encoders", "vae", "max_sequence_length") if k not in manifest]
     if missing:
-        raise app.UsageError(f"{world.data.directory}/conditions.json lacks {missing}: sampling "
+        raise DataError(f"{world.data.directory}/conditions.json lacks {missing}: sampling "
                              "needs the encoders the data was prepared with; prepare it with "
                              "`python -m danceopd_jax.prepare`.")
     decode = world.image_decoder()
     if decode is None:
-        raise app.UsageError(f"the VAE folder {manifest['vae']} (conditions.json's \"vae\") is "
+        raise DataError(f"the VAE folder {manifest['vae']} (conditions.json's \"vae\") is "
                              "not here; sampling decodes with it. Restore it at that path.")
     text, pooled = SD3PromptEncoder(manifest["text_encoders"], manifest["max_sequence_length"],
                                     batch_size=num)([_PROMPT.value] * num)
@@ -95,4 +112,4 @@ def _sample_prepared(student: Student) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

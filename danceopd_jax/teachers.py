@@ -13,18 +13,18 @@ import logging
 import shutil
 from pathlib import Path
 
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
+from absl import flags
 
+from danceopd_jax import cli
 from danceopd_jax.config import teacher_buckets, world_kind
 from danceopd_jax.core.routing import Route
+from danceopd_jax.errors import ConfigError
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.train.distill import build
 from danceopd_jax.train.mesh import make_mesh
 from danceopd_jax.train.teachers import ASSETS_DIR, prepare_teachers, shipped_dir
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
 _EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher with ShapesBench on "
                               "held-out data (config.eval's num, seeds and sample_steps), on "
@@ -35,13 +35,10 @@ _SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {ASSE
                           "<config.shipped_teachers>/.")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes
-    logging.getLogger("danceopd_jax").setLevel(logging.INFO)
+def main() -> None:
     config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
     if world_kind(config) != "shapes":
-        raise app.UsageError("this command trains the shapes world's teachers; a prepared-data "
+        raise ConfigError("this command trains the shapes world's teachers; a prepared-data "
                              "config's teachers are diffusers checkpoints, which the main job "
                              "converts and caches itself.")
     world = build(config, workdir)
@@ -69,4 +66,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -3,7 +3,8 @@
 # runtime; CPU collectives go over gloo). Each process feeds only its own batch shards.
 #   NPROC=2 DEVICES_PER_PROC=1 launch/local_multiprocess.sh --config=configs/t2i_edit.py \
 #       --workdir=runs/mp [--config.x=y ...]
-# Ctrl-C / SIGTERM to any process: all of them save the same step and exit; rerun to resume.
+# Ctrl-C / SIGTERM to any process: all of them save the same step and exit with status 42
+# (preempted; README "When things go wrong"), which this script returns: rerun to resume.
 set -euo pipefail
 NPROC=${NPROC:-2}
 DEVICES_PER_PROC=${DEVICES_PER_PROC:-1}

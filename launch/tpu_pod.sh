@@ -6,7 +6,8 @@
 #       --config.mesh.data=1 --config.mesh.fsdp=-1
 # The workdir must be shared by all hosts (a gs:// bucket or a mounted filesystem) so Orbax can
 # write and restore one checkpoint from every host. A preempted slice gets SIGTERM: every host
-# saves the same step and exits; rerun this command to resume.
+# saves the same step and exits with status 42 (preempted; README "When things go wrong");
+# rerun this command to resume.
 set -euo pipefail
 : "${TPU:?set TPU to the TPU VM name}" "${ZONE:?set ZONE}" "${REPO_URL:?set REPO_URL}"
 DIR=${DIR:-danceopd_jax}

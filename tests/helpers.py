@@ -1,12 +1,21 @@
-"""Helpers shared by several test modules (fixtures stay in conftest.py).
-
-The SD3 parity helpers import torch and diffusers lazily, so importing this module costs
-nothing to a test that does not use them."""
+"""Helpers shared by several test modules (fixtures and configs stay in conftest.py): workdirs
+with trained teachers, command lines run as `python -m` runs them (cheaply), and the parity
+helpers against PyTorch models (torch and diffusers imported lazily, so importing this module
+costs nothing to a test that does not use them)."""
 
 from __future__ import annotations
 
 import functools
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tempfile
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -16,6 +25,7 @@ from flax import nnx
 
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
 
+ROOT = Path(__file__).resolve().parent.parent
 # Weights ~ N(0, STD), norm weights ~ 1 + N(0, STD): no layer is zero or identity. Much larger
 # weights amplify float32 rounding of the sin/cos time features (timestep up to 1000) past TOL.
 STD = 0.2
@@ -104,3 +114,70 @@ def mmdit_forward(config: MMDiTConfig, params: dict, x: dict[str, np.ndarray]) -
 
 def max_err(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
+
+
+def workdir_with_teachers(trained: tuple[Path, dict], path: Path) -> Path:
+    path.mkdir()
+    for sub in ("teachers", "data"):
+        shutil.copytree(trained[0] / sub, path / sub)
+    return path
+
+
+def run_clis(cases: list[dict], env: dict | None = None, timeout: int = 600
+             ) -> list[tuple[int, str]]:
+    """(exit status, stdout + stderr) of each case {"argv": [module, *args], "prelude": code
+    run first (fault injection)}, run as `python -m module args` would be: each in a process
+    forked from one driver that imported the heavy libraries once (a fresh interpreter per
+    command line spends seconds on imports). A child killed by signal N gives -N."""
+    out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), cwd=ROOT,
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {}),
+                              "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [tuple(r) for r in json.loads(out.stdout.splitlines()[-1])]
+
+
+def _drive() -> None:
+    # What every command line imports (no module that defines flags: each child does that).
+    import flax.nnx  # noqa: F401
+    import orbax.checkpoint  # noqa: F401
+    from ml_collections import config_flags  # noqa: F401
+
+    import danceopd_jax.interop.workdir  # noqa: F401
+    import danceopd_jax.train.distill  # noqa: F401
+
+    results = []
+    for case in json.load(sys.stdin):
+        with tempfile.TemporaryFile() as log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                os._exit(_child(case))
+            _, status = os.waitpid(pid, 0)
+            log.seek(0)
+            results.append((os.waitstatus_to_exitcode(status), log.read().decode()))
+    print(json.dumps(results))
+
+
+def _child(case: dict) -> int:
+    module, *args = case["argv"]
+    sys.argv = [module, *args]
+    try:
+        exec(case.get("prelude", ""), {})  # noqa: S102 - the test's own fault injection
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:  # noqa: BLE001 - an uncaught error, as the interpreter shows it
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+if __name__ == "__main__":
+    _drive()

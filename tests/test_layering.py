@@ -14,18 +14,22 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "danceopd_jax"
 BELOW_JOBS = {"worlds", "train", "eval", "data", "interop", "models", "core", "config"}
-# package -> the packages it may import. "cli" is every top-level module but config.py.
+# Beside every layer: config (the settings schema and its validation) and errors (the errors a
+# user can fix and their exit statuses, which any layer may raise).
+# package -> the packages it may import. "cli" is every top-level module but config.py and
+# errors.py.
 RULES: dict[str, set[str]] = {
     "core": set(),
     "models": set(),
-    "config": {"core"},  # the settings schema and its validation, beside the algorithm
-    "interop": {"models"},
-    "data": {"core"},
-    "worlds": {"data", "interop", "models", "core", "config"},
-    "train": {"worlds", "data", "models", "core", "config"},
-    "eval": {"worlds", "data", "models", "core", "config"},
-    "jobs": BELOW_JOBS,
-    "cli": {"jobs", "config"},
+    "errors": set(),
+    "config": {"core", "errors"},
+    "interop": {"models", "errors"},
+    "data": {"core", "errors"},
+    "worlds": {"data", "interop", "models", "core", "config", "errors"},
+    "train": {"worlds", "data", "models", "core", "config", "errors"},
+    "eval": {"worlds", "data", "models", "core", "config", "errors"},
+    "jobs": BELOW_JOBS | {"errors"},
+    "cli": {"jobs", "config", "errors"},
 }
 NO_TORCH = {"core", "models", "train"}  # the JAX training path
 TORCH = ("torch", "diffusers")
@@ -39,14 +43,14 @@ DEBT = {
 
 
 def package_of(module: str) -> str:
-    """danceopd_jax.<first part>...: its folder's name, or "config" / "cli" for top-level
-    modules."""
+    """danceopd_jax.<first part>...: its folder's name, or "config" / "errors" / "cli" for
+    top-level modules."""
     parts = module.split(".")
     if len(parts) == 1:
         return "cli"
     if (PACKAGE / parts[1]).is_dir():
         return parts[1]
-    return "config" if parts[1] == "config" else "cli"
+    return parts[1] if parts[1] in ("config", "errors") else "cli"
 
 
 def imports_of(path: Path) -> set[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, losses, tiny_config, tiny_flags
+from helpers import workdir_with_teachers
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
@@ -132,18 +132,12 @@ def env_with(devices: int = 1) -> dict:
             "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
 
 
-def workdir_with_teachers(trained: tuple[Path, dict], path: Path) -> Path:
-    path.mkdir()
-    for sub in ("teachers", "data"):
-        shutil.copytree(trained[0] / sub, path / sub)
-    return path
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_survive_sigterm_and_restore_in_one(trained, tmp_path):
     """Two processes (one CPU device each) over localhost train until process 1 gets SIGTERM:
-    both save the same step and exit cleanly. Their losses equal a single process's on the
-    same global batch (2 devices), and one process on one device resumes the checkpoint."""
+    both save the same step and exit with the preemption status 42. Their losses equal a single
+    process's on the same global batch (2 devices), and one process on one device resumes the
+    checkpoint."""
     two = workdir_with_teachers(trained, tmp_path / "two")
     port = free_port()
     procs = [subprocess.Popen(
@@ -159,7 +153,7 @@ def test_two_processes_match_one_process_survive_sigterm_and_restore_in_one(trai
         time.sleep(0.5)
     procs[1].send_signal(signal.SIGTERM)
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert [p.returncode for p in procs] == [42, 42], logs[0][-3000:] + logs[1][-3000:]
     saved = RunCheckpoints(two / "checkpoints").latest_step()
     assert saved is not None and saved >= 3
     assert all(f"saved a checkpoint at step {saved}" in log for log in logs)

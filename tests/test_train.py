@@ -201,15 +201,21 @@ def test_resume_continues_exactly(trained, tmp_path):
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained, tmp_path):
-    """A learning rate of 1e30 makes step 1's update finite but huge, so step 2's loss is not
-    finite: the run stops there, names the step, and step 1's checkpoint is the last one."""
+    """A learning rate of 1e30 makes step 1's update finite but huge (step 2's loss would not
+    be finite): those weights are not sound, so they are not saved and the run stops there;
+    without the soundness check, the loss alone stops it at step 2."""
     full, _ = trained
     shutil.copytree(full / "teachers", tmp_path / "teachers")
     config = tiny_config(**{"training.lr": 1e30, "training.checkpoint_every": 1,
                             "training.grad_clip": 0.0, "training.warmup_steps": 0})
+    with pytest.raises(NonFiniteLossError, match="after step 1 are not sound") as err:
+        distill.run(config, tmp_path)
+    assert "there is no sound checkpoint" in str(err.value)
+    assert RunCheckpoints(tmp_path / "checkpoints").latest_step() is None
+    config.training.max_param_growth = 0.0  # finite weights only
     with pytest.raises(NonFiniteLossError, match="non-finite at step 2") as err:
         distill.run(config, tmp_path)
-    assert "last good checkpoint is step 1" in str(err.value)
+    assert "last sound checkpoint is step 1" in str(err.value)
     assert RunCheckpoints(tmp_path / "checkpoints").latest_step() == 1
 
 
@@ -226,7 +232,8 @@ def test_main_cli_and_sample_cli(trained, tmp_path):
     src = next((workdir / "samples").glob("joint_edit_step*.png"))
     out = subprocess.run(
         [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={workdir}",
-         "--prompt=remove the red circle", f"--source={src}", f"--out={tmp_path / 'edit.png'}",
+         "--prompt=remove the red circle", f"--source={src}", "--resize",
+         f"--out={tmp_path / 'edit.png'}",
          "--num=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     missing = subprocess.run(

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from danceopd_jax import errors
 from danceopd_jax.core.routing import Route, validate_routes
 
 MANIFEST = "conditions.json"
@@ -53,7 +54,7 @@ TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 ImageEncoder = Callable[[np.ndarray], np.ndarray]
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
     """A row, table or prepared directory that cannot be used; the message says where."""
 
 

@@ -13,11 +13,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from danceopd_jax.core.fields import Field, cfg
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.data.batches import Bucket, has_sources, model_rows
 from danceopd_jax.data.shapes.parser import score_edit, score_t2i
+from danceopd_jax.errors import ConfigError
 
 Params = Any
 Conditioner = Callable[[Params, dict, jax.Array], dict]
@@ -97,3 +99,23 @@ def rates(verdicts: Sequence[Verdict], by: str, keys: Sequence[str]) -> dict[str
         groups.setdefault(v[by], []).append(v)
     return {g: {k: float(np.mean([v[k] for v in vs])) for k in keys}
             for g, vs in sorted(groups.items())}
+
+
+def read_source(path: str, size: int, resize: bool) -> np.ndarray:
+    """The edit source as uint8 RGB [size, size, 3]; another size or mode needs `resize`, and
+    an alpha channel (what would the transparent pixels be?) is refused."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise ConfigError(f"--source={path}: not a readable image ({e}).") from None
+    if "A" in image.getbands() or "transparency" in image.info:
+        raise ConfigError(f"--source={path} has an alpha channel ({image.mode}); flatten it onto "
+                          "the background you mean and save it as RGB.")
+    problems = [f"mode {image.mode}, not RGB"] if image.mode != "RGB" else []
+    if image.size != (size, size):
+        problems.append(f"{image.size[0]}x{image.size[1]} pixels, not the world's {size}x{size}")
+    if problems and not resize:
+        raise ConfigError(f"--source={path} is {' and '.join(problems)}; pass --resize to "
+                          "convert it (nearest neighbour), or give an image of that size.")
+    return np.asarray(image.convert("RGB").resize((size, size), Image.NEAREST))

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.config import init_teacher
+from danceopd_jax.errors import ConfigError
 from danceopd_jax.interop._common import flatten
 from danceopd_jax.interop.diffusers_sd3 import SOURCE_EMBED_FILE, save_diffusers_transformer
 from danceopd_jax.interop.peft_lora import save_diffusers_lora
@@ -151,7 +156,34 @@ def lora_base_teacher(student: Student) -> str:
     """The teacher whose weights a LoRA student's factors sit on (training.init)."""
     name = init_teacher(student.config)
     if name is None:
-        raise ValueError("this LoRA student sits on the teachers' weight merge "
+        raise ConfigError("this LoRA student sits on the teachers' weight merge "
                          "(training.init=merge), which no checkpoint holds; use "
                          "--format=diffusers to export the whole (merged) transformer.")
     return name
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A path beside `out` to write the export to. When the block succeeds it replaces `out`
+    by renames (the old export is deleted only once the new one is in place); when the block
+    fails it is deleted and `out` is left as it was."""
+    partial = out.with_name(f".partial-{os.getpid()}-{out.name}")  # same suffix: same format
+    _remove(partial)
+    try:
+        yield partial
+        if out.is_dir():  # a rename cannot replace a non-empty folder: move it aside first
+            old = out.with_name(f".old-{os.getpid()}-{out.name}")
+            os.replace(out, old)
+            os.replace(partial, out)
+            _remove(old)
+        else:
+            os.replace(partial, out)
+    finally:
+        _remove(partial)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

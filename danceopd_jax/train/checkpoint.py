@@ -15,10 +15,12 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from danceopd_jax.errors import DataError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DataError):
     """A checkpoint that should be there is missing, incomplete or unreadable."""
 
 

@@ -33,7 +33,15 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.tree_util import keystr, tree_flatten_with_path
 
-from danceopd_jax.config import init_teacher, routes_of, teacher_buckets, validate, world_kind
+from danceopd_jax.config import (
+    config_errors,
+    init_teacher,
+    routes_of,
+    teacher_buckets,
+    validate,
+    validate_batch,
+    world_kind,
+)
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.methods import Setting, get_method, merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
@@ -41,12 +49,14 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher, TrainBucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
+from danceopd_jax.errors import ConfigError
 from danceopd_jax.eval import targets
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.eval.shapes import generate_bucket, make_generator
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
+from danceopd_jax.train.lock import hold_workdir
 from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
@@ -168,17 +178,46 @@ class ShapesWorld:
 
 
 def build(config: ml_collections.ConfigDict, workdir: Path) -> Provider:
-    """Validate the config and build the run's world (nothing loaded into it or compiled)."""
+    """Validate the config and build the run's world (nothing loaded into it or compiled);
+    a config it cannot be built from raises ConfigError."""
     validate(config)
-    if world_kind(config) == "prepared":
-        from danceopd_jax.train.prepared import PreparedWorld  # tfds, only when needed
+    with config_errors():
+        if world_kind(config) == "prepared":
+            from danceopd_jax.train.prepared import PreparedWorld  # tfds, only when needed
 
-        return PreparedWorld(config, workdir)
-    return ShapesWorld(config, workdir)
+            return PreparedWorld(config, workdir)
+        return ShapesWorld(config, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train and score in `workdir`, which this job locks (train/lock.py); refuses at once a
+    config, a batch or a step count that cannot work in it."""
     workdir = Path(workdir).absolute()
+    validate(config)
+    with config_errors():
+        validate_batch(config, batch_shards(make_mesh(config.mesh)))
+    workdir.mkdir(parents=True, exist_ok=True)
+    with hold_workdir(workdir):
+        check_steps(config, workdir)
+        return _run(config, workdir)
+
+
+def check_steps(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """A workdir whose checkpoint is past training.steps cannot be resumed to it."""
+    if config.method == "weight_merge" or not (workdir / "checkpoints").is_dir():
+        return
+    checkpoints = RunCheckpoints(workdir / "checkpoints")
+    done = checkpoints.latest_step()
+    checkpoints.close()
+    if done is not None and done > config.training.steps:
+        raise ConfigError(
+            f"{workdir} already holds a checkpoint at step {done}, past "
+            f"training.steps={config.training.steps}: nothing was run and its config.json is "
+            f"unchanged. Pass --config.training.steps={done} or more to resume it, or use a new "
+            "--workdir for a shorter run.")
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     world = build(config, workdir)
     routes, models = world.routes, world.models
     workdir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +278,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                     checkpoints=checkpoints, checkpoint_every=tc.checkpoint_every,
                     meta={"config": config.to_dict()},
                     metrics=MetricsWriter(workdir / "metrics.jsonl"), log_every=tc.log_every,
-                    on_interval=on_interval, interval_every=interval_every)
+                    on_interval=on_interval, interval_every=interval_every,
+                    max_param_growth=tc.get("max_param_growth", 0.0))
     checkpoints.close()
     t_student = time.perf_counter() - t1
 

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from danceopd_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.mesh import local_shards, put_batch
 from danceopd_jax.train.state import TrainState
@@ -36,9 +39,13 @@ Batcher = Callable[[int, range], tuple[tuple, dict]]  # (step, this process's sh
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the run stopped without saving it."""
 
+    exit_code = EXIT_DIVERGED
+
 
 class Preempted(Exception):  # noqa: N818 - an event, not an error
     """SIGTERM arrived; a checkpoint of `step` was saved and the run stopped cleanly."""
+
+    exit_code = EXIT_PREEMPTED
 
     def __init__(self, step: int):
         super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
@@ -86,6 +93,39 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def cut(self, phase: str, step: int) -> None:
+        """Drop `phase`'s rows after `step`: a resumed run logs them again."""
+        if not self.path.exists():
+            return
+        rows = self.path.read_text().splitlines()
+        keep = []
+        for row in rows:
+            record = json.loads(row)
+            if record["phase"] != phase or record["step"] <= step:
+                keep.append(row)
+        if len(keep) < len(rows):
+            self.path.write_text("".join(f"{r}\n" for r in keep))
+
+
+@jax.jit
+def _finite_and_norm(tree: Any) -> tuple[jax.Array, jax.Array]:
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    return finite, optax.tree.norm(tree)
+
+
+def unsound(params: Any, reference_norm: float, max_growth: float) -> tuple[str | None, float]:
+    """(why `params` are not sound or None, their global norm). Sound: every value is finite
+    and, with max_growth > 0, the global norm is at most max_growth x reference_norm (the last
+    sound state's). A too-large rate first shows as finite but exploded weights, whose next
+    loss is non-finite: saving them would make the rerun fail on them again."""
+    finite, norm = (float(x) for x in jax.device_get(_finite_and_norm(params)))
+    if not finite:
+        return "some values are NaN or inf", norm
+    if max_growth > 0 and reference_norm > 0 and norm > max_growth * reference_norm:
+        return (f"their global norm grew from {reference_norm:.4g} to {norm:.4g}, more than "
+                f"max_param_growth={max_growth:g} times"), norm
+    return None, norm
+
 
 def every(*hooks: tuple[int, Callable[[TrainState, int], None]]
           ) -> tuple[Callable[[TrainState, int], None] | None, int]:
@@ -108,11 +148,14 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         name: str, checkpoints: RunCheckpoints | None = None, checkpoint_every: int = 0,
         meta: dict | None = None, metrics: MetricsWriter | None = None, log_every: int = 10,
         on_interval: Callable[[TrainState, int], None] | None = None,
-        interval_every: int = 0) -> TrainState:
+        interval_every: int = 0, max_param_growth: float = 0.0) -> TrainState:
     """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
     and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
     On SIGTERM it saves a checkpoint and raises Preempted (the next start resumes there).
     Metrics and the progress bar come from process 0 only; every process runs on_interval.
+    Only sound weights are saved (`unsound`, against the start state and then each save): at
+    the first non-finite loss or unsound state it raises NonFiniteLossError, so the newest
+    checkpoint is always the last sound one and rotation never deletes it.
     """
     start = int(state.step)
     lead = jax.process_index() == 0
@@ -121,20 +164,27 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
     pending: tuple[int, dict] | None = None
     window: list[dict] = []
     last_saved = checkpoints.latest_step() if checkpoints else None
+    reference = unsound(state.trainable, 0.0, 0.0)[1] if checkpoints else 0.0
+    if metrics and lead:
+        metrics.cut(name, start)
     tick = time.perf_counter()
     bar = tqdm(total=steps, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0,
                disable=not lead)
+
+    def diverged(what: str) -> NonFiniteLossError:
+        resume = (f"the last sound checkpoint is step {last_saved}" if last_saved is not None
+                  else "there is no sound checkpoint, a rerun starts afresh")
+        return NonFiniteLossError(
+            f"{name}: {what}; nothing was saved after it: {resume}. Lower the learning rate "
+            "(--config.training.lr) or check the data, then rerun to resume.")
 
     def settle(step: int, m: dict) -> None:
         """Read step `step`'s scalars; stop on a non-finite loss."""
         nonlocal tick
         m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
         if not m["finite"]:
-            raise NonFiniteLossError(
-                f"{name}: the loss became non-finite at step {step + 1} (loss={m['loss']}, "
-                f"grad_norm={m['grad_norm']}); that update was not applied and nothing was saved "
-                f"after it: the last good checkpoint is step {last_saved}. Lower the learning "
-                "rate or check the data, then rerun to resume from it.")
+            raise diverged(f"the loss became non-finite at step {step + 1} (loss={m['loss']}, "
+                           f"grad_norm={m['grad_norm']}); that update was not applied")
         window.append(m)
         bar.update(1)
         if (step + 1) % log_every == 0 or step + 1 == steps:
@@ -163,8 +213,11 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
                 settle(*pending)  # never save or show a state without checking its loss
                 pending = None
             if save:
+                why, norm = unsound(state.trainable, reference, max_param_growth)
+                if why is not None:
+                    raise diverged(f"the weights after step {done} are not sound ({why})")
                 checkpoints.save(done, state, {**(meta or {}), "step": done})
-                last_saved = done
+                last_saved, reference = done, norm
             if preempted:
                 log.warning("%s: SIGTERM received; checkpoint saved at step %d", name, done)
                 raise Preempted(done)

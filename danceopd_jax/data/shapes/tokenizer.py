@@ -63,6 +63,13 @@ def load_tokenizer(path: str | Path = TOKENIZER_PATH) -> PreTrainedTokenizerFast
     )
 
 
+def unknown_words(tokenizer: PreTrainedTokenizerFast, text: str) -> list[str]:
+    """The words of `text` the world's tokenizer maps to [UNK], in order."""
+    vocab = tokenizer.get_vocab()
+    words = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text.lower())
+    return [w for w, _ in words if w not in vocab or w in SPECIAL_TOKENS]
+
+
 def encode(
     tokenizer: PreTrainedTokenizerFast, texts: Iterable[str]
 ) -> tuple[np.ndarray, np.ndarray]:
