@@ -25,6 +25,20 @@ from danceopd_jax.errors import EXIT_PREEMPTED, EXIT_USAGE
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of expected errors too.")
 
 
+# One flag vocabulary for every command line: a name means one thing everywhere
+# (--sample_steps: Euler steps of the sampling ODE; --num_images / --num_per_category: how many
+# images; --timed_steps: benchmark steps; --workdir: a main job's folder).
+def workdir_flag(default: str | None = None,
+                 help_text: str = "A workdir written by danceopd_jax.main.") -> flags.FlagHolder:
+    return flags.DEFINE_string("workdir", default, help_text, required=default is None)
+
+
+def sample_steps_flag(default: int | None = None) -> flags.FlagHolder:
+    return flags.DEFINE_integer(
+        "sample_steps", default, "Euler steps of the sampling ODE"
+        + (" (default: the workdir config's eval.sample_steps)." if default is None else "."))
+
+
 def run(main: Callable[[], None]) -> None:
     """Parse the flags (stray arguments are an error), set up logging, run main() inside the
     error boundary."""

@@ -1,5 +1,5 @@
 """python -m danceopd_jax.evaluate --workdir=DIR [--split=heldout] [--seeds=0,1,2]
-    [--sample_steps=16] [--models=student,anchor,joint_edit] [--num=32]
+    [--sample_steps=16] [--models=student,anchor,joint_edit] [--num_per_category=32]
 
 Scores a trained workdir's student and teachers with ShapesBench (eval/shapesbench.py):
 GenEval-style T2I, GEditBench-style edits, and Frechet distances in a world classifier's
@@ -16,16 +16,15 @@ from danceopd_jax.config import config_errors
 from danceopd_jax.errors import ConfigError
 from danceopd_jax.eval.workdir import evaluate_workdir, parse_model
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
-                               required=True)
+_WORKDIR = cli.workdir_flag()
 _SPLIT = flags.DEFINE_enum("split", "heldout", ["heldout", "train"],
                            "Which split the prompts and edit sources come from.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Sampling seeds (mean and std over them).")
-_STEPS = flags.DEFINE_integer("sample_steps", 16, "Euler steps of the sampling ODE.")
+_STEPS = cli.sample_steps_flag(16)
 _MODELS = flags.DEFINE_list(
     "models", None, "Models to score: 'student' and/or teacher names, each optionally with a "
     "CFG scale (anchor@cfg3.5). Default: the student, the anchor and the routed teachers.")
-_NUM = flags.DEFINE_integer("num", 32, "Prompts / edits per category.")
+_NUM = flags.DEFINE_integer("num_per_category", 32, "Prompts / edits per category.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sampling batch (default: config.eval's).")
 _FD = flags.DEFINE_bool("fd", True, "Also compute Frechet distances (trains the classifier "
                         "once, about two minutes on a 2-core CPU).")
@@ -42,7 +41,7 @@ def main() -> None:
     with config_errors():  # before anything loads
         for spec in _MODELS.value or []:
             parse_model(spec)
-    for flag, value in (("sample_steps", _STEPS.value), ("num", _NUM.value),
+    for flag, value in (("sample_steps", _STEPS.value), ("num_per_category", _NUM.value),
                         ("batch_size", _BATCH.value or 1)):
         if value < 1:
             raise ConfigError(f"--{flag}={value}: it must be at least 1.")

@@ -29,8 +29,7 @@ from danceopd_jax.interop.workdir import (
     staged,
 )
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
-                               required=True)
+_WORKDIR = cli.workdir_flag()
 _OUT = flags.DEFINE_string("out", None, "Output folder.", required=True)
 _FORMAT = flags.DEFINE_enum("format", "diffusers", ["diffusers", "lora"],
                             "diffusers: the whole transformer; lora: a LoRA student's factors.")

@@ -31,14 +31,13 @@ from danceopd_jax.eval.shapes import make_generator, read_source
 from danceopd_jax.interop.workdir import Student, load_student
 from danceopd_jax.train.prepared import latent_generator
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by danceopd_jax.main.",
-                               required=True)
+_WORKDIR = cli.workdir_flag()
 _PROMPT = flags.DEFINE_string("prompt", None, "T2I prompt or edit instruction.", required=True)
 _SOURCE = flags.DEFINE_string("source", None, "Source image (PNG) to edit.")
 _OUT = flags.DEFINE_string("out", "sample.png", "Where to write the generated image.")
-_STEPS = flags.DEFINE_integer("steps", None, "Sampling steps (default: config.eval.sample_steps).")
+_STEPS = cli.sample_steps_flag()
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-_NUM = flags.DEFINE_integer("num", 4, "How many samples (written side by side).")
+_NUM = flags.DEFINE_integer("num_images", 4, "How many samples (written side by side).")
 _RESIZE = flags.DEFINE_bool("resize", False, "Convert a --source of another size (nearest "
                             "neighbour) or a grayscale / palette one to the world's RGB.")
 _UNCONDITIONAL = flags.DEFINE_bool("unconditional", False,
@@ -47,7 +46,7 @@ _UNCONDITIONAL = flags.DEFINE_bool("unconditional", False,
 
 def main() -> None:
     if _NUM.value < 1:
-        raise ConfigError(f"--num={_NUM.value}: ask for at least 1 sample.")
+        raise ConfigError(f"--num_images={_NUM.value}: ask for at least 1 sample.")
     if not _PROMPT.value.strip() and not _UNCONDITIONAL.value:
         raise ConfigError("--prompt is empty, which samples unconditionally; pass "
                           "--unconditional if that is what you want, or a prompt.")

@@ -116,6 +116,24 @@ def max_err(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
+def tensorboard_tags(logdir: Path) -> dict[str, set[int]]:
+    """{tag: the steps it was written at} over the TensorBoard event files under `logdir`
+    (TFRecords of Event protos: length, crc, data, crc)."""
+    from tensorboardX.proto import event_pb2
+
+    tags: dict[str, set[int]] = {}
+    for path in logdir.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            size = int.from_bytes(data[at:at + 8], "little")
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + size])
+            at += 12 + size + 4
+            for value in event.summary.value:
+                tags.setdefault(value.tag, set()).add(event.step)
+    return tags
+
+
 def workdir_with_teachers(trained: tuple[Path, dict], path: Path) -> Path:
     path.mkdir()
     for sub in ("teachers", "data"):

@@ -256,9 +256,10 @@ def test_every_runs_each_hook_at_its_own_interval() -> None:
 def test_evaluate_cli_writes_json_and_markdown(trained, tmp_path: Path) -> None:
     workdir, _ = trained
     out = subprocess.run(
-        [sys.executable, "-m", "danceopd_jax.evaluate", f"--workdir={workdir}", "--num=1",
-         "--seeds=0,1", "--sample_steps=2", "--models=student,anchor,joint_edit@cfg2",
-         "--nofd"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [sys.executable, "-m", "danceopd_jax.evaluate", f"--workdir={workdir}",
+         "--num_per_category=1", "--seeds=0,1", "--sample_steps=2",
+         "--models=student,anchor,joint_edit@cfg2", "--nofd"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     path = workdir / "eval" / "shapesbench_heldout_steps2.json"
     report = json.loads(path.read_text())

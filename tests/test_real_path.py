@@ -253,7 +253,7 @@ def test_sd3_tiny_end_to_end(tmp_path: Path) -> None:
     assert grids == ["edit_step000002.png", "edit_step000004.png", "t2i_step000002.png",
                      "t2i_step000004.png"]
     sample = subprocess.run([sys.executable, "-m", "danceopd_jax.sample",
-                             f"--workdir={root / 'run'}", "--prompt=a cat", "--num=2",
+                             f"--workdir={root / 'run'}", "--prompt=a cat", "--num_images=2",
                              f"--out={root / 'cat.png'}"], cwd=ROOT,
                             env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                             timeout=300)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, load_config, load_module, losses, tiny_config, tiny_flags
+from helpers import tensorboard_tags
 
 from danceopd_jax.config import routes_of
 from danceopd_jax.core.routing import Route, Slot, per_step_route
@@ -225,7 +226,7 @@ def test_main_cli_and_sample_cli(trained, tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={workdir}",
          "--prompt=a red circle at the top left on a blue background",
-         f"--out={tmp_path / 't2i.png'}", "--num=2"],
+         f"--out={tmp_path / 't2i.png'}", "--num_images=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "t2i.png").is_file()
@@ -234,7 +235,7 @@ def test_main_cli_and_sample_cli(trained, tmp_path):
         [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={workdir}",
          "--prompt=remove the red circle", f"--source={src}", "--resize",
          f"--out={tmp_path / 'edit.png'}",
-         "--num=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--num_images=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     missing = subprocess.run(
         [sys.executable, "-m", "danceopd_jax.sample", f"--workdir={tmp_path / 'none'}",
@@ -279,6 +280,21 @@ def test_cfg_absorption_runs_t2i_only_with_a_guided_teacher(trained, tmp_path):
 
 
 @pytest.mark.slow
+def test_tensorboard_holds_the_metrics_rate_grids_and_scores(trained):
+    """`tensorboard --logdir` on the workdir shows what metrics.jsonl, samples/ and
+    scores.json hold."""
+    workdir, _ = trained
+    tags = tensorboard_tags(workdir / "tensorboard")
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"] for r in rows if r["phase"] == "danceopd"}
+    for name in ("loss", "grad_norm", "lr", "steps_per_sec"):
+        assert tags[f"danceopd/{name}"] == steps, name
+    assert all("lr" in r for r in rows if r["phase"] == "danceopd")
+    grids = {t for t in tags if t.startswith("samples/")}
+    assert grids and all(tags[t] == {2, 4} for t in grids)  # sample_every=2 of 4 steps
+    assert "scores/student/t2i" in tags and "scores/anchor/t2i" in tags
+
+
 def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path, monkeypatch):
     """The reference's mode: every step's batch is ONE slot, of the route drawn for that step
     from the shared seed, and all its rows come from that route's bucket."""

@@ -56,11 +56,12 @@ from danceopd_jax.eval.shapes import generate_bucket, make_generator
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.models import lora
 from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
+from danceopd_jax.train.events import Events
 from danceopd_jax.train.lock import hold_workdir
 from danceopd_jax.train.loop import MetricsWriter, Update, every, fit
 from danceopd_jax.train.mesh import batch_shards, make_mesh, to_host
 from danceopd_jax.train.model import Models, count, init_models, student_params_fn
-from danceopd_jax.train.state import place_state, student_optimizer
+from danceopd_jax.train.state import place_state, student_optimizer, student_rate
 from danceopd_jax.train.step import StudentParams, make_distill_step, make_flow_matching_step
 from danceopd_jax.train.teachers import prepare_teachers, shipped_dir
 
@@ -112,9 +113,10 @@ class Provider(Protocol):
     def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
         """(student params, text params, step) -> writes the student's samples."""
 
-    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
-        """(student params, text params, step) -> appends quick held-out scores to `path`
-        (rows after step `start` are dropped first: a resumed run scores them again)."""
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], dict | None]:
+        """(student params, text params, step) -> appends quick held-out scores to `path` and
+        returns that row (rows after step `start` are dropped first: a resumed run scores them
+        again)."""
 
     def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
         """Held-out scores of the teachers and the student (shapes: a ShapesBench report with
@@ -169,7 +171,7 @@ class ShapesWorld:
     def sampler(self, out_dir: Path) -> Callable[[Params, Params, int], None]:
         return SampleGrids(self.config, self.models, self.splits, self.routes, out_dir).save
 
-    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], dict | None]:
         return Curve(self.config, self.models, self.splits, self.routes, path, start).record
 
     def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:
@@ -199,7 +201,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     with hold_workdir(workdir):
         check_steps(config, workdir)
-        return _run(config, workdir)
+        events = Events(workdir / "tensorboard") if jax.process_index() == 0 else None
+        try:
+            return _run(config, workdir, events)
+        finally:
+            if events:
+                events.close()
 
 
 def check_steps(config: ml_collections.ConfigDict, workdir: Path) -> None:
@@ -217,7 +224,7 @@ def check_steps(config: ml_collections.ConfigDict, workdir: Path) -> None:
             "--workdir for a shorter run.")
 
 
-def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: Path, events: Events | None) -> dict:
     world = build(config, workdir)
     routes, models = world.routes, world.models
     workdir.mkdir(parents=True, exist_ok=True)
@@ -252,7 +259,12 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
     shards = batch_shards(mesh)
     batcher = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                            tc.routing, tc.batch_size, tc.seed, shards)
-    save_samples = world.sampler(workdir / "samples")
+    samples = world.sampler(workdir / "samples")
+
+    def save_samples(params: Params, text: Params, step: int) -> None:
+        samples(params, text, step)
+        if events:
+            events.grids(workdir / "samples", step)
 
     def on_host(show):  # every process gathers the student; process 0 shows it
         return lambda s, n: show(to_host(student_params(s.eval_trainable(), frozen)),
@@ -260,7 +272,14 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
 
     hooks = [(tc.sample_every, on_host(save_samples))]
     if config.eval.curve_every:
-        record = world.curve(workdir / "curve.jsonl", int(state.step))
+        curve = world.curve(workdir / "curve.jsonl", int(state.step))
+
+        def record(params: Params, text: Params, step: int) -> None:
+            row = curve(params, text, step)
+            if events and row:
+                events.scalars(step, {k: v for k, v in row.items()
+                                      if k != "step" and v is not None}, "curve")
+
         hooks.append((config.eval.curve_every, on_host(record)))
         if int(state.step) == 0:
             on_host(record)(state, 0)  # the curve starts at the anchor
@@ -277,7 +296,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         state = fit(update, state, batcher, mesh, steps=tc.steps, name=config.method,
                     checkpoints=checkpoints, checkpoint_every=tc.checkpoint_every,
                     meta={"config": config.to_dict()},
-                    metrics=MetricsWriter(workdir / "metrics.jsonl"), log_every=tc.log_every,
+                    metrics=MetricsWriter(workdir / "metrics.jsonl", student_rate(tc), events),
+                    log_every=tc.log_every,
                     on_interval=on_interval, interval_every=interval_every,
                     max_param_growth=tc.get("max_param_growth", 0.0))
     checkpoints.close()
@@ -294,6 +314,11 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
                              "scores": time.perf_counter() - t2,
                              "total": time.perf_counter() - t0}
     (workdir / "scores.json").write_text(json.dumps(scores, indent=2))
+    if events and "models" in scores:
+        for model, report in scores["models"].items():
+            values = {name: targets.score_of(report, name) for name in targets.SCORES}
+            events.scalars(int(state.step), {k: v for k, v in values.items() if v is not None},
+                           f"scores/{model}")
     wall = ", ".join(f"{k} {v:.0f} s" for k, v in scores["wall_time_s"].items())
     if "models" in scores:  # shapes: the small table of eval/targets.py, then the details
         (workdir / "scores.md").write_text(markdown(scores))
@@ -429,14 +454,16 @@ class Curve:
                 rows = [r for r in path.read_text().splitlines() if json.loads(r)["step"] <= start]
                 path.write_text("".join(f"{r}\n" for r in rows))
 
-    def record(self, params: Params, text: Params, step: int) -> None:
+    def record(self, params: Params, text: Params, step: int) -> dict | None:
+        """The row appended (None on the other processes)."""
         if self.bench is None:
-            return
+            return None
         scores = self.bench.score(Job("student", params, tasks=self.tasks), text, self.seed)
         row = {"step": step, "t2i": scores["t2i"]["mean"],
                "edit": scores["edit"]["mean"]["correct"] if "edit" in scores else None}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        return row
 
 
 def evaluate(config, models: Models, world: World, routes, teachers: dict[str, Params],

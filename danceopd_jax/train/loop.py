@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from danceopd_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from danceopd_jax.train.checkpoint import RunCheckpoints
+from danceopd_jax.train.events import Events
 from danceopd_jax.train.mesh import local_shards, put_batch
 from danceopd_jax.train.state import TrainState
 
@@ -83,15 +84,23 @@ class PreemptionWatch:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl."""
+    """Appends one JSON object per logged step to metrics.jsonl, with the rate of the step's
+    update when `rate` (the optimizer's schedule: update count -> rate) is given, and mirrors
+    it to TensorBoard when `events` is (train/events.py)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, rate: Callable[[int], float] | None = None,
+                 events: Events | None = None):
+        self.path, self.rate, self.events = Path(path), rate, events
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
+        if self.rate is not None:  # the update that made step s had count s - 1
+            record = {**record, "lr": float(self.rate(record["step"] - 1))}
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.events is not None:
+            self.events.scalars(record["step"], {k: v for k, v in record.items()
+                                                 if k not in ("step", "phase")}, record["phase"])
 
     def cut(self, phase: str, step: int) -> None:
         """Drop `phase`'s rows after `step`: a resumed run logs them again."""

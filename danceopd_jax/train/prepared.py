@@ -253,7 +253,7 @@ class PreparedWorld:
             return None
         return ImageDecoder(vae)
 
-    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], None]:
+    def curve(self, path: Path, start: int) -> Callable[[Params, Params, int], dict | None]:
         raise ValueError("prepared data has no scorer for a training curve (eval.curve_every).")
 
     def evaluate(self, teachers: dict[str, Params], student: Params, text: Params) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -91,30 +92,50 @@ def make_optimizer(lr: float, weight_decay: float, grad_clip: float, warmup_step
     (the teachers) or, with cooldown_steps > 0, linearly over its last cooldown_steps
     (warm-up / stable / cool-down: the student). ema_decay > 0 also keeps a moving average of
     the params (track_ema)."""
-    if lr <= 0:
-        raise ValueError(f"learning rate {lr} must be > 0.")
-    if decay_steps and not cooldown_steps:
-        schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
-    elif not (warmup_steps or cooldown_steps):
-        schedule = lr
-    else:
-        def schedule(count: jax.Array) -> jax.Array:
-            up = jnp.minimum(1.0, count / warmup_steps) if warmup_steps else 1.0
-            down = (jnp.clip((decay_steps - count) / cooldown_steps, 0.0, 1.0)
-                    if cooldown_steps else 1.0)
-            return lr * up * down
+    schedule = rate_schedule(lr, warmup_steps, decay_steps, cooldown_steps)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
     ema = [track_ema(ema_decay)] if ema_decay > 0 else []
     return optax.chain(*parts, optax.adamw(schedule, weight_decay=weight_decay), *ema)
 
 
+def rate_schedule(lr: float, warmup_steps: int = 0, decay_steps: int = 0,
+                  cooldown_steps: int = 0) -> optax.Schedule | float:
+    """make_optimizer's rate: update count -> rate (a constant when it never changes)."""
+    if lr <= 0:
+        raise ValueError(f"learning rate {lr} must be > 0.")
+    if decay_steps and not cooldown_steps:
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, decay_steps)
+    if not (warmup_steps or cooldown_steps):
+        return lr
+
+    def schedule(count: jax.Array) -> jax.Array:
+        up = jnp.minimum(1.0, count / warmup_steps) if warmup_steps else 1.0
+        down = (jnp.clip((decay_steps - count) / cooldown_steps, 0.0, 1.0)
+                if cooldown_steps else 1.0)
+        return lr * up * down
+    return schedule
+
+
+def _student_rate(training: Any) -> tuple[float, int, int, int]:
+    """(lr, warm-up, decay, cool-down steps) of config.training (a workdir's config.json from
+    before cooldown_fraction existed has none: no cool-down)."""
+    cooldown = round(training.get("cooldown_fraction", 0.0) * training.steps)
+    return training.lr, training.warmup_steps, training.steps if cooldown else 0, cooldown
+
+
 def student_optimizer(training: Any) -> optax.GradientTransformation:
     """The student's optimizer from config.training (a workdir's config.json from before
-    cooldown_fraction or ema_decay existed has none: no cool-down, no EMA)."""
-    cooldown = round(training.get("cooldown_fraction", 0.0) * training.steps)
-    return make_optimizer(training.lr, training.weight_decay, training.grad_clip,
-                          training.warmup_steps, training.steps if cooldown else 0, cooldown,
+    ema_decay existed has none: no EMA)."""
+    lr, warmup, decay, cooldown = _student_rate(training)
+    return make_optimizer(lr, training.weight_decay, training.grad_clip, warmup, decay, cooldown,
                           training.get("ema_decay", 0.0))
+
+
+def student_rate(training: Any) -> Callable[[int], float]:
+    """The student's rate at each update count, for the metrics."""
+    schedule = rate_schedule(*_student_rate(training))
+    return (lambda count: float(schedule(count))) if callable(schedule) else (
+        lambda count: float(schedule))
 
 
 def apply_if_finite(state: TrainState, grads: Any, loss: jax.Array,
