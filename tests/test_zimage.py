@@ -96,21 +96,25 @@ def _real(x: dict, name: str, i: int) -> torch.Tensor:
 
 
 def _torch_forward(model: ZImageTransformer2DModel, x: dict, omni: bool) -> np.ndarray:
-    """diffusers' forward on our inputs (t = 1 - sigma), negated, back to [B, H, W, C]."""
-    if omni:
-        kwargs = {
-            "x": [[_latent(x["source"][i]), _latent(x["z"][i])] for i in range(B)],
-            "cap_feats": [[_real(x, n, i) for n in ("text_prefix", "text", "text_suffix")]
-                          for i in range(B)],
-            "siglip_feats": [[_t(x["siglip"][i]), None] for i in range(B)],
-            "image_noise_mask": [[0, 1]] * B,
-        }
-    else:
-        kwargs = {"x": [_latent(x["z"][i]) for i in range(B)],
-                  "cap_feats": [_real(x, "text", i) for i in range(B)]}
-    with torch.no_grad():
-        out = model(t=_t(1 - x["sigma"]), return_dict=False, **kwargs)[0]
-    return -np.stack([o[:, 0].numpy().transpose(1, 2, 0) for o in out])
+    """diffusers' forward on our inputs (t = 1 - sigma), negated, back to [B, H, W, C]; one call
+    per row, since an omni row without a source (no condition image, no SigLIP) cannot share a
+    diffusers batch with rows that have one."""
+    outs = []
+    for i in range(B):
+        if omni and x["has_source"][i]:
+            kwargs = {
+                "x": [[_latent(x["source"][i]), _latent(x["z"][i])]],
+                "cap_feats": [[_real(x, n, i) for n in ("text_prefix", "text", "text_suffix")]],
+                "siglip_feats": [[_t(x["siglip"][i]), None]], "image_noise_mask": [[0, 1]]}
+        elif omni:
+            kwargs = {"x": [[_latent(x["z"][i])]], "cap_feats": [[_real(x, "text", i)]],
+                      "siglip_feats": [None], "image_noise_mask": [[1]]}
+        else:
+            kwargs = {"x": [_latent(x["z"][i])], "cap_feats": [_real(x, "text", i)]}
+        with torch.no_grad():
+            out = model(t=_t(1 - x["sigma"][i : i + 1]), return_dict=False, **kwargs)[0][0]
+        outs.append(-out[:, 0].numpy().transpose(1, 2, 0))
+    return np.stack(outs)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -161,6 +165,7 @@ def test_parity_with_diffusers(omni: bool) -> None:
     config = diffusers_zimage.config_from_diffusers(dict(model.config))
     params = diffusers_zimage.convert_state_dict(model.state_dict(), config)
     x = _inputs(config)
+    x["has_source"] = np.array([True, False])  # row 1: the omni pipeline without images
     ref = _torch_forward(model, x, omni)
     assert np.abs(ref).max() > 1.0  # a non-trivial output
     assert _max_err(_jax_forward(config, params, x, omni), ref) <= TOL
