@@ -294,3 +294,27 @@ def test_loading_never_imports_torch(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(("name", "teachers"), [
+    ("zimage_t2i_edit", ["anchor", "edit"]),
+    ("zimage_edit_fusion", ["anchor", "global_edit", "local_edit"]),  # validation order
+])
+def test_paper_configs_stop_at_each_placeholder(tmp_path: Path, name: str, teachers) -> None:
+    from conftest import load_config
+
+    from danceopd_jax.config import validate
+
+    config = load_config(name)
+    t, d = config.training, config.danceopd
+    assert (t.lora_rank, t.lora_alpha, t.lr, t.steps) == (128, 128.0, 2e-4, 3000)
+    assert (d.num_steps, d.query_k, d.query_bias, d.shift) == (16, 1, "low", 3.0)
+    for field in ["world.conditions"] + [f"teachers.{n}.path" for n in teachers]:
+        with pytest.raises(ValueError, match=rf"config.{field} is not set: provide"):
+            validate(config)
+        *parent, leaf = field.split(".")
+        functools.reduce(getattr, parent, config)[leaf] = str(tmp_path)
+    validate(config)

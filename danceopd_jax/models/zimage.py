@@ -53,6 +53,8 @@ _ADALN_MAX = 256  # width of the time embedding: min(dim, 256)
 _TIME_MID = 1024  # the time MLP's hidden width
 _QK_EPS = 1e-5  # diffusers' Attention(eps=1e-5) for the q/k RMSNorms, whatever norm_eps is
 _TEXT_KEYS = ("text", "text_mask")
+# LoRA targets (models/lora.py): attention projections and the SwiGLU MLP of every block.
+LORA_TARGETS = r"attention/(to_q|to_k|to_v|to_out)/kernel$|feed_forward/(w1|w2|w3)/kernel$"
 _EDIT_KEYS = ("has_source", "text_prefix", "text_prefix_mask", "text_suffix", "text_suffix_mask")
 
 
