@@ -318,3 +318,21 @@ def test_paper_configs_stop_at_each_placeholder(tmp_path: Path, name: str, teach
         *parent, leaf = field.split(".")
         functools.reduce(getattr, parent, config)[leaf] = str(tmp_path)
     validate(config)
+
+
+def test_bench_preset_builds_the_6b_shape_abstractly() -> None:
+    from danceopd_jax.bench import shape_workloads
+    from danceopd_jax.models.mmdit import param_count
+    from danceopd_jax.train.flops import forward_flops
+
+    (work,) = shape_workloads("zimage-shape", "xla", "block")
+    m = work.model
+    assert (m.dim, m.n_layers, m.n_heads, m.cap_feat_dim, m.axes_lens) == (
+        3840, 30, 30, 2560, (1536, 512, 512))
+    assert m.scan_layers and m.dtype == "bfloat16" and work.latent == 128
+    model = nnx.eval_shape(lambda: ZImage(m, rngs=nnx.Rngs(0)))  # nothing allocated
+    params = param_count(model)
+    assert 6.1e9 < params < 6.2e9
+    tokens = 2 * 64 * 64 + 512 + 64  # source and target, caption pieces
+    flops = forward_flops(m, work.shape())
+    assert 0.9 < flops / (2 * params * tokens * work.batch) < 1.5  # ~2 FLOPs/param/token
