@@ -18,13 +18,13 @@ pytest.importorskip("diffusers")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from diffusers import ZImageTransformer2DModel  # noqa: E402
+from diffusers import ZImagePipeline, ZImageTransformer2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from danceopd_jax.interop import diffusers_zimage  # noqa: E402
+from danceopd_jax.interop import diffusers_zimage, peft_lora  # noqa: E402
 from danceopd_jax.interop._common import flatten, to_numpy, unflatten  # noqa: E402
-from danceopd_jax.models import zimage  # noqa: E402
+from danceopd_jax.models import lora, zimage  # noqa: E402
 from danceopd_jax.models.zimage import ZImage, ZImageConfig  # noqa: E402
 
 TOL = 1e-4
@@ -210,6 +210,31 @@ def test_export_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unexpected") as err:
         diffusers_zimage.save_diffusers_transformer(wrong, params, tmp_path / "wrong")
     assert "layers/1/attention/to_q/kernel" in str(err.value)
+
+
+def test_lora_export_loads_in_diffusers(tmp_path: Path) -> None:
+    """Our LoRA (random factors on every attention and MLP kernel) -> diffusers' LoRA format ->
+    load_lora_adapter on the base: the merged model's outputs; and back."""
+    model = _torch_model()
+    config = diffusers_zimage.config_from_diffusers(dict(model.config))
+    base = diffusers_zimage.convert_state_dict(model.state_dict(), config)
+    tree = lora.init_lora(jax.random.key(0), base, rank=4, targets=zimage.LORA_TARGETS)
+    tree = jax.tree.map(lambda a: np.asarray(a) + 0.1, tree)  # b != 0: a real delta
+    names = diffusers_zimage.lora_names(config)
+    file = peft_lora.save_diffusers_lora(tree, 8.0, tmp_path / "lora", names=names)
+    adapted = ZImageTransformer2DModel(**TINY).eval()
+    adapted.load_state_dict(model.state_dict())
+    # What ZImagePipeline.load_lora_weights does; the alpha travels in the file's metadata
+    # (load_lora_adapter(file) alone would ignore it and scale by 1).
+    state_dict, metadata = ZImagePipeline.lora_state_dict(str(file), return_lora_metadata=True)
+    adapted.load_lora_adapter(state_dict, prefix="transformer", metadata=metadata)
+    x = _inputs(config)
+    merged = jax.tree.map(np.asarray, lora.merge(base, tree, 8.0))
+    assert _max_err(_jax_forward(config, merged, x, False), _torch_forward(adapted, x, False)) \
+        <= TOL
+    back, alpha = peft_lora.load_diffusers_lora(file, base, names=names)
+    assert alpha == 8.0
+    _assert_same_params(back, jax.tree.map(np.asarray, tree))
 
 
 def test_scanned_layers_stack_and_unstack() -> None:

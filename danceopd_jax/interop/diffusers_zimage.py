@@ -42,6 +42,7 @@ from danceopd_jax.interop._common import (
     read_config,
     to_numpy,
 )
+from danceopd_jax.interop.peft_lora import LoraNames
 from danceopd_jax.models.zimage import ZImage, ZImageConfig
 
 CLASS_NAME = "ZImageTransformer2DModel"
@@ -148,6 +149,18 @@ def to_diffusers(path: ParamPath, array: Any, *, patch_size: int) -> tuple[str, 
     """One of our params -> (diffusers state-dict name, float32 array in diffusers' layout)."""
     name, array = diffusers_name(path, patch_size=patch_size), to_numpy(array)
     return name, (array.T if path[-1] == "kernel" else array)
+
+
+def lora_names(config: ZImageConfig) -> LoraNames:
+    """The key mapper for ``peft_lora.save_diffusers_lora`` / ``load_diffusers_lora``
+    (``names=``): every Z-Image kernel is a diffusers Linear. A saved LoRA loads with
+    ``ZImagePipeline.load_lora_weights`` (which reads alpha from the file's metadata;
+    ``load_lora_adapter(file)`` alone does not, so pass it ``metadata=`` from
+    ``ZImagePipeline.lora_state_dict(file, return_lora_metadata=True)``)."""
+    p = config.patch_size
+    return LoraNames(functools.partial(diffusers_name, patch_size=p),
+                     functools.partial(our_path, patch_size=p),
+                     lambda path: path[-1] == "kernel")
 
 
 # --------------------------------------------------------------------------- conversion
