@@ -1,4 +1,5 @@
-"""python -m danceopd_jax.bench [--config=configs/t2i_edit.py] [--preset=toy|sd35m-shape]
+"""python -m danceopd_jax.bench [--config=configs/t2i_edit.py] [--preset=toy|sd35m-shape|
+                                                             zimage-shape]
 
 Times the DanceOPD train step and its alternatives on this machine's first device and prints a
 table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
@@ -10,6 +11,9 @@ against the first row, measured in the same run.
   sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, scanned
                layers, 333 text tokens, an edit source in the sequence: 512^2 at batch 8 and
                1024^2 at batch 2
+  zimage-shape Z-Image's 6B transformer with random weights, the same settings, the omni edit
+               layout (source in the sequence, 512 prompt tokens and the two template
+               pieces): 1024^2 at batch 2
 """
 
 from __future__ import annotations
@@ -23,16 +27,18 @@ from absl import flags
 from danceopd_jax import cli
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
 from danceopd_jax.models.mmdit import REMAT_POLICIES, sd35_medium_config, tiny_config
+from danceopd_jax.models.zimage import zimage_6b_config
 from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
 
 _CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
-_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"], "What to measure.")
+_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape", "zimage-shape"],
+                            "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
-_CUDNN = flags.DEFINE_bool("cudnn", True, "sd35m-shape on a GPU: cuDNN fused attention.")
+_CUDNN = flags.DEFINE_bool("cudnn", True, "*-shape on a GPU: cuDNN fused attention.")
 _REMAT = flags.DEFINE_enum("remat", "block", list(REMAT_POLICIES),
-                           "sd35m-shape: what each block's backward keeps "
+                           "*-shape: what each block's backward keeps "
                            "(models/mmdit.py REMAT_POLICIES; toy: config.model.remat).")
 
 
@@ -48,8 +54,15 @@ def workloads() -> list[Workload]:
                          num_steps=c.danceopd.num_steps)]
     # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
     attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
-    model = sd35_medium_config(dtype="bfloat16", remat=_REMAT.value, attention=attention,
-                               scan_layers=True)
+    return shape_workloads(_PRESET.value, attention, _REMAT.value)
+
+
+def shape_workloads(preset: str, attention: str, remat: str) -> list[Workload]:
+    """The real-shape presets' workloads (configs only: nothing is built or allocated)."""
+    settings = dict(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
+    if preset == "zimage-shape":
+        return [Workload(zimage_6b_config(**settings), 1024, 2, 512, vae_factor=8)]
+    model = sd35_medium_config(**settings)
     return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
                                                                vae_factor=8)]
 

@@ -1,4 +1,5 @@
-"""diffusers / PEFT LoRA of an ``SD3Transformer2DModel`` <-> our functional LoRA tree.
+"""diffusers / PEFT LoRA of an ``SD3Transformer2DModel`` (or, with ``names=``, another
+backbone's, e.g. ``diffusers_zimage.lora_names``) <-> our functional LoRA tree.
 
 Ours (``danceopd_jax.models.lora``): a tree mirroring the base params whose adapted kernels
 ``[in, out]`` are replaced by ``{"a": [in, rank], "b": [rank, out]}``, merged as
@@ -22,7 +23,8 @@ import collections
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,21 +60,30 @@ _FIX = (
 )
 
 
-def _module(path: ParamPath) -> str:
-    """Our kernel path -> the diffusers module name, e.g. ``transformer_blocks.0.attn.to_out.0``."""
-    return diffusers_name(path).removesuffix(".weight")
+@dataclass(frozen=True)
+class LoraNames:
+    """A backbone's key mapper as LoRA conversion needs it: our path <-> diffusers name, and
+    which kernels are diffusers Linears (the ones a diffusers LoRA can adapt)."""
+
+    diffusers_name: Callable[[ParamPath], str]
+    our_path: Callable[[str], ParamPath]
+    is_linear: Callable[[ParamPath], bool]
+
+    def module(self, path: ParamPath) -> str:
+        """Our kernel path -> the diffusers module name, e.g. ``transformer_blocks.0.attn
+        .to_out.0``."""
+        return self.diffusers_name(path).removesuffix(".weight")
 
 
-def _is_linear(path: ParamPath) -> bool:
-    """Whether a param path is the kernel of a diffusers Linear (the patch projection is ours
-    but a Conv2d in diffusers), i.e. one a diffusers LoRA can adapt."""
-    return path[-1] == "kernel" and diffusers_name(path) != _PATCH_WEIGHT
+# SD3's patch projection is a Linear for us but a Conv2d in diffusers.
+SD3_NAMES = LoraNames(diffusers_name, our_path,
+                      lambda path: path[-1] == "kernel" and diffusers_name(path) != _PATCH_WEIGHT)
 
 
-def _adaptable(base_params: Mapping) -> dict[ParamPath, tuple[int, int]]:
+def _adaptable(base_params: Mapping, names: LoraNames) -> dict[ParamPath, tuple[int, int]]:
     """Shapes of the base kernels a diffusers LoRA can adapt."""
     return {path: tuple(leaf.shape) for path, leaf in flatten(base_params).items()
-            if _is_linear(path) and len(leaf.shape) == 2}
+            if names.is_linear(path) and len(leaf.shape) == 2}
 
 
 def _read(
@@ -131,6 +142,7 @@ def load_diffusers_lora(
     base_params: Mapping,
     *,
     network_alpha: float | None = None,
+    names: LoraNames = SD3_NAMES,
 ) -> tuple[dict, float]:
     """Read an SD3 transformer LoRA (a ``.safetensors`` file, a folder holding diffusers'
     ``pytorch_lora_weights.safetensors`` or PEFT's ``adapter_model.safetensors``, or a state dict
@@ -149,7 +161,7 @@ def load_diffusers_lora(
             f"network_alpha={network_alpha} was passed but {what} carries lora_alpha="
             f"{config['lora_alpha']}; drop network_alpha."
         )
-    kernels = _adaptable(base_params)
+    kernels = _adaptable(base_params, names)
     parts: dict[ParamPath, dict[str, np.ndarray]] = collections.defaultdict(dict)
     unexpected: list[str] = []
     for name, tensor in tensors:
@@ -157,7 +169,7 @@ def load_diffusers_lora(
         if match is None:
             unexpected.append(f"{name}: not a LoRA entry (lora_A.weight, lora_B.weight, alpha)")
             continue
-        path = our_path(f"{match['module']}.weight")
+        path = names.our_path(f"{match['module']}.weight")
         if path not in kernels:
             unexpected.append(f"{name}: {match['module']!r} is not a Linear of the base model")
             continue
@@ -168,7 +180,7 @@ def load_diffusers_lora(
     factors: dict[ParamPath, tuple[np.ndarray, np.ndarray]] = {}
     alphas: dict[ParamPath, float] = {}
     for path, entry in parts.items():
-        module = _module(path)
+        module = names.module(path)
         lack = sorted({"lora_A.weight", "lora_B.weight"} - set(entry))
         if lack:
             missing += [f"{module}.{p} (other entries of {module} are present)" for p in lack]
@@ -198,7 +210,8 @@ def load_diffusers_lora(
     return unflatten(flat), alpha
 
 
-def save_diffusers_lora(lora_tree: Mapping, alpha: float, path: str | os.PathLike) -> Path:
+def save_diffusers_lora(lora_tree: Mapping, alpha: float, path: str | os.PathLike, *,
+                       names: LoraNames = SD3_NAMES) -> Path:
     """Write ``(lora_tree, alpha)`` as a diffusers LoRA that ``StableDiffusion3Pipeline.
     load_lora_weights(path)`` loads (or ``SD3Transformer2DModel.load_lora_adapter(file,
     prefix="transformer")`` with the file returned): float32
@@ -210,7 +223,7 @@ def save_diffusers_lora(lora_tree: Mapping, alpha: float, path: str | os.PathLik
     """
     flat = flatten(lora_tree)
     kernels = sorted({p[:-1] for p in flat}, key=str)
-    bad = [p for p in kernels if not _is_linear(p) or {(*p, "a"), (*p, "b")} - flat.keys()]
+    bad = [p for p in kernels if not names.is_linear(p) or {(*p, "a"), (*p, "b")} - flat.keys()]
     bad += [p for p in flat if p[-1] not in ("a", "b")]
     if bad:
         raise ValueError(
@@ -222,7 +235,7 @@ def save_diffusers_lora(lora_tree: Mapping, alpha: float, path: str | os.PathLik
     ranks: dict[str, int] = {}
     for kernel in kernels:
         a, b = to_numpy(flat[(*kernel, "a")]), to_numpy(flat[(*kernel, "b")])
-        module = _module(kernel)
+        module = names.module(kernel)
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             raise ValueError(f"{module}: a {a.shape} and b {b.shape} must be [in, rank] and "
                              "[rank, out] with the same rank.")

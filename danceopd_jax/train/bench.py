@@ -26,6 +26,7 @@ from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.routing import Slot, per_sample_slots
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.models.zimage import SEQ_MULTI_OF, ZImage, ZImageConfig
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 from danceopd_jax.train.mesh import make_mesh, put
 from danceopd_jax.train.state import make_optimizer, place_state
@@ -37,7 +38,7 @@ class Workload:
     """One benchmarked shape: `batch` samples of `image_size` px, latents `vae_factor` times
     smaller (1 = pixel space), an edit source in every sequence, `text_tokens` text tokens."""
 
-    model: MMDiTConfig
+    model: MMDiTConfig | ZImageConfig
     image_size: int
     batch: int
     text_tokens: int
@@ -50,7 +51,13 @@ class Workload:
 
     def shape(self) -> Shape:
         grid = self.latent // self.model.patch_size
-        return Shape(self.batch, grid * grid, self.text_tokens, with_source=True)
+        # Z-Image's omni caption adds two template pieces of one 32-token block each.
+        extra = 2 * SEQ_MULTI_OF if isinstance(self.model, ZImageConfig) else 0
+        return Shape(self.batch, grid * grid, self.text_tokens + extra, with_source=True)
+
+
+def _build(config: MMDiTConfig | ZImageConfig) -> nnx.Module:
+    return (ZImage if isinstance(config, ZImageConfig) else MMDiT)(config, rngs=nnx.Rngs(0))
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,18 @@ class Result:
 def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
     m, b = work.model, work.batch
     k1, k2, k3 = jax.random.split(key, 3)
+    if isinstance(m, ZImageConfig):  # the omni layout: caption in three pieces
+        piece = 0.1 * jax.random.normal(k3, (b, SEQ_MULTI_OF, m.cap_feat_dim))
+        short = jnp.broadcast_to(jnp.arange(SEQ_MULTI_OF) < 5, (b, SEQ_MULTI_OF))
+        return {
+            "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
+            "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
+            "has_source": jnp.ones((b,), bool),
+            "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.cap_feat_dim)),
+            "text_mask": jnp.ones((b, work.text_tokens), bool),
+            "text_prefix": piece, "text_prefix_mask": short,
+            "text_suffix": piece, "text_suffix_mask": short,
+        }
     return {
         "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
         "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
@@ -116,7 +135,7 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
                    log: Callable[[str], None] = print) -> list[Result]:
     """Every variant's step on one device, random weights (student = anchor; the edit
     teacher shares the anchor's weights, which changes no cost)."""
-    graph, params = nnx.split(MMDiT(work.model, rngs=nnx.Rngs(0)))
+    graph, params = nnx.split(_build(work.model))
     axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
     params = nnx.to_pure_dict(params)
 
@@ -187,7 +206,7 @@ def _memory_gib(compiled: Any) -> float | None:
 def student_fwd_bwd(work: Workload, steps: int = 10, warmup: int = 2) -> tuple[float, float]:
     """(seconds, achieved TFLOP/s) of the student's plain forward+backward on the batch at a
     random noise level: the MFU target of the fast path."""
-    graph, params = nnx.split(MMDiT(work.model, rngs=nnx.Rngs(0)))
+    graph, params = nnx.split(_build(work.model))
     params = nnx.to_pure_dict(params)
     batch = _random_cond(jax.random.key(2), work)
     cond = precomputed_conditioner(None, batch, None)

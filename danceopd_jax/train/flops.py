@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from danceopd_jax.models.mmdit import _TIME_PROJ_DIM, MMDiTConfig
+from danceopd_jax.models.zimage import ZImageConfig
 
 # Dense bf16 peak (TFLOP/s) by jax Device.device_kind prefix, for MFU.
 PEAK_TFLOPS = {
@@ -40,8 +41,30 @@ class Shape:
     with_source: bool
 
 
-def forward_flops(config: MMDiTConfig, shape: Shape) -> int:
-    """Matmul FLOPs of one MMDiT forward (models/mmdit.py) at `shape`."""
+def _zimage_forward_flops(config: ZImageConfig, shape: Shape) -> int:
+    """Z-Image (models/zimage.py): `shape.text_tokens` are every non-image token (caption
+    pieces and SigLIP, counted as caption); padding to multiples of 32 is left out."""
+    d, b, t, a = config.dim, shape.batch, shape.text_tokens, config.adaln_dim
+    segments = 2 if shape.with_source else 1  # time embeddings: clean and noisy
+    n = shape.image_tokens * segments
+    patch = config.patch_size ** 2 * config.in_channels
+
+    def block(tokens: int, modulated: bool) -> int:
+        flops = 2 * b * tokens * 4 * d * d + 4 * b * tokens ** 2 * d  # q, k, v, out; attention
+        flops += 2 * b * tokens * 3 * d * config.hidden_dim  # SwiGLU
+        return flops + (2 * b * segments * a * 4 * d if modulated else 0)
+
+    flops = 2 * b * n * patch * d + 2 * b * t * config.cap_feat_dim * d  # embedders
+    flops += 2 * b * segments * (_TIME_PROJ_DIM + a) * 1024  # time MLP (hidden 1024)
+    flops += config.n_refiner_layers * (block(n, True) + block(t, False))  # refiners
+    flops += config.n_layers * block(n + t, True)
+    return flops + 2 * b * a * d + 2 * b * shape.image_tokens * d * patch  # final layer
+
+
+def forward_flops(config: MMDiTConfig | ZImageConfig, shape: Shape) -> int:
+    """Matmul FLOPs of one MMDiT forward (models/mmdit.py) at `shape`, or Z-Image's."""
+    if isinstance(config, ZImageConfig):
+        return _zimage_forward_flops(config, shape)
     d, b, t = config.inner_dim, shape.batch, shape.text_tokens
     segments = 2 if shape.with_source else 1
     n = shape.image_tokens * segments  # every image token, source included
@@ -79,7 +102,7 @@ class StepFlops:
         return self.rollout + self.teachers + self.student
 
 
-def danceopd_step_flops(config: MMDiTConfig, shape: Shape, rollout_forwards: int,
+def danceopd_step_flops(config: MMDiTConfig | ZImageConfig, shape: Shape, rollout_forwards: int,
                         query_k: int, cfg_passes: int = 1) -> StepFlops:
     """One DanceOPD step on a batch of `shape`: `rollout_forwards` student forwards of the
     whole batch (no gradient), the routed teachers on B*K query states (x2 with CFG), and the

@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh
 
 from danceopd_jax.models import lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.models.zimage import LORA_TARGETS, ZImage, ZImageConfig
 from danceopd_jax.train.mesh import MESH_AXES, logical_sharding, mesh_shape
 
 F32 = 4
@@ -27,6 +28,10 @@ GIB = 2**30
 # attention output, projections, the 4x MLP hidden before and after GELU), about half of them
 # float32 and half bf16 matmul outputs.
 BLOCK_WORKSET = 60
+# Z-Image's omni edit sequence besides the image tokens: a 512-token prompt piece and the two
+# 32-token template pieces, 256 SigLIP tokens (Siglip2ImageProcessor's default max_num_patches)
+# and the target's 32-token SigLIP placeholder.
+ZIMAGE_OTHER_TOKENS = 512 + 2 * 32 + 256 + 32
 
 
 @dataclass(frozen=True)
@@ -54,19 +59,21 @@ class Workload:
     image_size: int = 1024
     vae_factor: int = 8
     with_source: bool = True
-    text_tokens: int = 333  # SD3: 77 CLIP + 256 T5 tokens
+    # Tokens besides the image's: SD3's 77 CLIP + 256 T5; Z-Image's ZIMAGE_OTHER_TOKENS.
+    text_tokens: int = 333
     query_k: int = 1
     teachers: int = 2
     lora_rank: int = 64
 
-    def tokens(self, config: MMDiTConfig) -> tuple[int, int]:
+    def tokens(self, config: MMDiTConfig | ZImageConfig) -> tuple[int, int]:
         """(image tokens incl. the source's, text tokens) per sample."""
         grid = self.image_size // self.vae_factor // config.patch_size
         return grid * grid * (2 if self.with_source else 1), self.text_tokens
 
 
-def _abstract_params(config: MMDiTConfig) -> tuple[dict, dict]:
-    model = nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0)))
+def _abstract_params(config: MMDiTConfig | ZImageConfig) -> tuple[dict, dict]:
+    backbone = ZImage if isinstance(config, ZImageConfig) else MMDiT
+    model = nnx.eval_shape(lambda: backbone(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     return nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
@@ -82,7 +89,7 @@ def _per_device(mesh: AbstractMesh, axes: dict, params: dict) -> tuple[int, int]
     return total, per_device
 
 
-def memory_table(config: MMDiTConfig, hardware: Hardware, workload: Workload,
+def memory_table(config: MMDiTConfig | ZImageConfig, hardware: Hardware, workload: Workload,
                  mode: str) -> dict:
     """Bytes per device for `mode` "lora" or "full" (see the module docstring)."""
     if mode not in ("lora", "full"):
@@ -92,8 +99,9 @@ def memory_table(config: MMDiTConfig, hardware: Hardware, workload: Workload,
     total, base = _per_device(mesh, axes, params)
     frozen = workload.teachers * base  # the anchor is a teacher (and LoRA's shared base)
     if mode == "lora":
+        targets = LORA_TARGETS if isinstance(config, ZImageConfig) else lora.DEFAULT_TARGETS
         factors = jax.eval_shape(lambda: lora.init_lora(jax.random.key(0), params,
-                                                        workload.lora_rank))
+                                                        workload.lora_rank, targets))
         trainable_total, trainable = _per_device(mesh, lora.axes(axes, factors), factors)
         student = trainable + base  # the factors, and the merged weights made inside the step
     else:
