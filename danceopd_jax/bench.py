@@ -1,4 +1,4 @@
-"""python -m danceopd_jax.bench [--config=configs/t2i_edit.py] [--preset=toy|sd35m-shape]
+"""python -m danceopd_jax.bench --config=configs/t2i_edit.py [--preset=toy|sd35m-shape]
 
 Times the DanceOPD train step and its alternatives on this machine's first device and prints a
 table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
@@ -10,6 +10,10 @@ against the first row, measured in the same run.
   sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, scanned
                layers, 333 text tokens, an edit source in the sequence: 512^2 at batch 8 and
                1024^2 at batch 2
+
+Both take the DanceOPD query (N, K, bias, shared) and the routes from the config, which must be
+named (the PyTorch peer, benchmarks/torch_peer.py, reads the same config with the same flags;
+benchmarks/compare.py refuses results whose workloads differ). The first row is that step.
 """
 
 from __future__ import annotations
@@ -21,11 +25,18 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
-from danceopd_jax.models.mmdit import REMAT_POLICIES, sd35_medium_config, tiny_config
-from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
+from danceopd_jax.models.mmdit import REMAT_POLICIES
+from danceopd_jax.train.bench import (
+    Result,
+    Workload,
+    bench_workload,
+    config_workload,
+    sd35m_workloads,
+    student_fwd_bwd,
+)
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py", "Experiment config.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config whose workload is measured (required; the peer's too).")
 _PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"], "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
@@ -37,21 +48,12 @@ _REMAT = flags.DEFINE_enum("remat", "block", list(REMAT_POLICIES),
 
 
 def workloads() -> list[Workload]:
-    c = _CONFIG.value
+    toy = config_workload(_CONFIG.value)
     if _PRESET.value == "toy":
-        m = c.model
-        model = tiny_config(image_size=c.world.image_size, patch_size=m.patch_size,
-                            text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
-                            depth=m.depth, heads=m.heads)
-        model = dataclasses.replace(model, dtype=m.dtype, remat=m.remat)
-        return [Workload(model, c.world.image_size, c.training.batch_size, MAX_TEXT_LEN,
-                         num_steps=c.danceopd.num_steps)]
+        return [toy]
     # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
     attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
-    model = sd35_medium_config(dtype="bfloat16", remat=_REMAT.value, attention=attention,
-                               scan_layers=True)
-    return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
-                                                               vae_factor=8)]
+    return sd35m_workloads(toy, attention, _REMAT.value)
 
 
 def table(results: list[Result]) -> str:
@@ -85,7 +87,7 @@ def main(argv: list[str]) -> None:
         report["workloads"].append({
             "image_size": work.image_size, "batch": work.batch, "dtype": work.model.dtype,
             "attention": work.model.attention, "remat": work.model.remat,
-            "scan_layers": work.model.scan_layers,
+            "scan_layers": work.model.scan_layers, "workload": work.spec(),
             "results": [dataclasses.asdict(r) for r in results],
             "student_fwd_bwd": {"seconds": seconds, "tflops": tflops}})
     if _OUT.value:
@@ -94,4 +96,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
     app.run(main)

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from danceopd_jax.data.batches import Prefetcher
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.mesh import local_shards, put_batch
 from danceopd_jax.train.state import TrainState
@@ -108,9 +109,10 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         name: str, checkpoints: RunCheckpoints | None = None, checkpoint_every: int = 0,
         meta: dict | None = None, metrics: MetricsWriter | None = None, log_every: int = 10,
         on_interval: Callable[[TrainState, int], None] | None = None,
-        interval_every: int = 0) -> TrainState:
+        interval_every: int = 0, prefetch: int = 2) -> TrainState:
     """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
     and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
+    Batches are built `prefetch` steps ahead on a background thread.
     On SIGTERM it saves a checkpoint and raises Preempted (the next start resumes there).
     Metrics and the progress bar come from process 0 only; every process runs on_interval.
     """
@@ -148,9 +150,11 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
             window.clear()
             tick = now
 
+    # The host builds the next batches while the device runs this step (data/batches.py).
+    batches = Prefetcher(batcher, range(start, steps), shards, depth=prefetch)
     try:
         for step in range(start, steps):
-            slots, batch = batcher(step, shards)
+            slots, batch = batches.get(step)
             state, m = update(state, put_batch(batch, mesh), slots)
             if pending:
                 settle(*pending)
@@ -173,6 +177,7 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         if pending:
             settle(*pending)
     finally:
+        batches.close()
         bar.close()
         watch.close()
     return state
