@@ -77,7 +77,8 @@ def forward(model, z, source, sigma, text, pooled):
 
 
 class Step:
-    def __init__(self, work: Workload, device: str, dtype: torch.dtype, compiled: bool):
+    def __init__(self, work: Workload, device: str, dtype: torch.dtype, compiled: bool,
+                 steps: int = 1):
         torch.manual_seed(0)
         config = diffusers_config(work)
         self.student = SD3Transformer2DModel(**config).to(device, dtype)
@@ -102,13 +103,12 @@ class Step:
         self.pooled = torch.zeros(work.batch, work.model.pooled_projection_dim, device=device,
                                   dtype=dtype)
         self.sig = sigmas(work.num_steps).to(device)
-        self.step_number = 0
+        # The [B, K] query indices our steps 0 .. steps-1 draw, computed before any timing so
+        # that no JAX work runs (and no JAX thread competes) while torch is measured.
+        self.queries = [query_indices(work, i) for i in range(steps)]
 
     def query(self) -> np.ndarray:
-        """This step's [B, K] query indices: the ones our step number `step_number` draws."""
-        idx = query_indices(self.work, self.step_number)
-        self.step_number += 1
-        return idx
+        return self.queries.pop(0)
 
     def batched(self) -> int:
         idx = self.query()
@@ -220,7 +220,8 @@ def main(argv: list[str]) -> None:
                  "results": rows}
         report["workloads"].append(entry)
         for mode in _MODES.value.split(","):
-            step = Step(work, device, dtype, compiled=mode == "batched-compiled")
+            step = Step(work, device, dtype, compiled=mode == "batched-compiled",
+                        steps=_WARMUP.value + _STEPS.value)
             row = measure(step, mode, _STEPS.value, _WARMUP.value)
             if device == "cuda":
                 row["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -10,6 +10,9 @@ against the first row, measured in the same run.
   sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, scanned
                layers, 333 text tokens, an edit source in the sequence: 512^2 at batch 8 and
                1024^2 at batch 2
+  prepared     the data wait: the config's step fed from its prepared conditions through the
+               batcher and the prefetcher, as training feeds it (a prepared-world config, e.g.
+               configs/sd3_tiny.py:ROOT after `launch/sd3_tiny_e2e.py --prepare_only`)
 
 Both take the DanceOPD query (N, K, bias, shared) and the routes from the config, which must be
 named (the PyTorch peer, benchmarks/torch_peer.py, reads the same config with the same flags;
@@ -31,13 +34,15 @@ from danceopd_jax.train.bench import (
     Workload,
     bench_workload,
     config_workload,
+    prepared_data_wait,
     sd35m_workloads,
     student_fwd_bwd,
 )
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config whose workload is measured (required; the peer's too).")
-_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"], "What to measure.")
+_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape", "prepared"],
+                            "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
@@ -75,7 +80,13 @@ def main(argv: list[str]) -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     report = {"device": device.device_kind, "backend": jax.default_backend(),
               "jax": jax.__version__, "preset": _PRESET.value, "workloads": []}
-    for work in workloads():
+    if _PRESET.value == "prepared":
+        wait = prepared_data_wait(_CONFIG.value, _STEPS.value, _WARMUP.value)
+        print(f"prepared data, batch {_CONFIG.value.training.batch_size}: step "
+              f"{1e3 * wait.step_s:.1f} ms (median), data wait {1e3 * wait.wait_s:.2f} ms per "
+              f"step ({100 * wait.fraction:.2f}% of the step time)")
+        report["data_wait"] = dataclasses.asdict(wait)
+    for work in [] if _PRESET.value == "prepared" else workloads():
         print(f"\n{work.image_size}^2 (latent {work.latent}^2), batch {work.batch}, "
               f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
               f"attention {work.model.attention}, remat {work.model.remat}, "

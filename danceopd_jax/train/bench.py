@@ -23,8 +23,9 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.core.query import sample_query
-from danceopd_jax.core.routing import Slot, per_sample_slots
+from danceopd_jax.core.routing import Route, Slot, per_sample_slots
 from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.data.batches import Prefetcher, RouteBatcher
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, sd35_medium_config, tiny_config
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
@@ -295,3 +296,68 @@ def student_fwd_bwd(work: Workload, steps: int = 10, warmup: int = 2) -> tuple[f
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     return seconds, 3 * forward_flops(work.model, work.shape()) / seconds / 1e12
+
+
+@dataclass
+class DataWait:
+    steps: int  # timed
+    step_s: float  # median, the wait for the batch included
+    wait_s: float  # mean wait for a batch per step
+    fraction: float  # total wait / total step time
+
+
+def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
+                       depth: int = 2) -> DataWait:
+    """The config's DanceOPD step on its prepared conditions (world.conditions), fed as
+    train/loop.fit feeds it: the RouteBatcher's rows for this process's shards built ahead on
+    the Prefetcher's thread. Random weights of the anchor checkpoint's architecture; every
+    route's teacher is one plain forward (no CFG: a shorter step, so the wait's share is, if
+    anything, overstated)."""
+    # Prepared data only: these import tensorflow_datasets and the checkpoint readers.
+    from danceopd_jax.data.conditions import PreparedData
+    from danceopd_jax.train.prepared import backbone_config
+
+    model = backbone_config(config)
+    data = PreparedData(config.world.conditions)
+    routes = [Route(name, r.teacher, r.bucket, r.weight) for name, r in config.routes.items()]
+    batcher = RouteBatcher({r.bucket: data.bucket(r.bucket) for r in routes}, routes,
+                           config.training.routing, config.training.batch_size,
+                           config.training.seed)
+    graph, params = nnx.split(MMDiT(model, rngs=nnx.Rngs(0)))
+    axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    params = nnx.to_pure_dict(params)
+
+    def field_fn(p: Any, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
+        return nnx.merge(graph, p)(z, sigma, cond)
+
+    def conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
+        cond = precomputed_conditioner(frozen, batch, key)
+        return {**cond, "text_mask": jnp.ones(batch["text"].shape[:2], bool)}
+
+    teachers = sorted({r.teacher for r in routes})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    optimizer = make_optimizer(1e-5, 0.0, 1.0)
+    state, frozen, shardings = place_state(
+        mesh, {"backbone": params}, {"backbone": axes}, {"teachers": {t: params for t in teachers}},
+        {"teachers": {t: axes for t in teachers}}, optimizer, seed=config.training.seed)
+    d = config.danceopd
+    objective = danceopd_objective(field_fn, [field_fn] * len(routes),
+                                   make_sigmas(d.num_steps, d.shift, d.schedule), d.query_k,
+                                   d.query_bias, full_rollout=d.full_rollout,
+                                   shared_query=d.shared_query)
+    step_fn = make_distill_step(objective, lambda t, f: t["backbone"],
+                                [r.teacher for r in routes], conditioner, optimizer, shardings)
+    times, waits = [], []
+    with Prefetcher(batcher, range(warmup + steps), depth=depth) as batches:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            waited = batches.wait_s
+            slots, batch = batches.get(i)
+            waited = batches.wait_s - waited
+            state, metrics = step_fn(state, frozen, put(batch, shardings.batch), slots)
+            int(metrics["rollout_forwards"])  # waits for the step
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                waits.append(waited)
+    return DataWait(steps, statistics.median(times), float(np.mean(waits)),
+                    sum(waits) / sum(times))
