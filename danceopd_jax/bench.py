@@ -1,4 +1,4 @@
-"""python -m danceopd_jax.bench --config=configs/t2i_edit.py [--preset=toy|sd35m-shape]
+"""python -m danceopd_jax.bench --config=configs/t2i_edit.py [--preset=toy|sd35m-shape|prepared]
 
 Times the DanceOPD train step and its alternatives on this machine's first device and prints a
 table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
