@@ -6,7 +6,9 @@ Both run the config's workload (danceopd_jax.train.bench.config_workload: the sa
 architecture, random weights, float32); each round times one call of ours, then one of the
 peer's, so that whatever else the machine runs slows both alike. It prints the median of
 each and the median of the per-round ratios (peer time / our time: above 1, ours is faster).
-Set XLA_FLAGS / LD_PRELOAD in the environment to measure a candidate change to ours.
+Set XLA_FLAGS / LD_PRELOAD in the environment to measure a candidate change to ours. Both
+thread pools live in one process: on a loaded machine PyTorch's spinning OpenMP threads lose
+more than XLA's (docs/performance.md, CPU round 2), so compare on a quiet one.
 """
 
 from __future__ import annotations
