@@ -1,5 +1,5 @@
-"""python -m danceopd_jax.bench [--config=configs/t2i_edit.py] [--preset=toy|sd35m-shape|
-                                                             zimage-shape]
+"""python -m danceopd_jax.bench --config=configs/t2i_edit.py
+    [--preset=toy|sd35m-shape|zimage-shape|prepared]
 
 Times the DanceOPD train step and its alternatives on this machine's first device and prints a
 table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
@@ -14,6 +14,13 @@ against the first row, measured in the same run.
   zimage-shape Z-Image's 6B transformer with random weights, the same settings, the omni edit
                layout (source in the sequence, 512 prompt tokens and the two template
                pieces): 1024^2 at batch 2
+  prepared     the data wait: the config's step fed from its prepared conditions through the
+               batcher and the prefetcher, as training feeds it (a prepared-world config, e.g.
+               configs/sd3_tiny.py:ROOT after `launch/sd3_tiny_e2e.py --prepare_only`)
+
+All take the DanceOPD query (N, K, bias, shared) and the routes from the config, which must be
+named (the PyTorch peer, benchmarks/torch_peer.py, reads the same config with the same flags;
+benchmarks/compare.py refuses results whose workloads differ). The first row is that step.
 """
 
 from __future__ import annotations
@@ -25,13 +32,21 @@ import jax
 from absl import flags
 
 from danceopd_jax import cli
-from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
-from danceopd_jax.models.mmdit import REMAT_POLICIES, sd35_medium_config, tiny_config
-from danceopd_jax.models.zimage import zimage_6b_config
-from danceopd_jax.train.bench import Result, Workload, bench_workload, student_fwd_bwd
+from danceopd_jax.models.mmdit import REMAT_POLICIES
+from danceopd_jax.train.bench import (
+    SHAPE_PRESETS,
+    Result,
+    Workload,
+    bench_workload,
+    config_workload,
+    prepared_data_wait,
+    shape_workloads,
+    student_fwd_bwd,
+)
 
-_CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
-_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape", "zimage-shape"],
+_CONFIG = cli.config_flag(
+    "config", None, "Experiment config whose workload is measured (required; the peer's too).")
+_PRESET = flags.DEFINE_enum("preset", "toy", ["toy", *SHAPE_PRESETS, "prepared"],
                             "What to measure.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
@@ -43,28 +58,12 @@ _REMAT = flags.DEFINE_enum("remat", "block", list(REMAT_POLICIES),
 
 
 def workloads() -> list[Workload]:
-    c = _CONFIG.value
+    toy = config_workload(_CONFIG.value)
     if _PRESET.value == "toy":
-        m = c.model
-        model = tiny_config(image_size=c.world.image_size, patch_size=m.patch_size,
-                            text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
-                            depth=m.depth, heads=m.heads)
-        model = dataclasses.replace(model, dtype=m.dtype, remat=m.remat)
-        return [Workload(model, c.world.image_size, c.training.batch_size, MAX_TEXT_LEN,
-                         num_steps=c.danceopd.num_steps)]
+        return [toy]
     # cuDNN's fused attention on NVIDIA GPUs; XLA's elsewhere.
     attention = "cudnn" if jax.default_backend() == "gpu" and _CUDNN.value else "xla"
-    return shape_workloads(_PRESET.value, attention, _REMAT.value)
-
-
-def shape_workloads(preset: str, attention: str, remat: str) -> list[Workload]:
-    """The real-shape presets' workloads (configs only: nothing is built or allocated)."""
-    settings = dict(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
-    if preset == "zimage-shape":
-        return [Workload(zimage_6b_config(**settings), 1024, 2, 512, vae_factor=8)]
-    model = sd35_medium_config(**settings)
-    return [Workload(model, 512, 8, 333, vae_factor=8), Workload(model, 1024, 2, 333,
-                                                               vae_factor=8)]
+    return shape_workloads(toy, _PRESET.value, attention, _REMAT.value)
 
 
 def table(results: list[Result]) -> str:
@@ -85,7 +84,13 @@ def main() -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     report = {"device": device.device_kind, "backend": jax.default_backend(),
               "jax": jax.__version__, "preset": _PRESET.value, "workloads": []}
-    for work in workloads():
+    if _PRESET.value == "prepared":
+        wait = prepared_data_wait(_CONFIG.value, _STEPS.value, _WARMUP.value)
+        print(f"prepared data, batch {_CONFIG.value.training.batch_size}: step "
+              f"{1e3 * wait.step_s:.1f} ms (median), data wait {1e3 * wait.wait_s:.2f} ms per "
+              f"step ({100 * wait.fraction:.2f}% of the step time)")
+        report["data_wait"] = dataclasses.asdict(wait)
+    for work in [] if _PRESET.value == "prepared" else workloads():
         print(f"\n{work.image_size}^2 (latent {work.latent}^2), batch {work.batch}, "
               f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
               f"attention {work.model.attention}, remat {work.model.remat}, "
@@ -97,7 +102,7 @@ def main() -> None:
         report["workloads"].append({
             "image_size": work.image_size, "batch": work.batch, "dtype": work.model.dtype,
             "attention": work.model.attention, "remat": work.model.remat,
-            "scan_layers": work.model.scan_layers,
+            "scan_layers": work.model.scan_layers, "workload": work.spec(),
             "results": [dataclasses.asdict(r) for r in results],
             "student_fwd_bwd": {"seconds": seconds, "tflops": tflops}})
     if _OUT.value:
@@ -106,4 +111,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
     cli.run(main)

@@ -277,7 +277,11 @@ def check_and_sample(root: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/sd3_tiny", help="Output folder (new).")
-    root = Path(parser.parse_args().root).absolute()
+    parser.add_argument("--prepare_only", action="store_true",
+                        help="Stop after step 3 (the checkpoints and the prepared conditions: "
+                             "what `danceopd_jax.bench --preset=prepared` reads).")
+    args = parser.parse_args()
+    root = Path(args.root).absolute()
     if root.exists():
         raise SystemExit(f"{root} exists; pass a new --root (this script writes everything).")
     write_pipeline(root)
@@ -287,6 +291,8 @@ def main() -> None:
          f"--text_encoders={root / 'pipeline'}", f"--vae={root / 'pipeline' / 'vae'}",
          f"--resolution={SIZE}", f"--max_sequence_length={T5_TOKENS}", "--batch_size=4",
          "--dtype=float32", f"--config={config}")
+    if args.prepare_only:
+        return
     _run("-m", "danceopd_jax.main", f"--config={config}", f"--workdir={root / 'run'}")
     _run("-m", "danceopd_jax.export", f"--workdir={root / 'run'}", f"--out={root / 'export'}")
     _run("-m", "danceopd_jax.export", f"--workdir={root / 'run'}",

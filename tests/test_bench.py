@@ -4,19 +4,27 @@ peer (on a tiny shape; the real measurement is benchmarks/gpu_side_by_side.sh)."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import ROOT, tiny_flags
+from conftest import ROOT, load_module, tiny_config, tiny_flags
 from flax import nnx
 
 from danceopd_jax.core.rollout import rollout_to
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.train.bench import config_workload, query_indices
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
+
+
+def pythonpath_env() -> dict[str, str]:
+    """This checkout first on the subprocess's path (the package may be installed elsewhere)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 
 @pytest.mark.parametrize("dual, with_source", [((), False), ((0,), True)])
@@ -66,20 +74,26 @@ def test_full_rollout_reaches_the_same_states_with_all_n_forwards():
     assert jnp.array_equal(early, full)
 
 
+# The tiny config with the paper's query (N = 4 here), so the bench has its shared-query row.
+PAPER_QUERY = ["--config.danceopd.query_k=1", "--config.danceopd.query_bias=low",
+               "--config.danceopd.shared_query=false"]
+
+
 @pytest.mark.slow
 def test_bench_command_compares_the_variants(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", *tiny_flags(),
-                          "--steps=2", "--warmup=1", f"--out={out}"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", "--config",
+                          "configs/t2i_edit.py", *tiny_flags(), *PAPER_QUERY, "--steps=2",
+                          "--warmup=1", f"--out={out}"], cwd=ROOT, env=pythonpath_env(),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "| DanceOPD K=1, rollout stops at the query |" in run.stdout
+    assert "| DanceOPD N=4 K=1 low, rollout stops at the query |" in run.stdout
     (work,) = json.loads(out.read_text())["workloads"]
-    rows = {r["variant"].split(",")[0] + r["variant"].split(",")[-1]: r for r in work["results"]}
-    stop, full = rows["DanceOPD K=1 rollout stops at the query"], rows[
-        "DanceOPD K=1 full rollout (reference)"]
+    assert work["workload"]["num_steps"] == 4 and work["workload"]["batch"] == 4
+    rows = {r["variant"].split(",")[-1].strip(): r for r in work["results"]}
+    stop, full = rows["rollout stops at the query"], rows["full rollout (reference)"]
     assert full["rollout_forwards"] == 4 >= stop["rollout_forwards"]  # N = 4 in the tiny config
-    shared = rows["DanceOPD K=1 one query index per step"]
+    shared = rows["one query index per step"]
     assert shared["rollout_forwards"] <= 3  # the one index of the step, at most N - 1
     dense = next(r for k, r in rows.items() if k.startswith("dense"))
     assert dense["flops_per_step"] > 2 * stop["flops_per_step"]  # 4 queries vs 1
@@ -92,15 +106,65 @@ def test_bench_command_compares_the_variants(tmp_path):
 
 @pytest.mark.slow
 def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
+    """The peer reads the workload from the same config and draws our step's query indices;
+    it runs the config's K = 2 stratified shared query here."""
     pytest.importorskip("diffusers")
     out = tmp_path / "peer.json"
-    run = subprocess.run([sys.executable, "benchmarks/torch_peer.py", "--preset=tiny",
-                          "--modes=batched,reference-loop,fwd-bwd", "--steps=1", "--warmup=1",
-                          f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    flags = ["--config", "configs/t2i_edit.py", *tiny_flags(), "--config.danceopd.query_k=2",
+             "--config.danceopd.query_bias=stratified", "--config.danceopd.shared_query=true"]
+    run = subprocess.run([sys.executable, "benchmarks/torch_peer.py", *flags,
+                          "--modes=batched,reference-loop,fwd-bwd", "--steps=2", "--warmup=1",
+                          f"--out={out}"], cwd=ROOT, env=pythonpath_env(), capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     (work,) = json.loads(out.read_text())["workloads"]
+    spec = config_workload(tiny_config(**{"danceopd.query_k": 2, "danceopd.query_bias":
+                                           "stratified", "danceopd.shared_query": True}))
+    assert work["workload"] == json.loads(json.dumps(spec.spec()))
     modes = {r["mode"]: r for r in work["results"]}
-    assert modes["reference-loop"]["rollout_forwards"] == [16 * work["batch"]]
-    assert all(0 <= n <= 15 for n in modes["batched"]["rollout_forwards"])
+    assert modes["reference-loop"]["rollout_forwards"] == [4 * 4] * 2  # N x batch
+    # The forwards our step would run at steps 1 and 2 (after one warm-up): max index.
+    assert modes["batched"]["rollout_forwards"] == [int(query_indices(spec, i).max())
+                                                    for i in (1, 2)]
     assert all(r["samples_per_s"] > 0 for r in work["results"])
+
+
+def _bench_json(workload: dict, forwards: float) -> dict:
+    return {"device": "cpu", "jax": "x", "preset": "toy", "workloads": [{
+        "image_size": workload["image_size"], "batch": workload["batch"], "workload": workload,
+        "results": [{"variant": "DanceOPD", "samples_per_s": 1.0, "step_s": 1.0,
+                     "rollout_forwards": forwards},
+                    {"variant": "dense K=N", "samples_per_s": 0.2, "step_s": 5.0,
+                     "rollout_forwards": forwards}],
+        "student_fwd_bwd": {"seconds": 0.1, "tflops": 0.01}}]}
+
+
+def _peer_json(workload: dict, forwards: list[int]) -> dict:
+    return {"device": "cpu", "torch": "x", "preset": "toy", "workloads": [{
+        "image_size": workload["image_size"], "batch": workload["batch"], "workload": workload,
+        "results": [{"mode": "batched", "samples_per_s": 0.8, "step_s": 1.2,
+                     "rollout_forwards": forwards}]}]}
+
+
+def test_compare_refuses_different_workloads(tmp_path, capsys):
+    """compare.py prints ratios only for the same workload, and names what differs."""
+    compare = load_module(ROOT / "benchmarks" / "compare.py")
+    work = json.loads(json.dumps(config_workload(tiny_config()).spec()))
+    cases = {"same": (work, [3, 4]),
+             "n": ({**work, "num_steps": 8}, [3, 4]),
+             "batch": ({**work, "batch": 8}, [3, 4]),
+             "forwards": (work, [6, 7])}
+    for name, (peer_work, forwards) in cases.items():
+        ours, peer = tmp_path / f"ours_{name}.json", tmp_path / f"peer_{name}.json"
+        ours.write_text(json.dumps(_bench_json(work, 3.5)))
+        peer.write_text(json.dumps(_peer_json(peer_work, forwards)))
+        if name == "same":
+            compare.main(str(ours), str(peer))
+            assert "(ours 1.25x)" in capsys.readouterr().out
+            continue
+        with pytest.raises(SystemExit) as refused:
+            compare.main(str(ours), str(peer))
+        field = {"n": "num_steps: 4 vs 8", "batch": "batch: 4 vs 8",
+                 "forwards": "rollout forwards per step: 3.50 vs 6.50"}[name]
+        assert field in str(refused.value)
+        assert "(ours" not in capsys.readouterr().out

@@ -346,11 +346,13 @@ def test_paper_configs_stop_at_each_placeholder(tmp_path: Path, name: str, teach
 
 
 def test_bench_preset_builds_the_6b_shape_abstractly() -> None:
-    from danceopd_jax.bench import shape_workloads
+    from conftest import load_config
+
     from danceopd_jax.models.mmdit import param_count
+    from danceopd_jax.train.bench import config_workload, shape_workloads
     from danceopd_jax.train.flops import forward_flops
 
-    (work,) = shape_workloads("zimage-shape", "xla", "block")
+    (work,) = shape_workloads(config_workload(load_config("t2i_edit")), "zimage-shape")
     m = work.model
     assert (m.dim, m.n_layers, m.n_heads, m.cap_feat_dim, m.axes_lens) == (
         3840, 30, 30, 2560, (1536, 512, 512))

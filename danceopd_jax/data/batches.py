@@ -6,13 +6,19 @@ depend only on (seed, step, shard, route), so a resumed run sees exactly the bat
 uninterrupted run would have seen, and each process builds only its own shards' rows: the
 global batch is the same whatever the number of processes.
 
+Prefetcher builds them ahead of the step on a background thread (train/loop.fit uses it), so
+reading and decoding rows overlaps the device's work.
+
 A bucket is either held in memory (a dict of arrays: the shapes world) or read row by row (a
 RowSource: data/conditions.PreparedBucket).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -118,3 +124,69 @@ class RouteBatcher:
                 parts.append(bucket.rows(rows, self.with_source))
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return slots, batch
+
+
+class Prefetcher:
+    """The batches of `steps`, built in order by a background thread up to `depth` steps
+    ahead of the device: `get(step)` returns `batcher(step, shards)`.
+
+    The rows are whatever the batcher gives for (step, shards), so prefetched batches equal the
+    synchronous ones, a resumed run (steps starting later) sees the same batches, and each
+    process still builds only its own shards. An error while building step s's batch (a bad or
+    missing row, with its file and row in the message) is raised unchanged by `get(s)`, after
+    the batches before it were used. `wait_s` adds up the time `get` waited for a batch."""
+
+    def __init__(self, batcher: Callable[[int, range | None], tuple[tuple, dict]],
+                 steps: range, shards: range | None = None, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"prefetch depth {depth}: build at least 1 batch ahead (depth >= 1).")
+        self.batcher, self.steps, self.shards = batcher, steps, shards
+        self.wait_s = 0.0
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._build, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _build(self) -> None:
+        for step in self.steps:
+            try:
+                item = (step, self.batcher(step, self.shards), None)
+            except Exception as e:  # noqa: BLE001 - re-raised by get(step) in the caller
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or item[2] is not None:
+                return
+
+    def get(self, step: int) -> tuple[tuple, dict]:
+        t0 = time.perf_counter()
+        while True:
+            try:
+                built, batch, error = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError(f"prefetcher has no batch for step {step}: it builds "
+                                       f"steps {self.steps} in order, once each.") from None
+        self.wait_s += time.perf_counter() - t0
+        if built != step:
+            raise RuntimeError(f"prefetcher built step {built}'s batch but step {step}'s was "
+                               f"asked for; steps must be consumed in order {self.steps}.")
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self) -> None:
+        """Stop building (a run that ends early, or an error) and wait for the thread."""
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

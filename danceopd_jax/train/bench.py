@@ -22,15 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.core.fields import cfg
-from danceopd_jax.core.routing import Slot, per_sample_slots
+from danceopd_jax.config import base_config
+from danceopd_jax.core.methods import Objective, Setting, get_method
+from danceopd_jax.core.query import sample_query
+from danceopd_jax.core.routing import Route, Slot, per_sample_slots
 from danceopd_jax.core.schedule import make_sigmas
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
-from danceopd_jax.models.zimage import SEQ_MULTI_OF, ZImage, ZImageConfig
+from danceopd_jax.data.batches import Prefetcher, RouteBatcher
+from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, sd35_medium_config, tiny_config
+from danceopd_jax.models.zimage import SEQ_MULTI_OF, ZImage, ZImageConfig, zimage_6b_config
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 from danceopd_jax.train.mesh import make_mesh, put
 from danceopd_jax.train.state import make_optimizer, place_state
-from danceopd_jax.train.step import danceopd_objective, flow_opd_objective, make_distill_step
+from danceopd_jax.train.step import make_distill_step
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class Workload:
     text_tokens: int
     vae_factor: int = 1
     num_steps: int = 16
+    query_k: int = 1
+    query_bias: str = "low"
+    shared_query: bool = False
+    # (teacher, weight) per route; every route's teacher shares the anchor's random weights.
+    routes: tuple[tuple[str, float], ...] = (("anchor", 0.25), ("edit", 0.75))
+    seed: int = 0  # the step's key: query indices, rollout noise
 
     @property
     def latent(self) -> int:
@@ -56,8 +66,84 @@ class Workload:
         return Shape(self.batch, grid * grid, self.text_tokens + extra, with_source=True)
 
 
+    def slots(self) -> tuple[Slot, ...]:
+        """Per-sample routing by the routes' weights (static, as in training)."""
+        return per_sample_slots([w for _, w in self.routes], self.batch)
+
+    def spec(self) -> dict:
+        """What ours and the PyTorch peer must share for their ratio to mean anything
+        (benchmarks/compare.py checks it): shapes, architecture, the query, the routes."""
+        model = {f: list(v) if isinstance(v, tuple) else v
+                 for f, v in dataclasses.asdict(self.model).items() if f not in RUN_FIELDS}
+        return {"image_size": self.image_size, "latent": self.latent, "batch": self.batch,
+                "text_tokens": self.text_tokens, "num_steps": self.num_steps,
+                "query_k": self.query_k, "query_bias": self.query_bias,
+                "shared_query": self.shared_query, "routes": [list(r) for r in self.routes],
+                "seed": self.seed, "model": model}
+
+
+# Backbone config fields that change how a step runs, not what it computes.
+RUN_FIELDS = ("dtype", "remat", "attention", "scan_layers")
+
+
 def _build(config: MMDiTConfig | ZImageConfig) -> nnx.Module:
     return (ZImage if isinstance(config, ZImageConfig) else MMDiT)(config, rngs=nnx.Rngs(0))
+
+
+def config_workload(config: Any) -> Workload:
+    """The workload a config trains: its shapes-world model and batch, its DanceOPD query
+    (N, K, bias, shared) and its routes (per-sample routing by their weights). The PyTorch
+    peer builds its workload with this same function from the same config."""
+    routes = list(config.routes.values())
+    if any(r.cfg_alpha != 1.0 for r in routes):
+        raise ValueError(f"routes {dict(config.routes)} use CFG (cfg_alpha != 1), which the "
+                         "bench does not measure; set --config.routes.<name>.cfg_alpha=1.0.")
+    if config.training.routing != "per_sample":
+        raise ValueError(f"training.routing={config.training.routing!r}: the bench's first row "
+                         "is per-sample routing (per-step routing is its own row); set "
+                         "--config.training.routing=per_sample.")
+    m, d = config.model, config.danceopd
+    model = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
+                        text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
+                        depth=m.depth, heads=m.heads)
+    model = dataclasses.replace(model, dtype=m.dtype, remat=m.remat)
+    return Workload(model, config.world.image_size, config.training.batch_size, MAX_TEXT_LEN,
+                    num_steps=d.num_steps, query_k=d.query_k, query_bias=d.query_bias,
+                    shared_query=d.shared_query,
+                    routes=tuple((r.teacher, float(r.weight)) for r in routes),
+                    seed=config.training.seed)
+
+
+SHAPE_PRESETS = ("sd35m-shape", "zimage-shape")
+
+
+def shape_workloads(config_work: Workload, preset: str, attention: str = "xla",
+                    remat: str = "block") -> list[Workload]:
+    """A real-shape preset's workloads (configs only: nothing is built or allocated), random
+    weights, bf16 matmuls, scanned layers, with the query and routes of `config_work`:
+    sd35m-shape: SD3.5-Medium's MMDiT-X, 333 text tokens, 512^2 at batch 8 and 1024^2 at
+    batch 2; zimage-shape: Z-Image's 6B transformer in the omni edit layout (512 prompt tokens
+    and the two template pieces), 1024^2 at batch 2."""
+    settings = dict(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
+    if preset == "zimage-shape":
+        return [dataclasses.replace(config_work, model=zimage_6b_config(**settings),
+                                    image_size=1024, batch=2, text_tokens=512, vae_factor=8)]
+    if preset != "sd35m-shape":
+        raise ValueError(f"preset {preset!r}: use one of {SHAPE_PRESETS}.")
+    model = sd35_medium_config(**settings)
+    return [dataclasses.replace(config_work, model=model, image_size=size, batch=batch,
+                                text_tokens=333, vae_factor=8)
+            for size, batch in ((512, 8), (1024, 2))]
+
+
+def query_indices(work: Workload, step: int) -> np.ndarray:
+    """[B, K] query indices of the bench's DanceOPD step number `step` (from 0), drawn as
+    train/step.py draws them from the state's key: the peer uses these, so both roll out the
+    same number of forwards on every step."""
+    key = jax.random.fold_in(jax.random.key(work.seed), step)
+    _, k_query, _ = jax.random.split(key, 3)
+    return np.asarray(sample_query(k_query, work.batch, work.num_steps, work.query_k,
+                                   work.query_bias, work.shared_query))
 
 
 @dataclass(frozen=True)
@@ -72,17 +158,24 @@ class Variant:
     group: int = 1  # rollouts per prompt
 
 
-def variants(num_steps: int, batch: int) -> list[Variant]:
+def variants(work: Workload) -> list[Variant]:
+    """The workload's own DanceOPD step first (what the peer runs too), then alternatives."""
+    n, batch = work.num_steps, work.batch
     group = max(1, batch // 2)  # two prompts (one per route) unless the batch is 1
-    return [
-        Variant("DanceOPD K=1, rollout stops at the query"),
-        Variant("DanceOPD K=1, full rollout (reference)", full_rollout=True),
-        Variant("DanceOPD K=1, one query index per step", shared_query=True),
-        Variant(f"dense K=N={num_steps} (DiffusionOPD cost)", query_k=num_steps,
-                query_bias="dense"),
-        Variant(f"Flow-OPD, SDE + PPO, dense N={num_steps}, {batch // group} prompts x "
-                f"G={group}", query_k=num_steps, method="flow_opd", group=group),
-        Variant("DanceOPD K=1, per-step routing", routing="per_step"),
+    query = dict(query_k=work.query_k, query_bias=work.query_bias,
+                 shared_query=work.shared_query)
+    name = (f"DanceOPD N={n} K={work.query_k} {work.query_bias}"
+            f"{' shared' if work.shared_query else ''}")
+    rows = [Variant(f"{name}, rollout stops at the query", **query),
+            Variant(f"{name}, full rollout (reference)", full_rollout=True, **query)]
+    if not work.shared_query:
+        rows.append(Variant(f"{name}, one query index per step",
+                            **{**query, "shared_query": True}))
+    return rows + [
+        Variant(f"dense K=N={n} (DiffusionOPD cost)", query_k=n, query_bias="dense"),
+        Variant(f"Flow-OPD, SDE + PPO, dense N={n}, {batch // group} prompts x G={group}",
+                query_k=n, method="flow_opd", group=group),
+        Variant(f"{name}, per-step routing", routing="per_step", **query),
     ]
 
 
@@ -130,6 +223,20 @@ def precomputed_conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
     return {k: v for k, v in batch.items() if k != "target"}
 
 
+def variant_objective(v: Variant, work: Workload, field_fn: Any,
+                      sigmas: jax.Array) -> Objective:
+    """The variant's objective, built by its method's registry record as the trainer builds
+    it, with the base config's options (Flow-OPD's eta, clips, advantage) and the variant's
+    query and group: the bench times the trainer's step, not a copy of it."""
+    routes = [Route(t, t, t, w) for t, w in work.routes]
+    query = {"num_steps": work.num_steps, "query_k": v.query_k, "query_bias": v.query_bias,
+             "full_rollout": v.full_rollout, "shared_query": v.shared_query}
+    options = {**base_config().baselines.to_dict(), "group": v.group}
+    return get_method(v.method).objective(Setting(
+        field_fn, [field_fn] * len(routes), routes, [True] * len(routes), sigmas, 1, query,
+        options))
+
+
 def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
                    which: list[Variant] | None = None,
                    log: Callable[[str], None] = print) -> list[Result]:
@@ -149,25 +256,19 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
     device = jax.devices()[0]
     peak = peak_tflops(device.device_kind)
     results = []
-    for v in which or variants(work.num_steps, work.batch):
-        frozen = {"teachers": {"anchor": params}}
+    teachers = sorted({t for t, _ in work.routes})
+    for v in which or variants(work):
+        frozen = {"teachers": {t: params for t in teachers}}
         trainable = {"backbone": jax.tree.map(jnp.copy, params)}
         state, frozen, shardings = place_state(
-            mesh, trainable, {"backbone": axes}, frozen, {"teachers": {"anchor": axes}},
-            optimizer, seed=0)
-        fields = [cfg(field_fn, 1.0)] * 2
-        if v.method == "flow_opd":
-            objective = flow_opd_objective(field_fn, fields, sigmas, v.group, eta=0.7,
-                                           ppo_clip=1e-4, adv_clip=5.0)
-        else:
-            objective = danceopd_objective(field_fn, fields, sigmas, v.query_k, v.query_bias,
-                                           full_rollout=v.full_rollout,
-                                           shared_query=v.shared_query)
-        step = make_distill_step(objective, lambda t, f: t["backbone"], ["anchor", "anchor"],
+            mesh, trainable, {"backbone": axes}, frozen, {"teachers": {t: axes for t in teachers}},
+            optimizer, seed=work.seed)
+        step = make_distill_step(variant_objective(v, work, field_fn, sigmas),
+                                 lambda t, f: t["backbone"], [t for t, _ in work.routes],
                                  precomputed_conditioner, optimizer, shardings)
         prompts = work.batch // v.group
         slots = ((Slot(0, 0, prompts),) if v.routing == "per_step" or prompts == 1
-                 else per_sample_slots([0.25, 0.75], prompts))
+                 else per_sample_slots([w for _, w in work.routes], prompts))
         placed = put({k: x[:prompts] for k, x in batch.items()}, shardings.batch)
         rollouts = dataclasses.replace(work.shape(), batch=prompts * v.group)
         t0 = time.perf_counter()
@@ -203,27 +304,97 @@ def _memory_gib(compiled: Any) -> float | None:
         return None
 
 
+def fwd_bwd_inputs(work: Workload) -> tuple[jax.Array, jax.Array, dict]:
+    """(z, sigma, cond) of the student's plain forward+backward: the batch at noise 0.5."""
+    batch = _random_cond(jax.random.key(2), work)
+    return batch["target"], jnp.full((work.batch,), 0.5), precomputed_conditioner(
+        None, batch, None)
+
+
 def student_fwd_bwd(work: Workload, steps: int = 10, warmup: int = 2) -> tuple[float, float]:
     """(seconds, achieved TFLOP/s) of the student's plain forward+backward on the batch at a
     random noise level: the MFU target of the fast path."""
     graph, params = nnx.split(_build(work.model))
     params = nnx.to_pure_dict(params)
-    batch = _random_cond(jax.random.key(2), work)
-    cond = precomputed_conditioner(None, batch, None)
+    z, sigma, cond = fwd_bwd_inputs(work)
 
-    @jax.jit
-    def grads(p: Any) -> Any:
+    @jax.jit  # the inputs are arguments, not constants XLA could fold
+    def grads(p: Any, z: jax.Array, sigma: jax.Array, cond: dict) -> Any:
         def loss(p: Any) -> jax.Array:
-            v = nnx.merge(graph, p)(batch["target"], jnp.full((work.batch,), 0.5), cond)
-            return jnp.mean(jnp.square(v))
+            return jnp.mean(jnp.square(nnx.merge(graph, p)(z, sigma, cond)))
         return jax.grad(loss)(p)
 
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        jax.block_until_ready(grads(params))
+        jax.block_until_ready(grads(params, z, sigma, cond))
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     return seconds, 3 * forward_flops(work.model, work.shape()) / seconds / 1e12
 
+
+@dataclass
+class DataWait:
+    steps: int  # timed
+    step_s: float  # median, the wait for the batch included
+    wait_s: float  # mean wait for a batch per step
+    fraction: float  # total wait / total step time
+
+
+def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
+                       depth: int = 2) -> DataWait:
+    """The config's DanceOPD step on its prepared conditions (world.conditions), fed as
+    train/loop.fit feeds it: the RouteBatcher's rows for this process's shards built ahead on
+    the Prefetcher's thread. Random weights of the anchor checkpoint's architecture; every
+    route's teacher is one plain forward (no CFG: a shorter step, so the wait's share is, if
+    anything, overstated)."""
+    # Prepared data only: these import tensorflow_datasets and the checkpoint readers.
+    from danceopd_jax.data.conditions import PreparedData
+    from danceopd_jax.train.prepared import backbone_config
+
+    model = backbone_config(config)
+    data = PreparedData(config.world.conditions)
+    routes = [Route(name, r.teacher, r.bucket, r.weight) for name, r in config.routes.items()]
+    batcher = RouteBatcher({r.bucket: data.bucket(r.bucket) for r in routes}, routes,
+                           config.training.routing, config.training.batch_size,
+                           config.training.seed)
+    graph, params = nnx.split(MMDiT(model, rngs=nnx.Rngs(0)))
+    axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
+    params = nnx.to_pure_dict(params)
+
+    def field_fn(p: Any, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
+        return nnx.merge(graph, p)(z, sigma, cond)
+
+    def conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
+        cond = precomputed_conditioner(frozen, batch, key)
+        return {**cond, "text_mask": jnp.ones(batch["text"].shape[:2], bool)}
+
+    teachers = sorted({r.teacher for r in routes})
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    optimizer = make_optimizer(1e-5, 0.0, 1.0)
+    state, frozen, shardings = place_state(
+        mesh, {"backbone": params}, {"backbone": axes}, {"teachers": {t: params for t in teachers}},
+        {"teachers": {t: axes for t in teachers}}, optimizer, seed=config.training.seed)
+    d = config.danceopd
+    objective = get_method(config.method).objective(Setting(
+        field_fn, [field_fn] * len(routes), routes,
+        [data.bucket(r.bucket).has_sources for r in routes],
+        make_sigmas(d.num_steps, d.shift, d.schedule), 1, d.to_dict(),
+        config.baselines.to_dict()))
+    step_fn = make_distill_step(objective, lambda t, f: t["backbone"],
+                                [r.teacher for r in routes], conditioner, optimizer, shardings)
+    times, waits = [], []
+    with Prefetcher(batcher, range(warmup + steps), depth=depth) as batches:
+        for i in range(warmup + steps):
+            t0 = time.perf_counter()
+            waited = batches.wait_s
+            slots, batch = batches.get(i)
+            waited = batches.wait_s - waited
+            state, metrics = step_fn(state, frozen, put(batch, shardings.batch), slots)
+            int(metrics["rollout_forwards"])  # waits for the step
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                waits.append(waited)
+    return DataWait(steps, statistics.median(times), float(np.mean(waits)),
+                    sum(waits) / sum(times))

@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from danceopd_jax.data.batches import Prefetcher
 from danceopd_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.events import Events
@@ -157,9 +158,11 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         name: str, checkpoints: RunCheckpoints | None = None, checkpoint_every: int = 0,
         meta: dict | None = None, metrics: MetricsWriter | None = None, log_every: int = 10,
         on_interval: Callable[[TrainState, int], None] | None = None,
-        interval_every: int = 0, max_param_growth: float = 0.0) -> TrainState:
+        interval_every: int = 0, max_param_growth: float = 0.0,
+        prefetch: int = 2) -> TrainState:
     """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
     and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
+    Batches are built `prefetch` steps ahead on a background thread.
     On SIGTERM it saves a checkpoint and raises Preempted (the next start resumes there).
     Metrics and the progress bar come from process 0 only; every process runs on_interval.
     Only sound weights are saved (`unsound`, against the start state and then each save): at
@@ -207,9 +210,11 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
             window.clear()
             tick = now
 
+    # The host builds the next batches while the device runs this step (data/batches.py).
+    batches = Prefetcher(batcher, range(start, steps), shards, depth=prefetch)
     try:
         for step in range(start, steps):
-            slots, batch = batcher(step, shards)
+            slots, batch = batches.get(step)
             state, m = update(state, put_batch(batch, mesh), slots)
             if pending:
                 settle(*pending)
@@ -235,6 +240,7 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         if pending:
             settle(*pending)
     finally:
+        batches.close()
         bar.close()
         watch.close()
     return state
