@@ -6,7 +6,7 @@
 It refuses (exit status 1, naming the fields) to compare workloads that differ: shapes,
 architecture, N, K, query bias, routes, batch (each JSON's "workload", written from the same
 config by danceopd_jax.train.bench), or the rollout forwards actually run per step (the same
---steps and --warmup on both sides give the same query indices).
+--timed_steps and --warmup on both sides give the same query indices).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def workload_mismatch(ours: dict, peer: dict) -> list[str]:
         theirs = float(np.mean(batched["rollout_forwards"]))
         if abs(mine - theirs) > 1e-6:
             diffs.append(f"rollout forwards per step: {mine:.2f} vs {theirs:.2f} (run both with "
-                         "the same --steps and --warmup)")
+                         "the same --timed_steps and --warmup)")
     return diffs
 
 

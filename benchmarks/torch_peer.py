@@ -44,7 +44,7 @@ _PRESET = flags.DEFINE_enum("preset", "toy", ["toy", "sd35m-shape"],
                             "toy: the config's model and batch; sd35m-shape: SD3.5-Medium's.")
 _MODES = flags.DEFINE_string("modes", "batched,batched-compiled,reference-loop,fwd-bwd",
                              "Comma-separated modes.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per mode (ours: the same).")
+_STEPS = flags.DEFINE_integer("timed_steps", 10, "Timed steps per mode (ours: the same).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per mode (ours: the same).")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 

@@ -48,7 +48,7 @@ _CONFIG = cli.config_flag(
     "config", None, "Experiment config whose workload is measured (required; the peer's too).")
 _PRESET = flags.DEFINE_enum("preset", "toy", ["toy", *SHAPE_PRESETS, "prepared"],
                             "What to measure.")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant (after warm-up).")
+_STEPS = flags.DEFINE_integer("timed_steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _CUDNN = flags.DEFINE_bool("cudnn", True, "*-shape on a GPU: cuDNN fused attention.")

@@ -83,7 +83,7 @@ PAPER_QUERY = ["--config.danceopd.query_k=1", "--config.danceopd.query_bias=low"
 def test_bench_command_compares_the_variants(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", "--config",
-                          "configs/t2i_edit.py", *tiny_flags(), *PAPER_QUERY, "--steps=2",
+                          "configs/t2i_edit.py", *tiny_flags(), *PAPER_QUERY, "--timed_steps=2",
                           "--warmup=1", f"--out={out}"], cwd=ROOT, env=pythonpath_env(),
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
     flags = ["--config", "configs/t2i_edit.py", *tiny_flags(), "--config.danceopd.query_k=2",
              "--config.danceopd.query_bias=stratified", "--config.danceopd.shared_query=true"]
     run = subprocess.run([sys.executable, "benchmarks/torch_peer.py", *flags,
-                          "--modes=batched,reference-loop,fwd-bwd", "--steps=2", "--warmup=1",
+                          "--modes=batched,reference-loop,fwd-bwd", "--timed_steps=2", "--warmup=1",
                           f"--out={out}"], cwd=ROOT, env=pythonpath_env(), capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
