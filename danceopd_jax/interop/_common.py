@@ -166,3 +166,11 @@ def iter_safetensors(directory: str | os.PathLike, stem: str) -> Iterator[tuple[
                 with jax.default_device(cpu):
                     tensor = f.get_tensor(name)
                 yield name, np.asarray(tensor, np.float32)
+
+
+def rename_module(module: str, pairs: Iterable[tuple[str, str]]) -> str:
+    """`module` with the first (old, new) pair whose old is it or its dotted tail replaced."""
+    for old, new in pairs:
+        if module == old or module.endswith("." + old):
+            return module[: len(module) - len(old)] + new
+    return module

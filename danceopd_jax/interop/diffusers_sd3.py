@@ -45,6 +45,7 @@ from danceopd_jax.interop._common import (
     path_from_dotted,
     raise_on_mismatch,
     read_config,
+    rename_module,
     to_numpy,
 )
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, _sincos_grid
@@ -104,17 +105,10 @@ def config_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- key mapper
 
 
-def _rename(module: str, pairs: Iterable[tuple[str, str]]) -> str:
-    for old, new in pairs:
-        if module == old or module.endswith("." + old):
-            return module[: len(module) - len(old)] + new
-    return module
-
-
 def our_path(name: str) -> ParamPath:
     """diffusers state-dict name -> our param path (names only)."""
     module, _, leaf = name.rpartition(".")
-    module = _rename(module, _RENAMES)
+    module = rename_module(module, _RENAMES)
     if leaf == "weight":  # qk RMSNorms are the only norms with weights
         leaf = "scale" if module.rpartition(".")[2].startswith("norm_") else "kernel"
     return path_from_dotted(module, leaf)
@@ -137,7 +131,7 @@ def to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
 def diffusers_name(path: ParamPath) -> str:
     """Our param path -> diffusers state-dict name (names only)."""
     *module_parts, leaf = (str(p) for p in path)
-    module = _rename(".".join(module_parts), ((new, old) for old, new in _RENAMES))
+    module = rename_module(".".join(module_parts), ((new, old) for old, new in _RENAMES))
     return f"{module}.{'weight' if leaf in ('kernel', 'scale') else leaf}"
 
 

@@ -40,6 +40,7 @@ from danceopd_jax.interop._common import (
     path_from_dotted,
     raise_on_mismatch,
     read_config,
+    rename_module,
     to_numpy,
 )
 from danceopd_jax.interop.peft_lora import LoraNames
@@ -101,13 +102,6 @@ def config_to_diffusers(config: ZImageConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- key mapper
 
 
-def _rename(module: str, pairs: Iterable[tuple[str, str]]) -> str:
-    for old, new in pairs:
-        if module == old or module.endswith("." + old):
-            return module[: len(module) - len(old)] + new
-    return module
-
-
 def our_path(name: str, *, patch_size: int) -> ParamPath:
     """diffusers state-dict name -> our param path (names only). A name of another patch size
     (``all_x_embedder.4-1``) keeps its name, so it is reported as unexpected."""
@@ -118,7 +112,7 @@ def our_path(name: str, *, patch_size: int) -> ParamPath:
     if patched and patched[2] == str(patch_size):
         module = patched[1] + module[patched.end():]
     module = re.sub(r"(^|\.)adaLN_modulation\.[01]$", r"\1adaLN_modulation", module)
-    module = _rename(module, _RENAMES)
+    module = rename_module(module, _RENAMES)
     if leaf == "weight":
         leaf = "scale" if "norm" in module.rpartition(".")[2] else "kernel"
     return path_from_dotted(module, leaf)
@@ -137,7 +131,7 @@ def diffusers_name(path: ParamPath, *, patch_size: int) -> str:
     *parts, leaf = (str(p) for p in path)
     if not parts:
         return leaf
-    module = _rename(".".join(parts), ((new, old) for old, new in _RENAMES))
+    module = rename_module(".".join(parts), ((new, old) for old, new in _RENAMES))
     if parts[0] in ("x_embedder", "final_layer"):
         module = f"all_{parts[0]}.{patch_size}-1" + module[len(parts[0]):]
     if parts[-1] == "adaLN_modulation":  # Sequential(SiLU, Linear) in the final layer

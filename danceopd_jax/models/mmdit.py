@@ -50,6 +50,17 @@ REMAT_POLICIES = {
 }
 
 
+
+def validate_run_settings(attention: str, remat: str, dtype: str) -> None:
+    """A backbone config's run settings (how it runs, not what it computes)."""
+    if attention not in ("xla", "cudnn"):
+        raise ValueError(f"attention={attention!r}: use 'xla' or 'cudnn' (GPU).")
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use one of {tuple(REMAT_POLICIES)}.")
+    if dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"dtype={dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
+
+
 @dataclass(frozen=True)
 class MMDiTConfig:
     """Hyper-parameters; names and defaults follow diffusers (SD3 medium)."""
@@ -113,12 +124,7 @@ class MMDiTConfig:
             )
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm={self.qk_norm!r} is unsupported; use None or 'rms_norm'.")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: use 'xla' or 'cudnn' (GPU).")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT_POLICIES)}.")
-        if self.dtype not in _COMPUTE_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
+        validate_run_settings(self.attention, self.remat, self.dtype)
 
     @property
     def inner_dim(self) -> int:

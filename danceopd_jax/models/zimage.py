@@ -38,7 +38,6 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.models.mmdit import (
-    _COMPUTE_DTYPES,
     REMAT_POLICIES,
     _layer_norm,
     _linear,
@@ -46,6 +45,7 @@ from danceopd_jax.models.mmdit import (
     _stack_trees,
     _stacked,
     timestep_embedding,
+    validate_run_settings,
 )
 
 SEQ_MULTI_OF = 32  # diffusers pads every caption, image and SigLIP item to this many tokens
@@ -112,12 +112,7 @@ class ZImageConfig:
                              f"{self.n_refiner_layers} >= 0.")
         if self.siglip_feat_dim is not None and self.siglip_feat_dim < 1:
             raise ValueError(f"siglip_feat_dim={self.siglip_feat_dim}: use None or a width >= 1.")
-        if self.attention not in ("xla", "cudnn"):
-            raise ValueError(f"attention={self.attention!r}: use 'xla' or 'cudnn' (GPU).")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}: use one of {tuple(REMAT_POLICIES)}.")
-        if self.dtype not in _COMPUTE_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is unsupported; use one of {_COMPUTE_DTYPES}.")
+        validate_run_settings(self.attention, self.remat, self.dtype)
 
     @property
     def patch_size(self) -> int:

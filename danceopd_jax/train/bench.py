@@ -195,26 +195,22 @@ class Result:
 def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
     m, b = work.model, work.batch
     k1, k2, k3 = jax.random.split(key, 3)
-    if isinstance(m, ZImageConfig):  # the omni layout: caption in three pieces
-        piece = 0.1 * jax.random.normal(k3, (b, SEQ_MULTI_OF, m.cap_feat_dim))
-        short = jnp.broadcast_to(jnp.arange(SEQ_MULTI_OF) < 5, (b, SEQ_MULTI_OF))
-        return {
-            "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
-            "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
-            "has_source": jnp.ones((b,), bool),
-            "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.cap_feat_dim)),
-            "text_mask": jnp.ones((b, work.text_tokens), bool),
-            "text_prefix": piece, "text_prefix_mask": short,
-            "text_suffix": piece, "text_suffix_mask": short,
-        }
-    return {
+    images = {
         "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
         "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
         "has_source": jnp.ones((b,), bool),
-        "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.joint_attention_dim)),
         "text_mask": jnp.ones((b, work.text_tokens), bool),
-        "pooled": jnp.zeros((b, m.pooled_projection_dim)),
     }
+    if isinstance(m, ZImageConfig):  # the omni layout: caption in three pieces
+        piece = 0.1 * jax.random.normal(k3, (b, SEQ_MULTI_OF, m.cap_feat_dim))
+        short = jnp.broadcast_to(jnp.arange(SEQ_MULTI_OF) < 5, (b, SEQ_MULTI_OF))
+        return {**images, "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens,
+                                                               m.cap_feat_dim)),
+                "text_prefix": piece, "text_prefix_mask": short,
+                "text_suffix": piece, "text_suffix_mask": short}
+    return {**images,
+            "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.joint_attention_dim)),
+            "pooled": jnp.zeros((b, m.pooled_projection_dim))}
 
 
 def precomputed_conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
