@@ -97,7 +97,7 @@ def test_bench_command_compares_the_variants(tmp_path):
     assert shared["rollout_forwards"] <= 3  # the one index of the step, at most N - 1
     dense = next(r for k, r in rows.items() if k.startswith("dense"))
     assert dense["flops_per_step"] > 2 * stop["flops_per_step"]  # 4 queries vs 1
-    flow = next(r for k, r in rows.items() if k.startswith("Flow-OPD"))
+    flow = next(r for r in work["results"] if r["variant"].startswith("Flow-OPD"))
     assert flow["rollout_forwards"] == 4  # every SDE step, then all 4 transitions
     assert flow["flops_per_step"] >= dense["flops_per_step"]
     assert all(r["step_s"] > 0 and r["compile_s"] > 0 for r in work["results"])
