@@ -453,10 +453,10 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
                    "text": models.text_axes}
     optimizer = make_optimizer(1e-3, 0.0, 1.0)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    state, placed, shardings = place_state(mesh, distill.initial_trainable(config, frozen),
-                                           {"backbone": models.backbone_axes}, frozen,
-                                           frozen_axes, optimizer, config.seed)
-    update = distill.method_update(config, routes, models, student_params_fn("anchor", 0.0),
+    trainable = distill.initial_trainable(config, frozen["teachers"]["anchor"])
+    state, placed, shardings = place_state(mesh, trainable, {"backbone": models.backbone_axes},
+                                           frozen, frozen_axes, optimizer, config.seed)
+    update = distill.method_update(config, routes, models, student_params_fn(0.0),
                                    optimizer, schedule.make_sigmas(4), 1, shardings, placed,
                                    world.bucket_has_source)
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
