@@ -74,6 +74,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
         _fail(f"{str(e).rstrip('.')}. Pass --helpshort to list the flags.", EXIT_USAGE)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # A config override of a config file given on the command line (config_flag's
+        # default is None), parsed here rather than at import.
+        if "--verbose" in argv:
+            traceback.print_exc()
+        _fail(f"a --config override does not fit the config file: {_hint(e)} Fix the field "
+              "name or value (the config file lists them).", EXIT_USAGE)
     if len(rest) > 1:
         _fail(f"unexpected arguments {rest[1:]}; pass every option as --flag=value (and quote "
               "values with spaces).", EXIT_USAGE)
