@@ -180,15 +180,19 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(trained, tmp_pat
     """SIGTERM arrives while step 3 is prepared: the run saves step 3 and stops; the next start
     resumes there, and every loss equals the uninterrupted run's."""
     workdir = workdir_with_teachers(trained, tmp_path / "run")
-    batch = RouteBatcher.__call__
+    method_update = distill.method_update
 
-    def preempt_at_step_3(self, step, shard_range=None):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return batch(self, step, shard_range)
+    def preempt_at_step_3(*args, **kwargs):  # in the main loop (batches are built ahead)
+        update = method_update(*args, **kwargs)
+
+        def step(state, batch, slots):
+            if int(state.step) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return update(state, batch, slots)
+        return step
 
     with monkeypatch.context() as patch:
-        patch.setattr(RouteBatcher, "__call__", preempt_at_step_3)
+        patch.setattr(distill, "method_update", preempt_at_step_3)
         with pytest.raises(Preempted, match="step 3"):
             distill.run(tiny_config(), workdir)
     assert RunCheckpoints(workdir / "checkpoints").latest_step() == 3

@@ -140,6 +140,7 @@ def test_bad_routes_fail_fast(tmp_path):
         distill.build(config, tmp_path)
     config = tiny_config()
     config.routes.edit.bucket = "t2i"
+    del config.eval.targets["edit"]  # no edit route left to hold it to
     with pytest.raises(ValueError, match="no source images"):
         distill.build(config, tmp_path)
 
