@@ -1,7 +1,7 @@
 """What every command line shares: its error boundary, logging, and argument checks.
 
 ``cli.run(main)`` replaces ``absl.app.run(main)``. Expected errors (an exception with an
-``exit_code``, errors.py; absl's UsageError and flag errors) print one paragraph and exit with
+``exit_code``, core/errors.py; absl's UsageError and flag errors) print one paragraph and exit with
 their status, without a traceback; ``--verbose`` adds it. Anything else is a bug: it keeps its
 traceback and exits 1. Exit statuses (README "When things go wrong"):
 
@@ -20,7 +20,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from danceopd_jax.errors import EXIT_PREEMPTED, EXIT_USAGE
+from danceopd_jax.core.errors import EXIT_PREEMPTED, EXIT_USAGE
 
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Print the traceback of expected errors too.")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import ml_collections
 
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
 from danceopd_jax.core.routing import ROUTING_MODES, Route
-from danceopd_jax.errors import ConfigError
 
 MIX = "mix"
 

@@ -13,7 +13,7 @@ from absl import app, flags
 
 from danceopd_jax import cli
 from danceopd_jax.config import config_errors
-from danceopd_jax.errors import ConfigError
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.eval.workdir import evaluate_workdir, parse_model
 
 _WORKDIR = cli.workdir_flag()

@@ -20,7 +20,7 @@ from pathlib import Path
 from absl import flags
 
 from danceopd_jax import cli
-from danceopd_jax.errors import ConfigError
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.interop.workdir import (
     export_diffusers,
     export_lora,

@@ -22,11 +22,11 @@ from PIL import Image
 
 from danceopd_jax import cli
 from danceopd_jax.config import world_kind
+from danceopd_jax.core.errors import ConfigError, DataError
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import to_unit_range
 from danceopd_jax.data.conditions import load_image
 from danceopd_jax.data.shapes.tokenizer import encode, unknown_words
-from danceopd_jax.errors import ConfigError, DataError
 from danceopd_jax.eval.shapes import make_generator, read_source
 from danceopd_jax.interop.workdir import Student, load_student
 from danceopd_jax.train.prepared import latent_generator

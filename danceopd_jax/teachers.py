@@ -17,8 +17,8 @@ from absl import flags
 
 from danceopd_jax import cli
 from danceopd_jax.config import teacher_buckets, world_kind
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.routing import Route
-from danceopd_jax.errors import ConfigError
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.train.distill import build
 from danceopd_jax.train.mesh import make_mesh

@@ -22,7 +22,13 @@ from conftest import losses, tiny_config, tiny_flags
 from helpers import run_clis, workdir_with_teachers
 from PIL import Image
 
-from danceopd_jax.errors import EXIT_DATA, EXIT_DIVERGED, EXIT_PREEMPTED, EXIT_USAGE, ConfigError
+from danceopd_jax.core.errors import (
+    EXIT_DATA,
+    EXIT_DIVERGED,
+    EXIT_PREEMPTED,
+    EXIT_USAGE,
+    ConfigError,
+)
 from danceopd_jax.train import distill
 from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints
 from danceopd_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLocked

@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from danceopd_jax import errors
+from danceopd_jax.core import errors
 from danceopd_jax.core.routing import Route, validate_routes
 
 MANIFEST = "conditions.json"

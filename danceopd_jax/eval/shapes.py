@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.fields import Field, cfg
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.data.batches import Bucket, has_sources, model_rows
 from danceopd_jax.data.shapes.parser import score_edit, score_t2i
-from danceopd_jax.errors import ConfigError
 
 Params = Any
 Conditioner = Callable[[Params, dict, jax.Array], dict]

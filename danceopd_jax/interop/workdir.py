@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from danceopd_jax.config import init_teacher
-from danceopd_jax.errors import ConfigError
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.interop._common import flatten
 from danceopd_jax.interop.diffusers_sd3 import SOURCE_EMBED_FILE, save_diffusers_transformer
 from danceopd_jax.interop.peft_lora import save_diffusers_lora

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from danceopd_jax.errors import DataError
+from danceopd_jax.core.errors import DataError
 
 log = logging.getLogger(__name__)
 

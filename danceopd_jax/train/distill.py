@@ -42,6 +42,7 @@ from danceopd_jax.config import (
     validate_batch,
     world_kind,
 )
+from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.methods import Setting, get_method, merge_coefficients, merge_weights
 from danceopd_jax.core.routing import Route, validate_routes
@@ -49,7 +50,6 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher, TrainBucket
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
-from danceopd_jax.errors import ConfigError
 from danceopd_jax.eval import targets
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.eval.shapes import generate_bucket, make_generator

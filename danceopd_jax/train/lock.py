@@ -26,7 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from danceopd_jax.errors import DataError
+from danceopd_jax.core.errors import DataError
 
 log = logging.getLogger(__name__)
 LOCK_FILE = "lock"

@@ -25,8 +25,8 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
+from danceopd_jax.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from danceopd_jax.data.batches import Prefetcher
-from danceopd_jax.errors import EXIT_DIVERGED, EXIT_PREEMPTED
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.events import Events
 from danceopd_jax.train.mesh import local_shards, put_batch
