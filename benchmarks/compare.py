@@ -5,7 +5,7 @@
 
 It refuses (exit status 1, naming the fields) to compare workloads that differ: shapes,
 architecture, N, K, query bias, routes, batch (each JSON's "workload", written from the same
-config by danceopd_jax.train.bench), or the rollout forwards actually run per step (the same
+config by danceopd_jax.jobs.bench), or the rollout forwards actually run per step (the same
 --timed_steps and --warmup on both sides give the same query indices).
 """
 

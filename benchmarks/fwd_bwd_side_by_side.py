@@ -2,7 +2,7 @@
 
     python benchmarks/fwd_bwd_side_by_side.py --config=configs/t2i_edit.py --rounds=20
 
-Both run the config's workload (danceopd_jax.train.bench.config_workload: the same shapes and
+Both run the config's workload (danceopd_jax.jobs.bench.config_workload: the same shapes and
 architecture, random weights, float32); each round times one call of ours, then one of the
 peer's, so that whatever else the machine runs slows both alike. It prints the median of
 each and the median of the per-round ratios (peer time / our time: above 1, ours is faster).
@@ -25,8 +25,8 @@ import torch_peer  # benchmarks/, this script's directory; defines --config
 from absl import app, flags
 from flax import nnx
 
+from danceopd_jax.jobs.bench import config_workload, fwd_bwd_inputs
 from danceopd_jax.models.mmdit import MMDiT
-from danceopd_jax.train.bench import config_workload, fwd_bwd_inputs
 
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (after 2 warm-up rounds).")
 _OUT = flags.DEFINE_string("json", None, "Write the result as JSON here.")

@@ -3,7 +3,7 @@
 Not part of the package; run beside `python -m danceopd_jax.bench` on the same device, with
 the same --config and the same overrides (benchmarks/gpu_side_by_side.sh), so that both measure
 one workload: shapes, architecture, N, K, query bias, routes and batch all come from the config
-through danceopd_jax.train.bench (config_workload, shape_workloads), and every step's query
+through danceopd_jax.jobs.bench (config_workload, shape_workloads), and every step's query
 indices are the ones our step draws (query_indices), so both roll out the same number of
 forwards. benchmarks/compare.py refuses results whose workloads differ.
 
@@ -36,7 +36,7 @@ from diffusers import SD3Transformer2DModel
 from ml_collections import config_flags
 
 from danceopd_jax.interop.diffusers_sd3 import config_to_diffusers
-from danceopd_jax.train.bench import Workload, config_workload, query_indices, shape_workloads
+from danceopd_jax.jobs.bench import Workload, config_workload, query_indices, shape_workloads
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The experiment config whose workload to run (the same as ours).")

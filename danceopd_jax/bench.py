@@ -32,8 +32,8 @@ import jax
 from absl import flags
 
 from danceopd_jax import cli
-from danceopd_jax.models.mmdit import REMAT_POLICIES
-from danceopd_jax.train.bench import (
+from danceopd_jax.jobs.bench import (
+    REMATS,
     SHAPE_PRESETS,
     Result,
     Workload,
@@ -52,7 +52,7 @@ _STEPS = flags.DEFINE_integer("timed_steps", 10, "Timed steps per variant (after
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _CUDNN = flags.DEFINE_bool("cudnn", True, "*-shape on a GPU: cuDNN fused attention.")
-_REMAT = flags.DEFINE_enum("remat", "block", list(REMAT_POLICIES),
+_REMAT = flags.DEFINE_enum("remat", "block", list(REMATS),
                            "*-shape: what each block's backward keeps "
                            "(models/mmdit.py REMAT_POLICIES; toy: config.model.remat).")
 

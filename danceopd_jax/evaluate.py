@@ -14,7 +14,7 @@ from absl import app, flags
 from danceopd_jax import cli
 from danceopd_jax.config import config_errors
 from danceopd_jax.core.errors import ConfigError
-from danceopd_jax.eval.workdir import evaluate_workdir, parse_model
+from danceopd_jax.jobs.evaluate import evaluate_workdir, parse_model
 
 _WORKDIR = cli.workdir_flag()
 _SPLIT = flags.DEFINE_enum("split", "heldout", ["heldout", "train"],

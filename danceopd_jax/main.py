@@ -17,9 +17,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from danceopd_jax import cli
-from danceopd_jax.config import config_errors
-from danceopd_jax.train import cluster, distill
-from danceopd_jax.train.loop import NonFiniteLossError
+from danceopd_jax.core.errors import NonFiniteLossError
+from danceopd_jax.jobs.distill import main_job
 
 _CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config file (get_config()).")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default",
@@ -32,10 +31,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main() -> None:
-    with config_errors():
-        cluster.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     try:
-        distill.run(_CONFIG.value, _WORKDIR.value)
+        main_job(_CONFIG.value, _WORKDIR.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                 _PROCESS_ID.value)
     except NonFiniteLossError as e:
         raise NonFiniteLossError(f"{e} For example: {rerun_command(_CONFIG.value)}") from e
 

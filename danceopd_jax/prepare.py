@@ -14,7 +14,7 @@ from absl import flags
 
 from danceopd_jax import cli
 from danceopd_jax.config import routes_of
-from danceopd_jax.data.conditions import STORE_DTYPES, prepare
+from danceopd_jax.jobs.prepare import STORE_DTYPES, prepare
 
 _INPUT = flags.DEFINE_string("input", None, "The table: a .csv (header row) or .jsonl file.",
                              required=True)

@@ -1,6 +1,6 @@
 """python -m danceopd_jax.reproduce --preset=cpu|full|smoke [--out=DIR] [--experiments=...]
 
-Runs the paper's comparisons in miniature on the shapes world (train/experiments.py): T2I +
+Runs the paper's comparisons in miniature on the shapes world (jobs/reproduce.py): T2I +
 Edit fusion and Local + Global edit fusion for DanceOPD and every baseline, CFG absorption,
 and the query ablations, each with several training seeds; scores every run with ShapesBench;
 writes docs/results.md (tables: mean ± std over seeds), per-category bar plots, score-vs-step
@@ -20,12 +20,13 @@ import jax
 from absl import app, flags
 
 from danceopd_jax import cli
-from danceopd_jax.train.experiments import EXPERIMENTS, PRESETS, Reproduction
+from danceopd_jax.jobs.reproduce import EXPERIMENTS, EXTRA_EXPERIMENTS, PRESETS, Reproduction
 
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Size of every run.")
 _OUT = flags.DEFINE_string("out", None, "Run directory (default runs/reproduce_<preset>).")
-_EXPERIMENTS = flags.DEFINE_list("experiments", [e.name for e in EXPERIMENTS],
-                                 "Which experiments to run.")
+_EXPERIMENTS = flags.DEFINE_list(
+    "experiments", [e.name for e in EXPERIMENTS], "Which experiments to run (default: the "
+    f"paper's comparisons; also {[e.name for e in EXTRA_EXPERIMENTS]}).")
 _CONFIGS = flags.DEFINE_string("configs_dir", "configs", "The repository's configs/ folder.")
 _RESULTS = flags.DEFINE_string("results", "docs/results.md", "Where the report is written.")
 _FIGURES = flags.DEFINE_string("figures", "docs/results", "Where its figures are written.")
@@ -38,12 +39,13 @@ _INTRO = flags.DEFINE_string("intro", "docs/results_intro.md",
 def main() -> None:
     preset = PRESETS[_PRESET.value]
     out = Path(_OUT.value or f"runs/reproduce_{preset.name}")
-    unknown = set(_EXPERIMENTS.value) - {e.name for e in EXPERIMENTS}
+    every = (*EXPERIMENTS, *EXTRA_EXPERIMENTS)
+    unknown = set(_EXPERIMENTS.value) - {e.name for e in every}
     if unknown:
         raise app.UsageError(f"unknown experiments {sorted(unknown)}; choose from "
-                             f"{[e.name for e in EXPERIMENTS]}.")
+                             f"{[e.name for e in every]}.")
     reproduction = Reproduction(preset, out, Path(_CONFIGS.value),
-                                tuple(e for e in EXPERIMENTS if e.name in _EXPERIMENTS.value))
+                                tuple(e for e in every if e.name in _EXPERIMENTS.value))
     if _REPORT_ONLY.value:
         results = json.loads((out / "results.json").read_text())
     else:

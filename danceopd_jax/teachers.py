@@ -8,21 +8,10 @@ reuses them whenever its recipe matches. This is how the shipped teachers were m
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
-from pathlib import Path
-
 from absl import flags
 
 from danceopd_jax import cli
-from danceopd_jax.config import teacher_buckets, world_kind
-from danceopd_jax.core.errors import ConfigError
-from danceopd_jax.core.routing import Route
-from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
-from danceopd_jax.train.distill import build
-from danceopd_jax.train.mesh import make_mesh
-from danceopd_jax.train.teachers import ASSETS_DIR, prepare_teachers, shipped_dir
+from danceopd_jax.jobs.teachers import ASSETS_DIR, make_teachers
 
 _CONFIG = cli.config_flag("config", "configs/t2i_edit.py", "Experiment config.")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/teachers", "Where the teachers are trained.")
@@ -36,33 +25,10 @@ _SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {ASSE
 
 
 def main() -> None:
-    config, workdir = _CONFIG.value, Path(_WORKDIR.value).absolute()
-    if world_kind(config) != "shapes":
-        raise ConfigError("this command trains the shapes world's teachers; a prepared-data "
-                             "config's teachers are diffusers checkpoints, which the main job "
-                             "converts and caches itself.")
-    world = build(config, workdir)
-    every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
-    teachers, text = prepare_teachers(config, every, world.models, world.init_backbone,
-                                      world.init_text, world.train, make_mesh(config.mesh),
-                                      workdir, shipped_dir(config) if _REUSE.value else None)
-    if _EVALUATE.value:
-        e = config.eval
-        bench = ShapesBench(config, world.models, world.splits, sample_steps=e.sample_steps,
-                            num=e.num, batch_size=e.batch_size)
-        jobs = [Job(name, teachers[name], tasks=teacher_tasks(list(teacher_buckets(t))))
-                for name, t in config.teachers.items()]
-        scores = bench.evaluate(text, jobs, tuple(e.seeds))
-        (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
-        print(markdown(scores), flush=True)
-    if _SHIP.value:  # what this run trained (a reused shipped teacher is already there)
-        for name in config.teachers:
-            if not (workdir / "teachers" / name).is_dir():
-                continue
-            dest = shipped_dir(config) / name
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(workdir / "teachers" / name, dest)
-            logging.info("shipped teacher %s -> %s", name, dest)
+    table = make_teachers(_CONFIG.value, _WORKDIR.value, _EVALUATE.value, _REUSE.value,
+                          _SHIP.value)
+    if table:
+        print(table, flush=True)
 
 
 if __name__ == "__main__":

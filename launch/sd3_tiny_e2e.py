@@ -209,7 +209,7 @@ def check_and_sample(root: Path) -> dict[str, float]:
     import jax  # the JAX side of the comparisons
 
     from danceopd_jax.data.conditions import PreparedData
-    from danceopd_jax.interop.workdir import load_student
+    from danceopd_jax.jobs.workdir import load_student
 
     out = root / "samples_torch"
     out.mkdir()

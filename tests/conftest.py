@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+
+# One persistent compilation cache for the whole session, set before anything imports jax: in
+# this process and in every command line a test starts (they inherit the environment), the
+# tiny models' programs are compiled once, not once per test. The process that made it
+# removes it at exit.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _CACHE = tempfile.mkdtemp(prefix="danceopd-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import ml_collections
 import pytest
@@ -66,7 +80,7 @@ def losses(workdir: Path) -> dict[int, float]:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory) -> tuple[Path, dict]:
     """One tiny main-job run (teachers trained from scratch), shared by the tests."""
-    from danceopd_jax.train import distill
+    from danceopd_jax.jobs import distill
 
     workdir = tmp_path_factory.mktemp("run")
     scores = distill.run(tiny_config(), workdir)

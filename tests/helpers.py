@@ -161,8 +161,8 @@ def _drive() -> None:
     import orbax.checkpoint  # noqa: F401
     from ml_collections import config_flags  # noqa: F401
 
-    import danceopd_jax.interop.workdir  # noqa: F401
-    import danceopd_jax.train.distill  # noqa: F401
+    import danceopd_jax.jobs.distill  # noqa: F401
+    import danceopd_jax.jobs.workdir  # noqa: F401
 
     results = []
     for case in json.load(sys.stdin):

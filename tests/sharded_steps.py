@@ -17,14 +17,14 @@ import jax
 import numpy as np
 from conftest import tiny_config
 
+from danceopd_jax import worlds
 from danceopd_jax.core.fields import cfg
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import RouteBatcher
-from danceopd_jax.train import distill
 from danceopd_jax.train.mesh import make_mesh, put, to_host
-from danceopd_jax.train.model import student_params_fn
 from danceopd_jax.train.state import make_optimizer, place_state
 from danceopd_jax.train.step import make_danceopd_step
+from danceopd_jax.train.student import student_params_fn
 
 SHARDS, BATCH, STEPS = 8, 16, 2
 MESHES = {"1": None, "8x1": (8, 1, 1), "2x4": (2, 4, 1), "1x8": (1, 8, 1), "2x2x2": (2, 2, 2)}
@@ -33,7 +33,7 @@ KERNEL = ("transformer_blocks", 0, "attn", "to_q", "kernel")
 
 def main(workdir: Path) -> None:
     config = tiny_config(**{"training.batch_size": BATCH})
-    world = distill.build(config, workdir)
+    world = worlds.build(config, workdir)
     routes, models = world.routes, world.models
     backbone, text = world.init_backbone, world.init_text
     # Random teachers (an edit teacher unlike the anchor, so the loss is not ~0).

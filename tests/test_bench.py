@@ -16,8 +16,8 @@ from flax import nnx
 
 from danceopd_jax.core.rollout import rollout_to
 from danceopd_jax.core.schedule import make_sigmas
+from danceopd_jax.jobs.bench import config_workload, query_indices
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
-from danceopd_jax.train.bench import config_workload, query_indices
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 
 

@@ -15,14 +15,16 @@ from conftest import ROOT, tiny_config
 
 from danceopd_jax.data.shapes.prompts import CATEGORIES
 from danceopd_jax.data.shapes.world import COLORS, PALETTE, Obj, Scene, cell_size, render
+from danceopd_jax.data.store import digest
 from danceopd_jax.eval import features as features_lib
 from danceopd_jax.eval.features import ClassifierRecipe, scene_features
 from danceopd_jax.eval.frechet import frechet_distance, frechet_distance_gaussians
 from danceopd_jax.eval.shapes import judge
 from danceopd_jax.eval.shapesbench import EDIT_NAMES, Job, eval_set, gedit, geneval, mean_std
-from danceopd_jax.eval.workdir import parse_model
-from danceopd_jax.train import distill
+from danceopd_jax.jobs import distill
+from danceopd_jax.jobs.evaluate import parse_model
 from danceopd_jax.train.loop import every
+from danceopd_jax.worlds.shapes import Splits, score_jobs
 
 SIZE = 24
 NUM = 6  # per category
@@ -31,8 +33,8 @@ TINY_RECIPE = ClassifierRecipe(num_train=32, num_heldout=8, width=4, cell_featur
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> distill.World:
-    return distill.World(tiny_config(**{"world.image_size": SIZE}),
+def world(tmp_path_factory) -> Splits:
+    return Splits(tiny_config(**{"world.image_size": SIZE}),
                          tmp_path_factory.mktemp("data"))
 
 
@@ -132,7 +134,8 @@ def test_frechet_distance_hand_computed() -> None:
 def test_classifier_is_cached_and_reused(tmp_path: Path, monkeypatch) -> None:
     first = scene_features(12, 1234, tmp_path, TINY_RECIPE)
     (key_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert key_dir.name == first.info["key"]
+    assert key_dir.name == digest(first.info["key"])
+    assert first.info["key"]["recipe"]["num_train"] == TINY_RECIPE.num_train
     assert set(first.info["heldout_accuracy"]) == {"background", "style", "shape", "color",
                                                    "scene"}
 
@@ -210,7 +213,7 @@ def test_score_jobs_follow_routes_recipes_and_targets() -> None:
     def jobs(config) -> dict[str, tuple]:
         teachers = {name: {} for name in config.teachers}
         return {j.name: (j.cfg_alpha, j.tasks)
-                for j in distill.score_jobs(config, routes_of(config), teachers, {})}
+                for j in score_jobs(config, routes_of(config), teachers, {})}
 
     assert jobs(tiny_config("edit_fusion")) == {
         "anchor": (1.0, ("t2i",)), "local_edit": (1.0, ("edit",)),
@@ -284,7 +287,7 @@ def test_evaluate_cli_writes_json_and_markdown(trained, tmp_path: Path) -> None:
 def test_bench_frechet_distance_and_training_curve(trained, tmp_path: Path) -> None:
     """FD is reported per task (0 for the exact targets themselves); a run with
     eval.curve_every writes held-out scores at step 0 and every curve_every steps."""
-    from danceopd_jax.eval.workdir import evaluate_workdir
+    from danceopd_jax.jobs.evaluate import evaluate_workdir
 
     workdir, _ = trained
     report, path = evaluate_workdir(workdir, models=["student"], seeds=(0,), sample_steps=2,

@@ -50,10 +50,11 @@ from transformers import (  # noqa: E402
 from danceopd_jax.interop import diffusers_sd3  # noqa: E402
 from danceopd_jax.interop._common import flatten, to_numpy, unflatten  # noqa: E402
 from danceopd_jax.interop.peft_lora import load_diffusers_lora, save_diffusers_lora  # noqa: E402
-from danceopd_jax.interop.workdir import export_lora, load_student  # noqa: E402
+from danceopd_jax.jobs import distill  # noqa: E402
+from danceopd_jax.jobs.export import export_lora  # noqa: E402
+from danceopd_jax.jobs.workdir import load_student  # noqa: E402
 from danceopd_jax.models import lora  # noqa: E402
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
-from danceopd_jax.train import distill  # noqa: E402
 
 TOL = 1e-4
 Q = "transformer.transformer_blocks.0.attn.to_q"  # a LoRA'd module, with the pipeline prefix

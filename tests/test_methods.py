@@ -13,17 +13,19 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from danceopd_jax import worlds
 from danceopd_jax.config import validate
 from danceopd_jax.core import methods, schedule
 from danceopd_jax.core.rollout import rollout_to, sde_rollout
 from danceopd_jax.core.routing import Route, Slot
 from danceopd_jax.data.batches import RouteBatcher
-from danceopd_jax.interop.workdir import load_student
-from danceopd_jax.train import distill
-from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
+from danceopd_jax.data.store import load_params
+from danceopd_jax.jobs import distill
+from danceopd_jax.jobs.workdir import load_student
+from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.mesh import make_mesh, put
-from danceopd_jax.train.model import student_params_fn
 from danceopd_jax.train.state import make_optimizer, place_state
+from danceopd_jax.train.student import initial_trainable, method_update, student_params_fn
 
 SHAPE = (2, 2, 1)  # one tiny latent per sample
 STUDENT = {"a": -0.3, "b": 0.2, "d": 0.0}
@@ -386,7 +388,7 @@ ONE_LAYER = {"model.depth": 1}  # the wiring is under test, not the backbone: co
 def tiny_run(tmp_path_factory):
     """The tiny config's routes, world, models and frozen params (random weights; an edit
     teacher unlike the anchor, so the losses are not ~0)."""
-    world = distill.build(tiny_config(**ONE_LAYER), tmp_path_factory.mktemp("m"))
+    world = worlds.build(tiny_config(**ONE_LAYER), tmp_path_factory.mktemp("m"))
     backbone = world.init_backbone
     edit = jax.tree.map(lambda x: x * 1.5 + 0.01, backbone)
     return world.routes, world, world.models, {
@@ -402,18 +404,18 @@ METRICS = {"diffusion_opd": {"rollout_forwards"},
 
 @pytest.mark.parametrize("method", sorted(METRICS))
 def test_every_training_method_takes_a_step(tiny_run, method):
-    """distill.method_update (what the main job runs) for each method: one step on the tiny
+    """method_update (what the main job runs) for each method: one step on the tiny
     MMDiT updates the student, with a finite loss and the method's forward counts."""
     routes, world, models, frozen = tiny_run
     config = tiny_config(method=method, **ONE_LAYER, **{"baselines.group": 2})
     frozen_axes = {"teachers": {n: models.backbone_axes for n in frozen["teachers"]},
                    "text": models.text_axes}
     optimizer = make_optimizer(1e-3, 0.0, 1.0)
-    trainable = distill.initial_trainable(config, frozen["teachers"]["anchor"])
+    trainable = initial_trainable(config, frozen["teachers"]["anchor"])
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
-    update = distill.method_update(config, routes, models, student_params_fn(0.0),
+    update = method_update(config, routes, models, student_params_fn(0.0),
                                    optimizer, schedule.make_sigmas(4), 1, shardings, frozen,
                                    world.bucket_has_source)
     before = np.asarray(state.trainable["backbone"]["proj_out"]["kernel"])
@@ -445,7 +447,7 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
     config = tiny_config(method="to_one", **ONE_LAYER)
     validate(config)
     assert methods.get_method("to_one").needs_targets(True)
-    from danceopd_jax.train import experiments
+    from danceopd_jax.jobs import reproduce as experiments
     assert ("To one", {"method": "to_one"}) in [(a.label, a.overrides)
                                                   for a in experiments.method_arms()]
     routes, world, models, frozen = tiny_run
@@ -453,10 +455,10 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
                    "text": models.text_axes}
     optimizer = make_optimizer(1e-3, 0.0, 1.0)
     mesh = make_mesh({"data": 1}, jax.devices()[:1])
-    trainable = distill.initial_trainable(config, frozen["teachers"]["anchor"])
+    trainable = initial_trainable(config, frozen["teachers"]["anchor"])
     state, placed, shardings = place_state(mesh, trainable, {"backbone": models.backbone_axes},
                                            frozen, frozen_axes, optimizer, config.seed)
-    update = distill.method_update(config, routes, models, student_params_fn(0.0),
+    update = method_update(config, routes, models, student_params_fn(0.0),
                                    optimizer, schedule.make_sigmas(4), 1, shardings, placed,
                                    world.bucket_has_source)
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,

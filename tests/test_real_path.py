@@ -20,14 +20,14 @@ from conftest import ROOT, load_config
 from flax import nnx
 from PIL import Image
 
+from danceopd_jax import worlds
 from danceopd_jax.config import diffusers_teacher, prepared_config, route, validate
+from danceopd_jax.core.errors import CheckpointError
 from danceopd_jax.data.conditions import DataError, read_rows, write_prepared
 from danceopd_jax.interop.diffusers_sd3 import save_diffusers_transformer
 from danceopd_jax.interop.peft_lora import save_diffusers_lora
 from danceopd_jax.models import lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
-from danceopd_jax.train import distill
-from danceopd_jax.train.checkpoint import CheckpointError
 from danceopd_jax.train.mesh import make_mesh, param_shardings, put
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -157,7 +157,7 @@ def _world_config(root: Path, edit: str = "edit", lora_base: str = ""):
 def test_prepared_world_teachers_cache_and_shared_lora_base(tmp_path: Path, caplog) -> None:
     root = _world_files(tmp_path)
     caplog.set_level(logging.INFO, logger="danceopd_jax")
-    world = distill.build(_world_config(root, "lora", lora_base="anchor"), tmp_path / "run")
+    world = worlds.build(_world_config(root, "lora", lora_base="anchor"), tmp_path / "run")
     teachers, null = world.prepare_teachers(make_mesh())
     assert "teacher anchor       converted from" in caplog.text
     edit = teachers["edit"]
@@ -184,7 +184,7 @@ def test_prepared_world_teachers_cache_and_shared_lora_base(tmp_path: Path, capl
                                models.field()(merged, z, sigma, cond), atol=1e-6)
 
     caplog.clear()  # a second start reuses the cache
-    again, _ = distill.build(_world_config(root, "lora", lora_base="anchor"),
+    again, _ = worlds.build(_world_config(root, "lora", lora_base="anchor"),
                              tmp_path / "run").prepare_teachers(mesh)
     assert "converted from" not in caplog.text
     assert caplog.text.count("converted weights reused") == 2
@@ -196,7 +196,7 @@ def test_prepared_world_teachers_cache_and_shared_lora_base(tmp_path: Path, capl
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     with pytest.raises(CheckpointError, match=r"teacher 'anchor' cached in .* \(changed: files/"
                                               r"diffusion_pytorch_model.safetensors\). Delete"):
-        distill.build(_world_config(root, "lora", lora_base="anchor"),
+        worlds.build(_world_config(root, "lora", lora_base="anchor"),
                       tmp_path / "run").prepare_teachers(mesh)
 
 
@@ -204,21 +204,21 @@ def test_prepared_world_checks_data_and_architecture(tmp_path: Path) -> None:
     root = _world_files(tmp_path / "ok")
     with pytest.raises(ValueError, match=r"teacher 'edit' .*deeper.* is not the anchor's "
                                          r"architecture: .*'num_layers': \(3, 2\)"):
-        distill.build(_world_config(root, "deeper"), tmp_path / "run").prepare_teachers(
+        worlds.build(_world_config(root, "deeper"), tmp_path / "run").prepare_teachers(
             make_mesh())
     config = _world_config(root)
     config.routes.local = route("edit", "local_edit", 0.5)
     with pytest.raises(DataError, match="bucket 'local_edit', which does not exist"):
-        distill.build(config, tmp_path / "run")
+        worlds.build(config, tmp_path / "run")
     config = _world_config(root)
     config.method = "sft_mix"
     with pytest.raises(ValueError, match=r"method='sft_mix' trains on ground-truth targets, but "
                                          r"buckets \['edit', 't2i'\] .* have no target images"):
-        distill.build(config, tmp_path / "run")
+        worlds.build(config, tmp_path / "run")
     wrong = _world_files(tmp_path / "wrong", channels=3)
     with pytest.raises(ValueError, match="does not fit the anchor .*latents have 3 channels, "
                                          "the transformer takes 4"):
-        distill.build(_world_config(wrong), tmp_path / "run")
+        worlds.build(_world_config(wrong), tmp_path / "run")
 
 
 # --------------------------------------------------------------------------- end to end

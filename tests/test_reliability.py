@@ -27,22 +27,15 @@ from danceopd_jax.core.errors import (
     EXIT_DIVERGED,
     EXIT_PREEMPTED,
     EXIT_USAGE,
+    CheckpointError,
     ConfigError,
 )
-from danceopd_jax.train import distill
-from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints
+from danceopd_jax.jobs import distill
+from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLocked
 from danceopd_jax.train.loop import MetricsWriter, unsound
 
 MAIN = "danceopd_jax.main"
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> dict:
-    """One persistent compilation cache for the command lines of this module: the tiny run's
-    programs are compiled once, not once per process."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def main_args(workdir: Path, *extra: str) -> list[str]:
@@ -174,7 +167,7 @@ def test_sample_inputs_must_fit_the_world(tmp_path):
 
 
 def test_export_replaces_the_folder_whole_or_not_at_all(tmp_path):
-    from danceopd_jax.interop.workdir import staged
+    from danceopd_jax.jobs.export import staged
 
     out = tmp_path / "model"
     out.mkdir()
@@ -215,7 +208,7 @@ def test_corrupt_newest_checkpoint_names_the_fix_and_the_run_resumes_after_it(tr
 
 
 @pytest.mark.slow
-def test_sigkill_during_a_save_then_sigterm_then_exact_resume(trained, tmp_path, cache):
+def test_sigkill_during_a_save_then_sigterm_then_exact_resume(trained, tmp_path):
     """Killed (SIGKILL) while Orbax writes step 3: the next start takes over the dead job's
     lock, resumes from step 2, and is preempted (SIGTERM) at step 3: exit 42. The last start
     finishes. The losses equal the uninterrupted run's, each step logged once."""
@@ -241,7 +234,7 @@ def test_sigkill_during_a_save_then_sigterm_then_exact_resume(trained, tmp_path,
     args = main_args(workdir, "--config.training.checkpoint_every=1")
     (killed, _), (preempted, log), (done, last) = run_clis(
         [{"argv": args, "prelude": kill_in_save}, {"argv": args, "prelude": term_at_step_3},
-         {"argv": args}], env=cache)
+         {"argv": args}])
     assert killed == -9
     assert preempted == EXIT_PREEMPTED, log[-3000:]
     assert "taking over the stale lock" in log and "resuming from checkpoint step 2" in log
@@ -256,28 +249,27 @@ def test_sigkill_during_a_save_then_sigterm_then_exact_resume(trained, tmp_path,
 # --- a rate that blows up, and the rerun the message suggests --------------------------------
 
 @pytest.mark.slow
-def test_a_blown_up_run_stops_before_saving_and_its_suggested_rerun_recovers(trained, tmp_path,
-                                                                            cache):
+def test_a_blown_up_run_stops_before_saving_and_its_suggested_rerun_recovers(trained, tmp_path):
     """lr=1e6: step 1 moves nothing (warm-up), step 2's weights are finite but exploded. They
     are not saved (not sound), so the suggested command (the config file's rate) resumes from
     step 1 and reproduces the uninterrupted run."""
     workdir = workdir_with_teachers(trained, tmp_path / "run")
     args = main_args(workdir, "--config.training.checkpoint_every=1",
                      "--config.training.lr=1e6", "--config.training.max_to_keep=1")
-    ((code, log),) = run_clis([{"argv": args}], env=cache)
+    ((code, log),) = run_clis([{"argv": args}])
     assert code == EXIT_DIVERGED and no_traceback(log), log[-3000:]
     assert "after step 2 are not sound" in log and "last sound checkpoint is step 1" in log
     assert RunCheckpoints(workdir / "checkpoints").latest_step() == 1
     command = shlex.split(log.split("For example: ")[1].splitlines()[0].split(" (--verbose")[0])
     assert command[:3] == ["python", "-m", MAIN] and not any("lr=" in a for a in command)
-    ((code, log),) = run_clis([{"argv": command[2:]}], env=cache)
+    ((code, log),) = run_clis([{"argv": command[2:]}])
     assert code == 0 and "resuming from checkpoint step 1" in log, log[-3000:]
     assert losses(workdir) == losses(trained[0])
 
 
 # --- every command line's bad inputs: one paragraph, no traceback ---------------------------
 
-def test_every_command_line_explains_bad_inputs_without_a_traceback(trained, tmp_path, cache):
+def test_every_command_line_explains_bad_inputs_without_a_traceback(trained, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     holder = WorkdirLock(locked)
@@ -313,8 +305,7 @@ def test_every_command_line_explains_bad_inputs_without_a_traceback(trained, tmp
     ]
     try:
         results = run_clis([{"argv": argv} for argv, _, _ in cases]
-                           + [{"argv": [MAIN, "--config.training.steps=0", "--verbose"]}],
-                           env=cache)
+                           + [{"argv": [MAIN, "--config.training.steps=0", "--verbose"]}])
     finally:
         holder.release()
     for (argv, status, says), (code, output) in zip(cases, results, strict=False):

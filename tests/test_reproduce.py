@@ -1,4 +1,4 @@
-"""The reproduce command's machinery (train/experiments.py, eval/report.py) on a tiny case."""
+"""The reproduce command's machinery (jobs/reproduce.py, eval/report.py) on a tiny case."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from danceopd_jax.config import apply_overrides, validate
 from danceopd_jax.eval import report
-from danceopd_jax.train import experiments as ex
+from danceopd_jax.jobs import reproduce as ex
 
 SMOKE = ex.PRESETS["smoke"]
 
@@ -46,7 +46,8 @@ def test_run_config_keeps_teachers_and_sets_the_training_seed():
     fusion = next(e for e in ex.EXPERIMENTS if e.name == "edit_fusion")
     c = ex.run_config(fusion, fusion.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")
     assert c.teachers.local_edit.init == "joint_edit" and c.teachers.local_edit.steps == 300
-    for experiment in ex.EXPERIMENTS:  # every run of every preset is a valid config
+    # Every run of every preset is a valid config, the budget recipes' too.
+    for experiment in (*ex.EXPERIMENTS, *ex.EXTRA_EXPERIMENTS):
         for arm in experiment.arms:
             for preset in ex.PRESETS.values():
                 validate(ex.run_config(experiment, arm, preset, 0, ROOT / "configs"))

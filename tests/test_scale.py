@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from danceopd_jax.core import methods
 from danceopd_jax.core.routing import Route, Slot
 from danceopd_jax.data.batches import RouteBatcher
-from danceopd_jax.train import distill
+from danceopd_jax.jobs import distill
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import Preempted
 from danceopd_jax.train.mesh import MESH_AXES, logical_sharding, mesh_shape
@@ -180,10 +180,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(trained, tmp_pat
     """SIGTERM arrives while step 3 is prepared: the run saves step 3 and stops; the next start
     resumes there, and every loss equals the uninterrupted run's."""
     workdir = workdir_with_teachers(trained, tmp_path / "run")
-    method_update = distill.method_update
+    real_update = distill.method_update
 
     def preempt_at_step_3(*args, **kwargs):  # in the main loop (batches are built ahead)
-        update = method_update(*args, **kwargs)
+        update = real_update(*args, **kwargs)
 
         def step(state, batch, slots):
             if int(state.step) == 2:
@@ -206,8 +206,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(trained, tmp_pat
 def test_memory_table_counts_the_real_parameters_and_splits_them_by_the_rules():
     from flax import nnx
 
+    from danceopd_jax.jobs.memory import F32, Hardware, Workload, memory_table
     from danceopd_jax.models.mmdit import MMDiT, param_count, tiny_config
-    from danceopd_jax.train.memory import F32, Hardware, Workload, memory_table
 
     config = tiny_config(image_size=16, patch_size=2, width=64, depth=2, heads=4)
     workload = Workload(image_size=16, vae_factor=1, text_tokens=8, teachers=2, lora_rank=4)

@@ -13,14 +13,16 @@ import optax
 import pytest
 from conftest import tiny_config
 
+from danceopd_jax import worlds
 from danceopd_jax.config import routes_of, validate
 from danceopd_jax.core import methods, query
+from danceopd_jax.data.store import load_params
 from danceopd_jax.interop.diffusers_sd3 import SOURCE_EMBED_FILE
-from danceopd_jax.interop.workdir import export_lora, load_student
+from danceopd_jax.jobs import distill
+from danceopd_jax.jobs.export import export_lora
+from danceopd_jax.jobs.workdir import load_student
 from danceopd_jax.models import lora
-from danceopd_jax.train import distill
-from danceopd_jax.train.checkpoint import RunCheckpoints, load_params
-from danceopd_jax.train.model import student_params_fn
+from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.state import (
     TrainState,
     apply_if_finite,
@@ -29,6 +31,7 @@ from danceopd_jax.train.state import (
     params_ema,
     student_optimizer,
 )
+from danceopd_jax.train.student import initial_trainable, student_init, student_params_fn
 
 # --- the moving average ---------------------------------------------------------------------
 
@@ -125,7 +128,7 @@ def test_one_query_is_drawn_as_before():
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """The tiny config's world with random teachers (an edit teacher unlike the anchor)."""
-    world = distill.build(tiny_config(), tmp_path_factory.mktemp("w"))
+    world = worlds.build(tiny_config(), tmp_path_factory.mktemp("w"))
     anchor = world.init_backbone
     teachers = {"anchor": anchor, "joint_edit": jax.tree.map(lambda x: x * 1.5 + 0.01, anchor)}
     return world, teachers
@@ -147,8 +150,8 @@ def test_student_starts_from_its_init(world, init, lora_rank):
     merge = methods.merge_weights(teachers["anchor"], [teachers["joint_edit"]], [0.75])
     want = {"anchor": teachers["anchor"], "base": teachers["anchor"],
             "joint_edit": teachers["joint_edit"], "merge": merge}[init]
-    init_weights = distill.student_init(config, routes_of(config), teachers)
-    trainable = distill.initial_trainable(config, init_weights)
+    init_weights = student_init(config, routes_of(config), teachers)
+    trainable = initial_trainable(config, init_weights)
     params = student_params_fn(float(max(lora_rank, 1)))(trainable, {"init": init_weights})
     _assert_tree_equal(params, want)  # LoRA: a zero delta on the init weights
     if lora_rank:
@@ -175,7 +178,7 @@ def test_lora_full_must_select_params_lora_leaves_alone(world):
                            ("to_q/kernel", "LoRA already adapts")]:
         config = tiny_config(**{"training.lora_rank": 2, "training.lora_full": pattern})
         with pytest.raises(ValueError, match=match):
-            distill.initial_trainable(config, teachers["anchor"])
+            initial_trainable(config, teachers["anchor"])
 
 
 # --- LoRA: PEFT's initialisation, and the source embedding trained in full ------------------
@@ -220,7 +223,7 @@ def test_lora_student_from_a_teacher_trains_its_source_embedding_with_an_ema(tra
     _assert_tree_equal(student.params, merged)  # on the teacher's weights, not the anchor's
     np.testing.assert_array_equal(student.params["pos_embed"]["proj"]["kernel"],
                                   edit["pos_embed"]["proj"]["kernel"])
-    like = TrainState.create(distill.initial_trainable(config, edit),
+    like = TrainState.create(initial_trainable(config, edit),
                              student_optimizer(config.training), config.training.seed)
     raw = RunCheckpoints(tmp_path / "checkpoints").restore(like)[0]
     _assert_tree_equal(student.full, params_ema(raw.opt_state)["full"])  # the average...

@@ -12,14 +12,17 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config, load_module, losses, tiny_config, tiny_flags
+from conftest import ROOT, load_config, losses, tiny_config, tiny_flags
 from helpers import tensorboard_tags
 
+from danceopd_jax import worlds
 from danceopd_jax.config import routes_of
+from danceopd_jax.core.errors import CheckpointError
 from danceopd_jax.core.routing import Route, Slot, per_step_route
 from danceopd_jax.data.batches import RouteBatcher
-from danceopd_jax.train import distill
-from danceopd_jax.train.checkpoint import CheckpointError, RunCheckpoints, load_params, save_params
+from danceopd_jax.data.store import cached, digest, load_params, save_params
+from danceopd_jax.jobs import distill
+from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import NonFiniteLossError
 
 # --- batches --------------------------------------------------------------------------------
@@ -72,6 +75,37 @@ def test_params_round_trip_and_missing_or_corrupt(tmp_path):
         load_params(tmp_path / "m", {"other": jnp.ones(2)})
 
 
+def test_cached_builds_once_then_loads_by_key(tmp_path):
+    """data/store.cached, the one build-or-load-by-key of teachers, converted weights and the
+    FD classifier: built once, reused with the same key, a changed key is named (or rebuilt),
+    and a load-only call on nothing says what is missing."""
+    built = []
+
+    def build(value: float):
+        def make():
+            built.append(value)
+            return {"w": jnp.full(3, value)}, {"note": value}
+        return make
+
+    like = {"w": jnp.zeros(3)}
+    key = {"world": {"seed": 1}, "steps": 2}
+    params, recipe, made = cached(tmp_path / "m", key, like, build(1.0), "test model")
+    assert made and recipe == {"key": key, "note": 1.0}
+    params, recipe, made = cached(tmp_path / "m", key, lambda r: like, build(2.0), "test model")
+    assert not made and built == [1.0] and float(params["w"][0]) == 1.0
+    changed = {"world": {"seed": 2}, "steps": 2}
+    with pytest.raises(CheckpointError, match=r"test model .* \(changed: world/seed;"):
+        cached(tmp_path / "m", changed, like, build(2.0), "test model")
+    params, _, made = cached(tmp_path / "m", changed, like, build(2.0), "test model",
+                             stale="rebuild")
+    assert made and float(params["w"][0]) == 2.0
+    with pytest.raises(CheckpointError, match="holds no test model"):
+        cached(tmp_path / "none", key, like, None, "test model")
+    save_params(tmp_path / "old", params, key)  # a teacher saved before recipes had a "key"
+    assert not cached(tmp_path / "old", key, like, None, "test model")[2]
+    assert digest(key) == digest({"steps": 2, "world": {"seed": 1}}) != digest(changed)
+
+
 def test_run_checkpoint_missing_and_corrupt(tmp_path):
     ckpts = RunCheckpoints(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="no checkpoint found"):
@@ -97,7 +131,7 @@ def test_run_checkpoint_missing_and_corrupt(tmp_path):
 ])
 def test_bad_config_fails_fast(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
-        distill.build(tiny_config(**overrides), tmp_path)
+        worlds.build(tiny_config(**overrides), tmp_path)
 
 
 @pytest.mark.parametrize("cooldown, rates", [
@@ -129,20 +163,20 @@ def test_bad_routes_fail_fast(tmp_path):
     config = tiny_config()
     config.routes.edit.teacher = "ghost"
     with pytest.raises(ValueError, match="teacher 'ghost'"):
-        distill.build(config, tmp_path)
+        worlds.build(config, tmp_path)
     config = tiny_config()
     config.routes.t2i.weight, config.routes.edit.weight = 0.0, 0.0
     with pytest.raises(ValueError, match="all route weights are zero"):
-        distill.build(config, tmp_path)
+        worlds.build(config, tmp_path)
     config = tiny_config()
     config.routes.edit.weight = -0.5
     with pytest.raises(ValueError, match="weight -0.5"):
-        distill.build(config, tmp_path)
+        worlds.build(config, tmp_path)
     config = tiny_config()
     config.routes.edit.bucket = "t2i"
     del config.eval.targets["edit"]  # no edit route left to hold it to
     with pytest.raises(ValueError, match="no source images"):
-        distill.build(config, tmp_path)
+        worlds.build(config, tmp_path)
 
 
 def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -302,10 +336,10 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
     full, _ = trained
     shutil.copytree(full / "teachers", tmp_path / "teachers")
     seen = []
-    method_update = distill.method_update
+    real_update = distill.method_update
 
     def recording(*args, **kwargs):
-        update = method_update(*args, **kwargs)
+        update = real_update(*args, **kwargs)
 
         def record(state, batch, slots):
             seen.append((slots, np.asarray(batch["has_source"])))
@@ -333,7 +367,7 @@ def test_default_configs_reuse_the_shipped_teachers(name):
 
     config = load_config(name)
     for teacher in needed_teachers(config, routes_of(config)):
-        shipped = json.loads((SHIPPED_DIR / teacher / "recipe.json").read_text())
+        shipped = json.loads((SHIPPED_DIR / teacher / "recipe.json").read_text())["key"]
         assert shipped == recipe(config, teacher), (
             f"the shipped {teacher} teacher was made with another recipe than configs/{name}.py "
             "asks for: retrain and ship it (docs/teachers.md)")
@@ -352,59 +386,17 @@ def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path
     shutil.copytree(full / "teachers" / "anchor", shipped / "anchor")
     config = tiny_config()
     config.teachers.joint_edit.steps = 1  # recipe differs from anything shipped
-    world = distill.build(config, tmp_path / "run")
+    world = worlds.build(config, tmp_path / "run")
     backbone, text = world.init_backbone, world.init_text
     teachers, _ = prepare_teachers(config, routes_of(config), world.models, backbone, text,
                                    world.train, make_mesh(), tmp_path / "run", shipped)
     assert (tmp_path / "run" / "teachers" / "anchor" / "recipe.json").is_file()
     recipe = json.loads((tmp_path / "run" / "teachers" / "joint_edit" / "recipe.json").read_text())
-    assert recipe["teacher"]["steps"] == 1
+    assert recipe["key"]["teacher"]["steps"] == 1 and recipe["made"] == "trained"
     np.testing.assert_array_equal(
         teachers["anchor"]["proj_out"]["kernel"],
         load_params(shipped / "anchor", {"backbone": backbone, "text": text})[0]["backbone"][
             "proj_out"]["kernel"])
-
-
-def test_student_sweep_variants_and_table(tmp_path):
-    """Every variant of launch/student_sweep.txt names real config fields with values the config
-    validates, and launch/sweep_table.py reports finished and unfinished workdirs."""
-    import ast
-
-    from danceopd_jax.config import apply_overrides, validate
-
-    def parse(value: str):  # as absl parses a --config flag: true / false, literals, strings
-        if value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        try:
-            return ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            return value
-
-    lines = [line.split() for line in (ROOT / "launch/student_sweep.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    assert len({name for name, *_ in lines}) == len(lines), "variant names must be unique"
-    for _, *flags in lines:
-        overrides = {}
-        for flag in flags:
-            path, value = flag.removeprefix("--config.").split("=")
-            overrides[path] = parse(value)
-        validate(apply_overrides(load_config("t2i_edit_budget"), overrides))
-
-    done, running = tmp_path / "done", tmp_path / "running"
-    done.mkdir(), running.mkdir()
-    (done / "scores.json").write_text(json.dumps({
-        "models": {"student": {"t2i": {"mean": {"mean": 1.0}},
-                               "edit": {"mean": {"correct": {"mean": 0.4}}}}},
-        "targets": {"t2i": {"met": True, "margin": 0.02}, "edit": {"met": False,
-                                                               "margin": -0.32}},
-        "wall_time_s": {"distill": 99.6}}))
-    for workdir in (done, running):
-        (workdir / "curve.jsonl").write_text(
-            '{"step": 0, "t2i": 0.5, "edit": 0.0}\n{"step": 200, "t2i": 0.4, "edit": 0.25}\n')
-    table = load_module(ROOT / "launch/sweep_table.py")
-    assert table.row(done) == ("| done | 1.000 | 0.400 | t2i met (+0.020), edit NOT met "
-                               "(-0.320) | 100 | 0:0.00 200:0.25 |")
-    assert table.row(running) == "| running | unfinished | | | | 0:0.00 200:0.25 |"
 
 
 @pytest.mark.slow
@@ -419,14 +411,14 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     config = tiny_config("omni_family")
     config.teachers.anchor.mix = {"t2i": 0.5, "joint_edit": 0.5}  # edits in every tiny batch
     assert shipped_dir(config).name == "omni_teachers"
-    world = distill.build(config, tmp_path)
+    world = worlds.build(config, tmp_path)
     assert not np.any(world.init_backbone["source_embed"])  # the pathway starts closed
     teachers, _ = prepare_teachers(config, routes_of(config), world.models, world.init_backbone,
                                    world.init_text, world.train, make_mesh(), tmp_path, None)
     base, edit = teachers["anchor"], teachers["joint_edit"]
     assert np.any(np.asarray(base["source_embed"]))  # the base saw source images
     assert not np.array_equal(base["source_embed"], edit["source_embed"])
-    recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())
+    recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())["key"]
                for n in ("anchor", "joint_edit")}
     assert recipes["anchor"]["teacher"]["bucket"] == "mix"
     assert recipes["anchor"]["teacher"]["mix"] == {"t2i": 0.5, "joint_edit": 0.5}

@@ -348,8 +348,8 @@ def test_paper_configs_stop_at_each_placeholder(tmp_path: Path, name: str, teach
 def test_bench_preset_builds_the_6b_shape_abstractly() -> None:
     from conftest import load_config
 
+    from danceopd_jax.jobs.bench import config_workload, shape_workloads
     from danceopd_jax.models.mmdit import param_count
-    from danceopd_jax.train.bench import config_workload, shape_workloads
     from danceopd_jax.train.flops import forward_flops
 
     (work,) = shape_workloads(config_workload(load_config("t2i_edit")), "zimage-shape")

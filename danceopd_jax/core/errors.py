@@ -23,3 +23,24 @@ class DataError(ValueError):
     """Data, a checkpoint or a workdir that cannot be used as they are."""
 
     exit_code = EXIT_DATA
+
+
+class CheckpointError(DataError):
+    """A checkpoint or saved model that should be there is missing, incomplete or unreadable."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the run stopped without saving it."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class Preempted(Exception):  # noqa: N818 - an event, not an error
+    """SIGTERM arrived; a checkpoint of `step` was saved and the run stopped cleanly."""
+
+    exit_code = EXIT_PREEMPTED
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
+                         "to resume from it.")
+        self.step = step

@@ -23,7 +23,6 @@ held-out-split images, so what its features mean is on record.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -50,7 +49,7 @@ from danceopd_jax.data.shapes.world import (
     pick,
     render,
 )
-from danceopd_jax.train.checkpoint import has_params, load_params, save_params
+from danceopd_jax.data.store import cached, digest
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -231,38 +230,35 @@ class SceneFeatures:
         return {**{k: float(r.mean()) for k, r in right.items()}, "scene": float(scene.mean())}
 
 
-def classifier_key(image_size: int, world_seed: int, recipe: ClassifierRecipe) -> str:
-    """A short hash of everything that determines the classifier."""
-    what = {"format": FORMAT, "image_size": image_size, "world_seed": world_seed,
+def classifier_key(image_size: int, world_seed: int, recipe: ClassifierRecipe) -> dict:
+    """Everything that determines the classifier."""
+    return {"format": FORMAT, "image_size": image_size, "world_seed": world_seed,
             "recipe": asdict(recipe)}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def scene_features(image_size: int, world_seed: int, cache_dir: str | Path,
                    recipe: ClassifierRecipe = DEFAULT_RECIPE) -> SceneFeatures:
-    """The classifier for this world and recipe: loaded from `<cache_dir>/<key>/`, else
-    trained (on CPU about a minute at the default recipe), measured on held-out images and
-    saved there. Its training data is cached in `cache_dir` too."""
+    """The classifier for this world and recipe: loaded from `<cache_dir>/<digest of its
+    key>/`, else trained (on CPU about a minute at the default recipe), measured on held-out
+    images and saved there. Its training data is cached in `cache_dir` too."""
     cache_dir = Path(cache_dir)
     key = classifier_key(image_size, world_seed, recipe)
-    where = cache_dir / key
-    if has_params(where):
-        graph, like = nnx.split(nnx.eval_shape(lambda: _init(image_size, recipe)))
-        params, info = load_params(where, nnx.to_pure_dict(like))
-        log.info("FD classifier: reusing %s (held-out scene accuracy %.3f)", where,
-                 info["heldout_accuracy"]["scene"])
-        return SceneFeatures(graph, params, info)
-    t0 = time.perf_counter()
-    images, labels = labelled_images("train", recipe.num_train, image_size, world_seed, cache_dir,
-                                     restyle_seed=recipe.seed)
-    graph, params = train_classifier(images, labels, recipe)
-    seconds = time.perf_counter() - t0
-    info = {"key": key, "format": FORMAT, "image_size": image_size, "world_seed": world_seed,
-            "recipe": asdict(recipe), "train_time_s": seconds}
-    features = SceneFeatures(graph, params, info)
-    info["heldout_accuracy"] = features.accuracy(*labelled_images(
-        "heldout", recipe.num_heldout, image_size, world_seed, cache_dir))
-    save_params(where, jax.device_get(params), info)
-    log.info("FD classifier: trained in %.0f s, held-out accuracy %s; saved to %s", seconds,
-             info["heldout_accuracy"], where)
-    return features
+    graph, like = nnx.split(nnx.eval_shape(lambda: _init(image_size, recipe)))
+
+    def build() -> tuple[Any, dict]:
+        t0 = time.perf_counter()
+        images, labels = labelled_images("train", recipe.num_train, image_size, world_seed,
+                                         cache_dir, restyle_seed=recipe.seed)
+        _, params = train_classifier(images, labels, recipe)
+        features = SceneFeatures(graph, params, {})
+        accuracy = features.accuracy(*labelled_images(
+            "heldout", recipe.num_heldout, image_size, world_seed, cache_dir))
+        return jax.device_get(params), {"train_time_s": time.perf_counter() - t0,
+                                        "heldout_accuracy": accuracy}
+
+    params, info, trained = cached(cache_dir / digest(key), key, nnx.to_pure_dict(like), build,
+                                   "FD classifier", stale="rebuild")
+    log.info("FD classifier: %s %s (held-out accuracy %s)",
+             "trained and saved to" if trained else "reusing", cache_dir / digest(key),
+             info["heldout_accuracy"])
+    return SceneFeatures(graph, params, info)

@@ -96,7 +96,7 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-# The results of the reproduce command (train/experiments.py) as docs/results.md + figures.
+# The results of the reproduce command (jobs/reproduce.py) as docs/results.md + figures.
 # A "row" is a list of per-seed ShapesBench score dicts ({"t2i": ..., "edit": ..., "fd": ...}):
 # a method's over training seeds, or a reference model's over sampling seeds.
 

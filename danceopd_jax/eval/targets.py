@@ -56,7 +56,7 @@ def check(report: Mapping[str, Any], targets: Mapping[str, Mapping[str, Any]]) -
         if student is None or reference is None:
             raise ValueError(f"target {name!r} compares {t['score']!r} scores, but the report "
                              f"has none for {STUDENT if student is None else t['reference']!r}; "
-                             "score that model on that task (train/distill.py score_jobs).")
+                             "score that model on that task (worlds/shapes.py score_jobs).")
         threshold = reference - t["value"] if t["rule"] == "within" else reference * t["value"]
         out[name] = {**dict(t), "description": describe(t), "student_score": student,
                      "reference_score": reference, "threshold": threshold,

@@ -15,7 +15,7 @@ and the exporter. Module names already mirror diffusers, so the mapping is:
   It is optional on load (checked against ours when present) and written on export.
 * ``source_embed`` (our edit conditioning) has no diffusers counterpart: zeros on load, which
   leaves text-to-image outputs unchanged, unless the folder holds ``source_embed.npy`` (written
-  beside the weights by our exporter, interop/workdir.py, for an edit-trained model); dropped
+  beside the weights by our exporter, jobs/export.py, for an edit-trained model); dropped
   from the weights on export.
 
 Running our model like diffusers': ``z`` is channels-last ``[B, H, W, C]`` (diffusers

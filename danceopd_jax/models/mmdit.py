@@ -31,12 +31,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from danceopd_jax.models.contract import Backbone
+from danceopd_jax.models.lora import DEFAULT_TARGETS
 
 _LN_EPS = 1e-6
 _TIME_PROJ_DIM = 256
@@ -677,3 +680,58 @@ class MMDiT(nnx.Module):
         gh, gw = h // p, w // p
         out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, -1)
+
+
+def forward_flops(config: MMDiTConfig, batch: int, image_tokens: int, text_tokens: int,
+                  with_source: bool) -> int:
+    """Matmul FLOPs of one forward (the contract's formula; tests/test_bench.py checks it
+    against XLA's cost analysis of the compiled forward)."""
+    d, b, t = config.inner_dim, batch, text_tokens
+    segments = 2 if with_source else 1
+    n = image_tokens * segments  # every image token, source included
+    patch = config.patch_size ** 2
+    flops = 2 * b * n * patch * config.in_channels * d  # patch embedding
+    flops += 2 * b * t * config.joint_attention_dim * d  # context embedder
+    flops += 2 * b * (segments * (_TIME_PROJ_DIM * d + d * d)  # timestep MLP per segment
+                      + config.pooled_projection_dim * d + d * d)  # pooled-text MLP
+    for i in range(config.num_layers):
+        last = i == config.num_layers - 1
+        dual = i in config.dual_attention_layers
+        flops += 2 * b * segments * d * (9 if dual else 6) * d  # adaLN-Zero of the image
+        flops += 2 * b * d * (2 if last else 6) * d  # the text stream's modulation
+        flops += 2 * b * n * 4 * d * d  # q, k, v, out of the image tokens
+        flops += 2 * b * t * (3 if last else 4) * d * d  # q, k, v (, out) of the text
+        flops += 4 * b * (t + n) ** 2 * d  # joint attention: scores and values
+        if dual:
+            flops += 2 * b * n * 4 * d * d + 4 * b * n * n * d  # image-only attention
+        flops += 2 * b * n * 8 * d * d  # image MLP (4x)
+        if not last:
+            flops += 2 * b * t * 8 * d * d  # text MLP
+    flops += 2 * b * d * 2 * d  # final modulation
+    flops += 2 * b * image_tokens * d * patch * config.out_channels  # output projection
+    return flops
+
+
+def example_cond(key: jax.Array, config: MMDiTConfig, batch: int,
+                 text_tokens: int) -> dict[str, jax.Array]:
+    """Random SD3-style conditions: token features, their mask and the pooled vector."""
+    return {"text": 0.1 * jax.random.normal(key, (batch, text_tokens,
+                                                  config.joint_attention_dim)),
+            "text_mask": jnp.ones((batch, text_tokens), bool),
+            "pooled": jnp.zeros((batch, config.pooled_projection_dim))}
+
+
+def unscanned(config: MMDiTConfig, params: dict) -> tuple[MMDiTConfig, dict]:
+    """(config, params) in the per-block layout diffusers uses (scanned layers unstacked);
+    params may also be a LoRA tree, which mirrors them."""
+    if not config.scan_layers:
+        return config, params
+    return replace(config, scan_layers=False), unstack_blocks(params, config)
+
+
+BACKBONE = Backbone(
+    "mmdit", MMDiTConfig, MMDiT, forward_flops, example_cond, unscanned, DEFAULT_TARGETS,
+    lambda: tiny_config(image_size=16, patch_size=2, channels=4, text_dim=24, pooled_dim=16,
+                        width=64, depth=2, heads=2),
+    references={"SD3.5-Medium": (sd35_medium_config, 333),  # 77 CLIP + 256 T5 tokens
+                "MMDiT-6B": (mmdit_6b_config, 333)})

@@ -28,6 +28,7 @@ softmax, modulation and the residual stream stay float32.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from danceopd_jax.models.contract import Backbone
 from danceopd_jax.models.mmdit import (
+    _TIME_PROJ_DIM,
     REMAT_POLICIES,
     _layer_norm,
     _linear,
@@ -131,7 +134,7 @@ class ZImageConfig:
     def adaln_dim(self) -> int:
         return min(self.dim, _ADALN_MAX)
 
-    # MMDiTConfig's names, for the size formulas shared by both backbones (train/memory.py).
+    # MMDiTConfig's names, for the size formulas shared by both backbones (jobs/memory.py).
     @property
     def inner_dim(self) -> int:
         return self.dim
@@ -648,3 +651,56 @@ class ZImage(nnx.Module):
         out = self.final_layer(target.tokens[:, : gh * gw], noisy)
         out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
         return -out  # Z-Image predicts x0 - eps
+
+
+def forward_flops(config: ZImageConfig, batch: int, image_tokens: int, other_tokens: int,
+                  with_source: bool) -> int:
+    """Matmul FLOPs of one forward (the contract's formula): `other_tokens` are every non-image
+    token (caption pieces and SigLIP, counted as caption); padding to multiples of 32 is left
+    out."""
+    d, b, t, a = config.dim, batch, other_tokens, config.adaln_dim
+    segments = 2 if with_source else 1  # time embeddings: clean and noisy
+    n = image_tokens * segments
+    patch = config.patch_size ** 2 * config.in_channels
+
+    def block(tokens: int, modulated: bool) -> int:
+        flops = 2 * b * tokens * 4 * d * d + 4 * b * tokens ** 2 * d  # q, k, v, out; attention
+        flops += 2 * b * tokens * 3 * d * config.hidden_dim  # SwiGLU
+        return flops + (2 * b * segments * a * 4 * d if modulated else 0)
+
+    flops = 2 * b * n * patch * d + 2 * b * t * config.cap_feat_dim * d  # embedders
+    flops += 2 * b * segments * (_TIME_PROJ_DIM + a) * _TIME_MID  # time MLP
+    flops += config.n_refiner_layers * (block(n, True) + block(t, False))  # refiners
+    flops += config.n_layers * block(n + t, True)
+    return flops + 2 * b * a * d + 2 * b * image_tokens * d * patch  # final layer
+
+
+def example_cond(key: jax.Array, config: ZImageConfig, batch: int,
+                 text_tokens: int) -> dict[str, jax.Array]:
+    """Random conditions in the omni edit layout: the caption in three pieces (the prompt and
+    the two 32-token template pieces, 5 tokens of each used)."""
+    piece = 0.1 * jax.random.normal(key, (batch, SEQ_MULTI_OF, config.cap_feat_dim))
+    short = jnp.broadcast_to(jnp.arange(SEQ_MULTI_OF) < 5, (batch, SEQ_MULTI_OF))
+    return {"text": 0.1 * jax.random.normal(key, (batch, text_tokens, config.cap_feat_dim)),
+            "text_mask": jnp.ones((batch, text_tokens), bool),
+            "text_prefix": piece, "text_prefix_mask": short,
+            "text_suffix": piece, "text_suffix_mask": short}
+
+
+def unscanned(config: ZImageConfig, params: dict) -> tuple[ZImageConfig, dict]:
+    """(config, params) in the per-layer layout diffusers uses; params may also be a LoRA
+    tree, which mirrors them."""
+    if not config.scan_layers:
+        return config, params
+    return dataclasses.replace(config, scan_layers=False), unstack_layers(params, config)
+
+
+# The omni edit sequence besides the image tokens: a 512-token prompt piece and the two 32-token
+# template pieces, 256 SigLIP tokens (Siglip2ImageProcessor's default max_num_patches) and the
+# target's 32-token SigLIP placeholder.
+OTHER_TOKENS = 512 + 2 * 32 + 256 + 32
+
+BACKBONE = Backbone(
+    "zimage", ZImageConfig, ZImage, forward_flops, example_cond, unscanned, LORA_TARGETS,
+    tiny_zimage_config, padding_tokens=2 * SEQ_MULTI_OF,
+    references={"Z-Image-6B": (zimage_6b_config, OTHER_TOKENS)})

@@ -25,7 +25,7 @@ import optax
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from danceopd_jax.core.errors import EXIT_DIVERGED, EXIT_PREEMPTED
+from danceopd_jax.core.errors import NonFiniteLossError, Preempted
 from danceopd_jax.data.batches import Prefetcher
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.events import Events
@@ -36,23 +36,6 @@ log = logging.getLogger(__name__)
 
 Update = Callable[[TrainState, Any, tuple], tuple[TrainState, dict]]  # (state, batch, slots)
 Batcher = Callable[[int, range], tuple[tuple, dict]]  # (step, this process's shards)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the run stopped without saving it."""
-
-    exit_code = EXIT_DIVERGED
-
-
-class Preempted(Exception):  # noqa: N818 - an event, not an error
-    """SIGTERM arrived; a checkpoint of `step` was saved and the run stopped cleanly."""
-
-    exit_code = EXIT_PREEMPTED
-
-    def __init__(self, step: int):
-        super().__init__(f"preempted: saved a checkpoint at step {step}; rerun the same command "
-                         "to resume from it.")
-        self.step = step
 
 
 class PreemptionWatch:

@@ -5,9 +5,10 @@ The anchor is trained from scratch on T2I data (or, for an omni base, on a weigh
 T2I and edit buckets: config.teacher's `mix`) together with the text encoder, which is then
 frozen for everyone; edit teachers are fine-tuned from the anchor on edit buckets.
 
-Lookup order for a teacher: the workdir (reused), then the checkpoints shipped with the package
-in danceopd_jax/assets/<config.shipped_teachers>/ (copied into the workdir, only if their
-recipe.json equals this config's recipe), else it is trained and saved.
+Lookup order for a teacher, by its recipe (the key of data/store.py cached): the workdir
+(reused), then the checkpoints shipped with the package in
+danceopd_jax/assets/<config.shipped_teachers>/ (only if their recipe.json has this config's
+recipe as its key), else it is trained; either way it is saved in the workdir.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from jax.sharding import Mesh
 from danceopd_jax.config import init_teacher, teacher_buckets
 from danceopd_jax.core.routing import Route
 from danceopd_jax.data.batches import Bucket, RouteBatcher
-from danceopd_jax.train.checkpoint import RunCheckpoints, has_params, load_params, save_params
+from danceopd_jax.data.store import cached, has_params, key_of, load_params
+from danceopd_jax.models.wiring import Models
+from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import MetricsWriter, fit
 from danceopd_jax.train.mesh import batch_shards, to_host
-from danceopd_jax.train.model import Models
 from danceopd_jax.train.state import make_optimizer, place_state
 from danceopd_jax.train.step import make_flow_matching_step
 
@@ -46,13 +48,20 @@ def shipped_dir(config: ml_collections.ConfigDict) -> Path:
     return ASSETS_DIR / config.get("shipped_teachers", SHIPPED_DIR.name)
 
 
+# What makes a teacher's weights besides its own recipe and seed: exactly these world and
+# model fields (not, e.g., remat, which changes memory and speed only).
+WORLD_FIELDS = ("image_size", "train_size", "seed")
+MODEL_FIELDS = ("patch_size", "width", "depth", "heads", "text_width", "text_layers",
+                "text_heads", "dtype")
+
+
 def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
-    """Everything that determines teacher `name`'s weights (its init chain included)."""
+    """Everything that determines teacher `name`'s weights (its init chain included): the key
+    of its saved weights (data/store.py cached)."""
     t = config.teachers[name]
-    # Rematerialisation changes memory and speed, never the weights.
-    model = {k: v for k, v in config.model.to_dict().items() if k != "remat"}
-    return {"name": name, "teacher": t.to_dict(), "world": config.world.to_dict(),
-            "model": model, "seed": config.seed,
+    return {"name": name, "teacher": t.to_dict(),
+            "world": {k: config.world[k] for k in WORLD_FIELDS},
+            "model": {k: config.model[k] for k in MODEL_FIELDS}, "seed": config.seed,
             "init": None if t.init == "scratch" else recipe(config, t.init)}
 
 
@@ -86,36 +95,36 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
         want = recipe(config, name)
         like = {"backbone": init_backbone, **({"text": init_text} if name == "anchor" else {})}
         here = workdir / "teachers" / name
-        if has_params(here):
-            params, got = load_params(here, like)
-            if got != want:
-                raise ValueError(
-                    f"teacher {name!r} in {here} was made with a different recipe than this "
-                    "config asks for (see its recipe.json). Use a new --workdir, or delete "
-                    f"{here} to train it again.")
-            log.info("teacher %-12s reused from %s", name, here)
-        elif shipped_dir and _recipe_at(shipped_dir / name) == want:
-            # Copied in, so the workdir alone serves sampling, export and later runs.
-            shutil.copytree(shipped_dir / name, here)
-            params, _ = load_params(here, like)
-            log.info("teacher %-12s reused (shipped with the package: %s)", name,
-                     shipped_dir / name)
-        else:
+        shipped = shipped_dir / name if shipped_dir else None
+
+        def make(name: str = name, shipped: Path | None = shipped, like: Params = like,
+                 text: Params = text) -> tuple[Params, dict]:
+            if shipped and _key_at(shipped) == recipe(config, name):
+                log.info("teacher %-12s reused (shipped with the package: %s)", name, shipped)
+                params, _ = load_params(shipped, like)
+                return params, {"made": "shipped"}
             init = {"backbone": init_backbone, "text": init_text} if name == "anchor" else {
                 "backbone": teachers[config.teachers[name].init]}
             params = train_teacher(config, name, models, init, text, bucket, mesh, workdir)
-            save_params(here, params, want)
             shutil.rmtree(workdir / "teachers" / "_runs" / name, ignore_errors=True)
-            log.info("teacher %-12s trained (%d steps) and saved to %s", name,
-                     config.teachers[name].steps, here)
+            log.info("teacher %-12s trained (%d steps)", name, config.teachers[name].steps)
+            return params, {"made": "trained"}
+
+        # Saved in the workdir either way, so it alone serves sampling, export and later runs.
+        params, _, made = cached(here, want, like, make, f"teacher {name!r}")
+        if not made:
+            log.info("teacher %-12s reused from %s", name, here)
         teachers[name] = params["backbone"]
         if name == "anchor":
             text = params["text"]
     return teachers, text
 
 
-def _recipe_at(directory: Path) -> dict | None:
-    return json.loads((directory / "recipe.json").read_text()) if has_params(directory) else None
+def _key_at(directory: Path) -> dict | None:
+    """The key of the model saved in `directory`, if any."""
+    if not has_params(directory):
+        return None
+    return key_of(json.loads((directory / "recipe.json").read_text()))
 
 
 def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, init: Params,

@@ -9,16 +9,17 @@ backward at the query state under per-block remat (docs/scaling.md gives the for
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import AbstractMesh
 
 from danceopd_jax.models import lora
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
-from danceopd_jax.models.zimage import LORA_TARGETS, ZImage, ZImageConfig
+from danceopd_jax.models.backbones import backbone_of, reference
 from danceopd_jax.train.mesh import MESH_AXES, logical_sharding, mesh_shape
 
 F32 = 4
@@ -28,10 +29,6 @@ GIB = 2**30
 # attention output, projections, the 4x MLP hidden before and after GELU), about half of them
 # float32 and half bf16 matmul outputs.
 BLOCK_WORKSET = 60
-# Z-Image's omni edit sequence besides the image tokens: a 512-token prompt piece and the two
-# 32-token template pieces, 256 SigLIP tokens (Siglip2ImageProcessor's default max_num_patches)
-# and the target's 32-token SigLIP placeholder.
-ZIMAGE_OTHER_TOKENS = 512 + 2 * 32 + 256 + 32
 
 
 @dataclass(frozen=True)
@@ -59,21 +56,22 @@ class Workload:
     image_size: int = 1024
     vae_factor: int = 8
     with_source: bool = True
-    # Tokens besides the image's: SD3's 77 CLIP + 256 T5; Z-Image's ZIMAGE_OTHER_TOKENS.
+    # Tokens besides the image's: SD3's 77 CLIP + 256 T5 (a reference model's own count in
+    # the table: models/contract.py).
     text_tokens: int = 333
     query_k: int = 1
     teachers: int = 2
     lora_rank: int = 64
 
-    def tokens(self, config: MMDiTConfig | ZImageConfig) -> tuple[int, int]:
+    def tokens(self, config: Any) -> tuple[int, int]:
         """(image tokens incl. the source's, text tokens) per sample."""
         grid = self.image_size // self.vae_factor // config.patch_size
         return grid * grid * (2 if self.with_source else 1), self.text_tokens
 
 
-def _abstract_params(config: MMDiTConfig | ZImageConfig) -> tuple[dict, dict]:
-    backbone = ZImage if isinstance(config, ZImageConfig) else MMDiT
-    model = nnx.eval_shape(lambda: backbone(config, rngs=nnx.Rngs(0)))
+def _abstract_params(config: Any) -> tuple[dict, dict]:
+    module = backbone_of(config).module
+    model = nnx.eval_shape(lambda: module(config, rngs=nnx.Rngs(0)))
     state = nnx.state(model, nnx.Param)
     return nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
@@ -89,7 +87,7 @@ def _per_device(mesh: AbstractMesh, axes: dict, params: dict) -> tuple[int, int]
     return total, per_device
 
 
-def memory_table(config: MMDiTConfig | ZImageConfig, hardware: Hardware, workload: Workload,
+def memory_table(config: Any, hardware: Hardware, workload: Workload,
                  mode: str) -> dict:
     """Bytes per device for `mode` "lora" or "full" (see the module docstring)."""
     if mode not in ("lora", "full"):
@@ -99,7 +97,7 @@ def memory_table(config: MMDiTConfig | ZImageConfig, hardware: Hardware, workloa
     total, base = _per_device(mesh, axes, params)
     frozen = workload.teachers * base  # the anchor is a teacher (and LoRA's shared base)
     if mode == "lora":
-        targets = LORA_TARGETS if isinstance(config, ZImageConfig) else lora.DEFAULT_TARGETS
+        targets = backbone_of(config).lora_targets
         factors = jax.eval_shape(lambda: lora.init_lora(jax.random.key(0), params,
                                                         workload.lora_rank, targets))
         trainable_total, trainable = _per_device(mesh, lora.axes(axes, factors), factors)
@@ -145,3 +143,24 @@ def markdown(rows: list[tuple[str, str, str, dict]]) -> str:
             f"{r['max_local_batch']} ({r['global_batch']}) |")
     return "\n".join(lines)
 
+
+# The reference models of the table (models/contract.py).
+MODELS = ("SD3.5-Medium", "MMDiT-6B", "Z-Image-6B")
+
+
+def report(image_size: int, hardware: list[str], lora_rank: int) -> str:
+    """The memory command's printout: GiB per device of every model in MODELS on each of
+    `hardware`, LoRA and full fine-tuning."""
+    workload = Workload(image_size=image_size, lora_rank=lora_rank)
+    rows, others = [], {}
+    for name in MODELS:
+        _, make, others[name] = reference(name)
+        rows += [(name, HARDWARE[hw].name, mode,
+                  memory_table(make(), HARDWARE[hw],
+                               dataclasses.replace(workload, text_tokens=others[name]), mode))
+                 for hw in hardware for mode in ("lora", "full")]
+    tokens = ", ".join(f"{n} {t}" for n, t in others.items())
+    return (f"{workload.image_size}^2, edit source in the sequence; tokens besides the image's "
+            f"(text; for Z-Image caption pieces and SigLIP): {tokens}; "
+            f"K={workload.query_k}, {workload.teachers} teachers, float32 parameters; "
+            f"GiB per device\n{markdown(rows)}")

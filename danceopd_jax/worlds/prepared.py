@@ -25,9 +25,9 @@ alternative to the shapes world. The training loop, the step and the algorithm a
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from danceopd_jax.core.methods import get_method
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.conditions import PreparedBucket, PreparedData, check_routes
+from danceopd_jax.data.store import cached
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.interop._common import flatten, read_config, unflatten
 from danceopd_jax.interop.diffusers_sd3 import config_from_diffusers, load_diffusers_transformer
@@ -49,8 +50,7 @@ from danceopd_jax.interop.diffusers_vae import ImageDecoder
 from danceopd_jax.interop.peft_lora import load_diffusers_lora
 from danceopd_jax.models import lora
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, stack_blocks
-from danceopd_jax.train.checkpoint import CheckpointError, has_params, load_params, save_params
-from danceopd_jax.train.model import Models
+from danceopd_jax.models.wiring import Models
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -75,7 +75,7 @@ def _numpy_stack(trees: list[dict]) -> dict:
 
 class PreparedWorld:
     """The main job's data and models provider for prepared data and diffusers teachers
-    (the same interface as train.distill.ShapesWorld)."""
+    (the same interface as worlds.shapes.ShapesWorld)."""
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: Path):
         self.config, self.workdir = config, workdir
@@ -168,13 +168,11 @@ class PreparedWorld:
             t = self.config.teachers[name]
             keys[name] = self._key(t, keys.get(t.lora_base))
             here = self.workdir / "teachers" / name
-            if has_params(here):
-                params = self._load_cached(name, here, keys[name])
-            elif convert:
-                params = self._convert(name, here, keys[name])
-            else:
-                raise CheckpointError(f"{here} holds no converted teacher {name!r}; run the main "
-                                      "job on this workdir first.")
+            params, _, converted = cached(
+                here, keys[name], self._like, partial(self._convert, name) if convert else None,
+                f"converted teacher {name!r}")
+            log.info("teacher %-12s %s", name, f"converted from {t.path} and cached in {here}"
+                     if converted else f"converted weights reused from {here}")
             teachers[name] = (lora.adapted(teachers[t.lora_base], params["lora"],
                                            params["alpha"]) if t.lora_base else params)
         return teachers
@@ -187,25 +185,16 @@ class PreparedWorld:
                          for f in files if f.is_file()}}
         return {**key, "lora_base": base_key} if teacher.lora_base else key
 
-    def _load_cached(self, name: str, here: Path, key: dict) -> Params:
-        recipe = json.loads((here / "recipe.json").read_text())
-        if recipe.get("key") != key:
-            raise CheckpointError(
-                f"teacher {name!r} cached in {here} was converted from another checkpoint or "
-                f"layout than the config gives now (changed: "
-                f"{', '.join(_changes(recipe.get('key') or {}, key))}). Delete {here} to convert "
-                "it again, or use a new --workdir.")
-        if "lora_shapes" in recipe:  # a LoRA: its tree's structure is in the recipe
-            like = {"lora": unflatten({tuple(p): jax.ShapeDtypeStruct(tuple(s), np.float32)
-                                        for p, s in recipe["lora_shapes"]}),
-                    "alpha": jax.ShapeDtypeStruct((), np.float32)}
-        else:
-            like = self.abstract_params
-        params, _ = load_params(here, like)
-        log.info("teacher %-12s converted weights reused from %s", name, here)
-        return params
+    def _like(self, recipe: dict) -> Params:
+        """The shapes a cached teacher is loaded into: a LoRA's tree is in its recipe."""
+        if "lora_shapes" not in recipe:
+            return self.abstract_params
+        return {"lora": unflatten({tuple(p): jax.ShapeDtypeStruct(tuple(s), np.float32)
+                                   for p, s in recipe["lora_shapes"]}),
+                "alpha": jax.ShapeDtypeStruct((), np.float32)}
 
-    def _convert(self, name: str, here: Path, key: dict) -> Params:
+    def _convert(self, name: str) -> tuple[Params, dict]:
+        """(params, recipe info) of teacher `name`, converted from its checkpoint."""
         t, cfg = self.config.teachers[name], self.backbone_config
         if t.lora_base:
             unscanned = _abstract(dataclasses.replace(cfg, scan_layers=False))[1]
@@ -214,7 +203,7 @@ class PreparedWorld:
                 tree = stack_blocks(tree, cfg, stack=lora.stack_layers)
             params = {"lora": jax.tree.map(np.asarray, tree), "alpha": np.float32(alpha)}
             shapes = [[list(p), list(a.shape)] for p, a in flatten(params["lora"]).items()]
-            recipe = {"key": key, "lora_shapes": shapes}
+            info = {"lora_shapes": shapes}
         else:
             loaded_cfg, params = load_diffusers_transformer(t.path)
             theirs = dataclasses.replace(loaded_cfg, **{k: getattr(cfg, k) for k in _OUR_FIELDS})
@@ -228,10 +217,8 @@ class PreparedWorld:
                     "checkpoints fine-tuned from the anchor.")
             if cfg.scan_layers:
                 params = stack_blocks(params, cfg, stack=_numpy_stack)
-            recipe = {"key": key}
-        save_params(here, params, recipe)
-        log.info("teacher %-12s converted from %s and cached in %s", name, t.path, here)
-        return params
+            info = {}
+        return params, info
 
     # ----------------------------------------------------------------- data and samples
 
@@ -261,18 +248,6 @@ class PreparedWorld:
         log.info("evaluation: skipped (prepared data has no scorer; the student's samples "
                  "are under samples/)")
         return {}
-
-
-def _changes(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Where two cache keys differ, as "/"-joined paths (file sizes and mtimes, paths, ...)."""
-    out = []
-    for k in sorted(old.keys() | new.keys()):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _changes(a, b, f"{prefix}{k}/")
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def latent_generator(config: ml_collections.ConfigDict, models: Models

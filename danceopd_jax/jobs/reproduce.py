@@ -10,7 +10,6 @@ directory per experiment config and preset, shared by that experiment's runs.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,13 +26,14 @@ import numpy as np
 from danceopd_jax.config import apply_overrides
 from danceopd_jax.core.methods import REGISTRY
 from danceopd_jax.data.shapes import dataset
+from danceopd_jax.data.store import digest
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
 from danceopd_jax.eval.report import category_bars, curves, gallery, results_markdown
 from danceopd_jax.eval.shapes import generate_bucket
 from danceopd_jax.eval.shapesbench import EDIT_NAMES, T2I_NAMES, Job, ShapesBench
-from danceopd_jax.eval.workdir import default_models, workdir_jobs
-from danceopd_jax.interop.workdir import load_student
-from danceopd_jax.train import distill
+from danceopd_jax.jobs import distill
+from danceopd_jax.jobs.evaluate import default_models, workdir_jobs
+from danceopd_jax.jobs.workdir import load_student
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,25 @@ EXPERIMENTS = (
     Experiment("cfg_absorption", "CFG absorption (student sampled without CFG)",
                "cfg_absorption", CFG_ARMS),
     Experiment("query", "Query ablations (T2I + Edit fusion)", "t2i_edit", QUERY_ARMS),
+)
+# docs/teachers.md's budget recipes of the T2I + Edit student (runs 6, 7, 10, 11 and the budget
+# default), as overrides of configs/t2i_edit_budget.py. Not part of the paper's comparisons:
+# run with --experiments=recipes (and --preset=full for each recipe's own budget).
+PAPER_QUERY = {"danceopd.num_steps": 16, "danceopd.query_k": 1, "danceopd.query_bias": "low",
+               "danceopd.shared_query": False, "routes.t2i.weight": 0.25,
+               "routes.edit.weight": 0.75, "training.cooldown_fraction": 0.0,
+               "eval.sample_steps": 16}
+RECIPE_ARMS = (
+    Arm("budget default"),
+    Arm("paper query, lr 1e-3, 1,200 steps (run 6)", {**PAPER_QUERY, "training.steps": 1200}),
+    Arm("paper query, lr 1e-3, 4,800 steps (run 7)", {**PAPER_QUERY, "training.steps": 4800}),
+    Arm("constant rate, 1,900 steps (run 10)",
+        {"training.steps": 1900, "training.cooldown_fraction": 0.0}),
+    Arm("cool-down, 1,900 steps (run 11)", {"training.steps": 1900}),
+)
+EXTRA_EXPERIMENTS = (
+    Experiment("recipes", "Budget recipes of the T2I + Edit student (docs/teachers.md)",
+               "t2i_edit_budget", RECIPE_ARMS),
 )
 
 
@@ -171,7 +190,7 @@ def run_config(experiment: Experiment, arm: Arm, preset: Preset, seed: int,
 
 
 def run_id(config: ml_collections.ConfigDict) -> str:
-    return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+    return digest(json.loads(config.to_json(sort_keys=True)))[:12]
 
 
 class Reproduction:

@@ -11,6 +11,7 @@ in every batch ("text" params = the empty prompt's conditions, for CFG; Models.t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -20,9 +21,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from danceopd_jax.core.fields import Field
 from danceopd_jax.models import lora
-from danceopd_jax.models.mmdit import MMDiT, tiny_config
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, tiny_config
 from danceopd_jax.models.text.clip import CLIPTextEncoder, tiny_text_config
 
 Params = Any
@@ -62,7 +62,7 @@ class Models:
             return lora.adapted_axes(self.backbone_axes, params)
         return self.backbone_axes
 
-    def field(self) -> Field:
+    def field(self) -> Callable:
         """The backbone as a field; params may be ``lora.adapted`` (merged here, per call)."""
         def velocity(params: Params, z: jax.Array, sigma: jax.Array, cond: dict) -> jax.Array:
             return nnx.merge(self.backbone, lora.resolve(params))(z, sigma, cond)
@@ -113,16 +113,22 @@ def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id
     text_cfg = tiny_text_config(vocab_size=vocab_size, max_len=null_ids.shape[1],
                                 hidden=m.text_width, layers=m.text_layers, heads=m.text_heads,
                                 projection_dim=m.text_width, eos_token_id=eos_token_id)
-    backbone_cfg = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
-                               text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
-                               depth=m.depth, heads=m.heads)
-    backbone_cfg = replace(backbone_cfg, dtype=m.dtype, remat=m.remat)
     rngs = nnx.Rngs(seed)
-    backbone_graph, backbone_params, backbone_axes = _split(MMDiT(backbone_cfg, rngs=rngs))
+    backbone_graph, backbone_params, backbone_axes = _split(MMDiT(shapes_backbone(config),
+                                                                  rngs=rngs))
     text_graph, text_params, text_axes = _split(CLIPTextEncoder(text_cfg, rngs=rngs))
     models = Models(backbone_graph, text_graph, backbone_axes, text_axes,
                     np.asarray(null_ids, np.int32), np.asarray(null_mask, bool))
     return models, backbone_params, text_params
+
+
+def shapes_backbone(config: ml_collections.ConfigDict) -> MMDiTConfig:
+    """The shapes world's backbone: a small MMDiT of config.model's sizes."""
+    m = config.model
+    backbone = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
+                           text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
+                           depth=m.depth, heads=m.heads)
+    return replace(backbone, dtype=m.dtype, remat=m.remat)
 
 
 def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
@@ -134,18 +140,3 @@ def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
 def count(params: Params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
-
-def student_params_fn(lora_alpha: float):
-    """How the student's field params come from (trainable, frozen).
-
-    Full fine-tuning trains a copy of the weights it starts from ("backbone"). LoRA trains
-    low-rank factors ("lora") merged onto its frozen base, frozen["init"] (the weights it starts
-    from: the anchor's or a teacher's own params, shared with frozen["teachers"], or the
-    teachers' merge), plus the few base params it trains in full ("full": the source
-    embedding), which replace the base's."""
-    def student_params(trainable: Params, frozen: Params) -> Params:
-        if "lora" in trainable:
-            merged = lora.merge(lora.resolve(frozen["init"]), trainable["lora"], lora_alpha)
-            return lora.overlay(merged, trainable.get("full", {}))
-        return trainable["backbone"]
-    return student_params

@@ -29,12 +29,15 @@ from danceopd_jax.core.routing import Route, Slot, per_sample_slots
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import Prefetcher, RouteBatcher
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, sd35_medium_config, tiny_config
-from danceopd_jax.models.zimage import SEQ_MULTI_OF, ZImage, ZImageConfig, zimage_6b_config
+from danceopd_jax.models.backbones import backbone_of, reference
+from danceopd_jax.models.mmdit import REMAT_POLICIES
+from danceopd_jax.models.wiring import shapes_backbone
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 from danceopd_jax.train.mesh import make_mesh, put
 from danceopd_jax.train.state import make_optimizer, place_state
 from danceopd_jax.train.step import make_distill_step
+
+REMATS = tuple(REMAT_POLICIES)  # what a *-shape workload's blocks may keep for the backward
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class Workload:
     """One benchmarked shape: `batch` samples of `image_size` px, latents `vae_factor` times
     smaller (1 = pixel space), an edit source in every sequence, `text_tokens` text tokens."""
 
-    model: MMDiTConfig | ZImageConfig
+    model: Any  # a backbone family's config (models/contract.py)
     image_size: int
     batch: int
     text_tokens: int
@@ -61,8 +64,7 @@ class Workload:
 
     def shape(self) -> Shape:
         grid = self.latent // self.model.patch_size
-        # Z-Image's omni caption adds two template pieces of one 32-token block each.
-        extra = 2 * SEQ_MULTI_OF if isinstance(self.model, ZImageConfig) else 0
+        extra = backbone_of(self.model).padding_tokens  # e.g. Z-Image's template pieces
         return Shape(self.batch, grid * grid, self.text_tokens + extra, with_source=True)
 
 
@@ -86,8 +88,8 @@ class Workload:
 RUN_FIELDS = ("dtype", "remat", "attention", "scan_layers")
 
 
-def _build(config: MMDiTConfig | ZImageConfig) -> nnx.Module:
-    return (ZImage if isinstance(config, ZImageConfig) else MMDiT)(config, rngs=nnx.Rngs(0))
+def _build(config: Any) -> nnx.Module:
+    return backbone_of(config).module(config, rngs=nnx.Rngs(0))
 
 
 def config_workload(config: Any) -> Workload:
@@ -102,19 +104,18 @@ def config_workload(config: Any) -> Workload:
         raise ValueError(f"training.routing={config.training.routing!r}: the bench's first row "
                          "is per-sample routing (per-step routing is its own row); set "
                          "--config.training.routing=per_sample.")
-    m, d = config.model, config.danceopd
-    model = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
-                        text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
-                        depth=m.depth, heads=m.heads)
-    model = dataclasses.replace(model, dtype=m.dtype, remat=m.remat)
-    return Workload(model, config.world.image_size, config.training.batch_size, MAX_TEXT_LEN,
+    d = config.danceopd
+    return Workload(shapes_backbone(config), config.world.image_size,
+                    config.training.batch_size, MAX_TEXT_LEN,
                     num_steps=d.num_steps, query_k=d.query_k, query_bias=d.query_bias,
                     shared_query=d.shared_query,
                     routes=tuple((r.teacher, float(r.weight)) for r in routes),
                     seed=config.training.seed)
 
 
-SHAPE_PRESETS = ("sd35m-shape", "zimage-shape")
+# preset -> the reference model (models/contract.py) and its (image size, batch) rows.
+SHAPE_PRESETS = {"sd35m-shape": ("SD3.5-Medium", ((512, 8), (1024, 2))),
+                 "zimage-shape": ("Z-Image-6B", ((1024, 2),))}
 
 
 def shape_workloads(config_work: Workload, preset: str, attention: str = "xla",
@@ -123,17 +124,19 @@ def shape_workloads(config_work: Workload, preset: str, attention: str = "xla",
     weights, bf16 matmuls, scanned layers, with the query and routes of `config_work`:
     sd35m-shape: SD3.5-Medium's MMDiT-X, 333 text tokens, 512^2 at batch 8 and 1024^2 at
     batch 2; zimage-shape: Z-Image's 6B transformer in the omni edit layout (512 prompt tokens
-    and the two template pieces), 1024^2 at batch 2."""
-    settings = dict(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
-    if preset == "zimage-shape":
-        return [dataclasses.replace(config_work, model=zimage_6b_config(**settings),
-                                    image_size=1024, batch=2, text_tokens=512, vae_factor=8)]
-    if preset != "sd35m-shape":
-        raise ValueError(f"preset {preset!r}: use one of {SHAPE_PRESETS}.")
-    model = sd35_medium_config(**settings)
+    and the two template pieces), 1024^2 at batch 2. Latents are 8 times smaller."""
+    if preset not in SHAPE_PRESETS:
+        raise ValueError(f"preset {preset!r}: use one of {list(SHAPE_PRESETS)}.")
+    if remat not in REMATS:
+        raise ValueError(f"remat {remat!r}: use one of {list(REMATS)}.")
+    name, rows = SHAPE_PRESETS[preset]
+    _, make, other_tokens = reference(name)
+    model = make(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
+    # Z-Image's template pieces are the module's own (padding_tokens): the prompt piece is 512.
+    text_tokens = other_tokens if backbone_of(model).padding_tokens == 0 else 512
     return [dataclasses.replace(config_work, model=model, image_size=size, batch=batch,
-                                text_tokens=333, vae_factor=8)
-            for size, batch in ((512, 8), (1024, 2))]
+                                text_tokens=text_tokens, vae_factor=8)
+            for size, batch in rows]
 
 
 def query_indices(work: Workload, step: int) -> np.ndarray:
@@ -199,18 +202,8 @@ def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
         "target": jax.random.normal(k1, (b, work.latent, work.latent, m.in_channels)),
         "source": jax.random.normal(k2, (b, work.latent, work.latent, m.in_channels)),
         "has_source": jnp.ones((b,), bool),
-        "text_mask": jnp.ones((b, work.text_tokens), bool),
     }
-    if isinstance(m, ZImageConfig):  # the omni layout: caption in three pieces
-        piece = 0.1 * jax.random.normal(k3, (b, SEQ_MULTI_OF, m.cap_feat_dim))
-        short = jnp.broadcast_to(jnp.arange(SEQ_MULTI_OF) < 5, (b, SEQ_MULTI_OF))
-        return {**images, "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens,
-                                                               m.cap_feat_dim)),
-                "text_prefix": piece, "text_prefix_mask": short,
-                "text_suffix": piece, "text_suffix_mask": short}
-    return {**images,
-            "text": 0.1 * jax.random.normal(k3, (b, work.text_tokens, m.joint_attention_dim)),
-            "pooled": jnp.zeros((b, m.pooled_projection_dim))}
+    return {**images, **backbone_of(m).example_cond(k3, m, b, work.text_tokens)}
 
 
 def precomputed_conditioner(frozen: Any, batch: dict, key: jax.Array) -> dict:
@@ -347,7 +340,7 @@ def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
     anything, overstated)."""
     # Prepared data only: these import tensorflow_datasets and the checkpoint readers.
     from danceopd_jax.data.conditions import PreparedData
-    from danceopd_jax.train.prepared import backbone_config
+    from danceopd_jax.worlds.prepared import backbone_config
 
     model = backbone_config(config)
     data = PreparedData(config.world.conditions)
@@ -355,7 +348,7 @@ def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
     batcher = RouteBatcher({r.bucket: data.bucket(r.bucket) for r in routes}, routes,
                            config.training.routing, config.training.batch_size,
                            config.training.seed)
-    graph, params = nnx.split(MMDiT(model, rngs=nnx.Rngs(0)))
+    graph, params = nnx.split(_build(model))
     axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
     params = nnx.to_pure_dict(params)
 

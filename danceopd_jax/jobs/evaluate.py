@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from danceopd_jax.config import routes_of, teacher_buckets
+from danceopd_jax.data.store import key_of
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
-from danceopd_jax.interop.workdir import Student, load_student, load_teacher
+from danceopd_jax.jobs.workdir import Student, load_student, load_teacher
 
 CFG_TAG = "@cfg"
 
@@ -49,7 +50,7 @@ def workdir_jobs(workdir: str | Path, student: Student, specs: Sequence[str]) ->
             continue
         params, recipe = load_teacher(workdir, student, name)
         jobs.append(Job(spec, params, alpha or route_alpha.get(name, 1.0),
-                        teacher_tasks(list(teacher_buckets(recipe["teacher"])))))
+                        teacher_tasks(list(teacher_buckets(key_of(recipe)["teacher"])))))
     return jobs
 
 

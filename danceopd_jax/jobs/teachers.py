@@ -1,0 +1,59 @@
+"""The teachers command: train (or reuse) every teacher a config defines, exactly as the main
+job would, and with --ship copy them into the package (danceopd_jax/assets/<name>/) so that the
+main job reuses them whenever its recipe matches. This is how the shipped teachers were made
+(launch/make_teachers.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import ml_collections
+
+from danceopd_jax.config import teacher_buckets, world_kind
+from danceopd_jax.core.errors import ConfigError
+from danceopd_jax.core.routing import Route
+from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
+from danceopd_jax.train.mesh import make_mesh
+from danceopd_jax.train.teachers import ASSETS_DIR, prepare_teachers, shipped_dir
+from danceopd_jax.worlds import build
+
+__all__ = ["ASSETS_DIR", "make_teachers"]  # where --ship copies them: the command line's help
+
+
+def make_teachers(config: ml_collections.ConfigDict, workdir: str | Path, evaluate: bool = True,
+                  reuse_shipped: bool = False, ship: bool = False) -> str | None:
+    """Train (or reuse) every teacher of `config` in `workdir`; score them (returns the
+    ShapesBench table) and copy them into the package (`ship`) when asked."""
+    workdir = Path(workdir).absolute()
+    if world_kind(config) != "shapes":
+        raise ConfigError("this command trains the shapes world's teachers; a prepared-data "
+                          "config's teachers are diffusers checkpoints, which the main job "
+                          "converts and caches itself.")
+    world = build(config, workdir)
+    every = [Route(name, name, t.bucket, 1.0) for name, t in config.teachers.items()]
+    teachers, text = prepare_teachers(config, every, world.models, world.init_backbone,
+                                      world.init_text, world.train, make_mesh(config.mesh),
+                                      workdir, shipped_dir(config) if reuse_shipped else None)
+    table = None
+    if evaluate:
+        e = config.eval
+        bench = ShapesBench(config, world.models, world.splits, sample_steps=e.sample_steps,
+                            num=e.num, batch_size=e.batch_size)
+        jobs = [Job(name, teachers[name], tasks=teacher_tasks(list(teacher_buckets(t))))
+                for name, t in config.teachers.items()]
+        scores = bench.evaluate(text, jobs, tuple(e.seeds))
+        (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
+        table = markdown(scores)
+    if ship:  # what this run trained (a reused shipped teacher is already there)
+        for name in config.teachers:
+            if not (workdir / "teachers" / name).is_dir():
+                continue
+            dest = shipped_dir(config) / name
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(workdir / "teachers" / name, dest)
+            logging.info("shipped teacher %s -> %s", name, dest)
+    return table
