@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
+from danceopd_jax.data.shapes.dataset import Splits
 from danceopd_jax.data.shapes.prompts import CATEGORIES
 from danceopd_jax.data.shapes.world import COLORS, PALETTE, Obj, Scene, cell_size, render
 from danceopd_jax.data.store import digest
@@ -24,7 +25,7 @@ from danceopd_jax.eval.shapesbench import EDIT_NAMES, Job, eval_set, gedit, gene
 from danceopd_jax.jobs import distill
 from danceopd_jax.jobs.evaluate import parse_model
 from danceopd_jax.train.loop import every
-from danceopd_jax.worlds.shapes import Splits, score_jobs
+from danceopd_jax.worlds.shapes import score_jobs
 
 SIZE = 24
 NUM = 6  # per category

@@ -34,12 +34,14 @@ import numpy as np
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import Bucket
 from danceopd_jax.data.shapes import dataset
+from danceopd_jax.data.shapes.dataset import Splits
 from danceopd_jax.data.shapes.edits import GLOBAL_EDITS, LOCAL_EDITS
 from danceopd_jax.data.shapes.prompts import CATEGORIES
 from danceopd_jax.eval import report
 from danceopd_jax.eval.features import SceneFeatures
 from danceopd_jax.eval.frechet import frechet_distance
 from danceopd_jax.eval.shapes import EDIT_KEYS, Generators, Verdict, generate_bucket, judge, rates
+from danceopd_jax.models.wiring import Models
 
 Params = Any
 TASKS = ("t2i", "edit")
@@ -71,7 +73,7 @@ class Job:
                              f"of {TASKS}.")
 
 
-def eval_set(world: Any, split: str, bucket: str, tasks: Sequence[str], num: int) -> Bucket:
+def eval_set(splits: Splits, split: str, bucket: str, tasks: Sequence[str], num: int) -> Bucket:
     """The first `num` rows of each task in `split`'s stream of `bucket`, task after task.
 
     A split's rows do not depend on how many are built (each comes from the same stream), so
@@ -82,11 +84,11 @@ def eval_set(world: Any, split: str, bucket: str, tasks: Sequence[str], num: int
         raise ValueError(f"cannot draw {num} rows of each of {sorted(missing) or tasks} from "
                          f"bucket {bucket!r}; it holds {tuple(dataset.BUCKETS[bucket])}, and "
                          "num must be >= 1.")
-    w = world.config.world
+    w = splits.config.world
     size = 2 * num * len(dataset.BUCKETS[bucket])
     while True:
-        data = dataset.load_split(split, bucket, size, w.seed, w.image_size, world.cache_dir,
-                                  world.tokenizer)
+        data = dataset.load_split(split, bucket, size, w.seed, w.image_size, splits.cache_dir,
+                                  splits.tokenizer)
         task = np.asarray(data["task"]).astype(str)
         rows = [np.flatnonzero(task == t)[:num] for t in tasks]
         if all(len(r) == num for r in rows):
@@ -140,7 +142,7 @@ class ShapesBench:
     """The fixed evaluation sets of one split and one sampling setting; `evaluate` scores any
     number of models on them (the samplers compile once per CFG scale and input shape)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, models: Any, world: Any, *,
+    def __init__(self, config: ml_collections.ConfigDict, models: Models, splits: Splits, *,
                  split: str = "heldout", sample_steps: int = 16, num: int = 32,
                  batch_size: int = 128, features: SceneFeatures | None = None):
         if sample_steps < 1:
@@ -150,8 +152,8 @@ class ShapesBench:
         self.world_config = config.world
         self.generators = Generators(models.field(), models.conditioner(),
                                      make_sigmas(sample_steps, d.shift, d.schedule))
-        self.sets = {"t2i": eval_set(world, split, "t2i", CATEGORIES, num),
-                     "edit": eval_set(world, split, EDIT_BUCKET, tuple(EDIT_NAMES), num)}
+        self.sets = {"t2i": eval_set(splits, split, "t2i", CATEGORIES, num),
+                     "edit": eval_set(splits, split, EDIT_BUCKET, tuple(EDIT_NAMES), num)}
         # Every set has 6 * num rows: one batch shape for both when they fit in one batch.
         self.batch_size = min(batch_size, 6 * num)
         self.real = ({t: features.features(s["target"]) for t, s in self.sets.items()}

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ from danceopd_jax.core.routing import validate_routes
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import TrainBucket
 from danceopd_jax.data.shapes import dataset
-from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
+from danceopd_jax.data.shapes.dataset import Splits
+from danceopd_jax.data.shapes.tokenizer import encode
 from danceopd_jax.data.store import load_params
 from danceopd_jax.eval import targets
 from danceopd_jax.eval.grids import save_grid
@@ -41,26 +41,6 @@ Params = Any
 
 
 GRID_ROWS = 8
-
-
-class Splits:
-    """The shapes world's splits for one config, built once and cached in the workdir."""
-
-    def __init__(self, config: ml_collections.ConfigDict, cache_dir: Path):
-        self.config, self.cache_dir = config, cache_dir
-        self.tokenizer = load_tokenizer()
-
-    @cache  # noqa: B019 - one World per run; buckets are large and immutable
-    def train(self, bucket: str) -> dict[str, np.ndarray]:
-        w = self.config.world
-        return dataset.load_split("train", bucket, w.train_size, w.seed, w.image_size,
-                                  self.cache_dir, self.tokenizer)
-
-    @cache  # noqa: B019
-    def heldout(self, bucket: str, num: int) -> dict[str, np.ndarray]:
-        w = self.config.world
-        return dataset.load_split("heldout", bucket, num, w.seed, w.image_size, self.cache_dir,
-                                  self.tokenizer)
 
 
 class ShapesWorld:

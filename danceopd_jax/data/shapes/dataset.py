@@ -22,9 +22,11 @@ import functools
 import hashlib
 import json
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 from transformers import PreTrainedTokenizerFast
 
@@ -209,3 +211,23 @@ def load_split(
         tmp.replace(path)  # atomic, so concurrent readers never see a partial file
     with np.load(path) as cached:
         return {k: cached[k] for k in cached.files}
+
+
+class Splits:
+    """The shapes world's splits for one config, built once and cached in the workdir."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cache_dir: Path):
+        self.config, self.cache_dir = config, cache_dir
+        self.tokenizer = shapes_tokenizer.load_tokenizer()
+
+    @cache  # noqa: B019 - one Splits per run; buckets are large and immutable
+    def train(self, bucket: str) -> dict[str, np.ndarray]:
+        w = self.config.world
+        return load_split("train", bucket, w.train_size, w.seed, w.image_size, self.cache_dir,
+                          self.tokenizer)
+
+    @cache  # noqa: B019
+    def heldout(self, bucket: str, num: int) -> dict[str, np.ndarray]:
+        w = self.config.world
+        return load_split("heldout", bucket, num, w.seed, w.image_size, self.cache_dir,
+                          self.tokenizer)
