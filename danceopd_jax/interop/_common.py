@@ -44,6 +44,13 @@ def kernel_from_weight(name: str, weight: np.ndarray) -> np.ndarray:
     return weight.T
 
 
+def linear_entry(path: ParamPath, name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
+    """(our path, float32 array in our layout) of a state-dict entry `name` whose kernels are
+    torch Linear weights (transposed into ours)."""
+    array = to_numpy(tensor)
+    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+
+
 def flatten(tree: Mapping) -> dict[ParamPath, Any]:
     """Nested dict -> ``{path: leaf}``."""
     flat: dict[ParamPath, Any] = {}

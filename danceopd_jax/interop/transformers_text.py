@@ -35,7 +35,7 @@ from danceopd_jax.interop._common import (
     ParamPath,
     assemble,
     iter_safetensors,
-    kernel_from_weight,
+    linear_entry,
     param_shapes,
     path_from_dotted,
     read_config,
@@ -129,8 +129,7 @@ def our_path(name: str) -> ParamPath:
 
 def to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
     """One transformers state-dict entry -> (our param path, float32 array in our layout)."""
-    path, array = our_path(name), to_numpy(tensor)
-    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+    return linear_entry(our_path(name), name, tensor)
 
 
 def to_transformers(
@@ -352,8 +351,7 @@ def _qwen3_path(name: str) -> ParamPath:
 
 
 def _qwen3_to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
-    path, array = _qwen3_path(name), to_numpy(tensor)
-    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+    return linear_entry(_qwen3_path(name), name, tensor)
 
 
 def _qwen3_to_transformers(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:

@@ -25,11 +25,10 @@ from danceopd_jax.interop._common import (
     ParamPath,
     assemble,
     iter_safetensors,
-    kernel_from_weight,
+    linear_entry,
     param_shapes,
     path_from_dotted,
     read_config,
-    to_numpy,
 )
 from danceopd_jax.interop.transformers_text import to_transformers
 from danceopd_jax.models.vision.siglip import SiglipVisionConfig, SiglipVisionModel
@@ -66,8 +65,7 @@ def our_path(name: str) -> ParamPath:
 
 
 def to_ours(name: str, tensor: Any) -> tuple[ParamPath, np.ndarray]:
-    path, array = our_path(name), to_numpy(tensor)
-    return path, kernel_from_weight(name, array) if path[-1] == "kernel" else array
+    return linear_entry(our_path(name), name, tensor)
 
 
 def to_siglip(path: ParamPath, array: Any) -> tuple[str, np.ndarray]:
