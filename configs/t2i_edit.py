@@ -10,7 +10,7 @@ def get_config():
     c = paper_student(base_config())
     c.teachers.joint_edit = edit_teacher("joint_edit")
     # Editing is what the student must acquire (the anchor has never seen a source image), so
-    # most of each batch is edits: 6 T2I + 26 edit samples of 32.
+    # most of each batch is edits: 3 T2I + 13 edit samples of 16.
     c.routes.t2i = route("anchor", "t2i", 0.1875)
     c.routes.edit = route("joint_edit", "joint_edit", 0.8125)
     # The targets: the student's edits at least 0.90 x the edit teacher's (and T2I

@@ -90,11 +90,12 @@ def omni_family(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`c` with the paper's DanceOPD student (METHOD.md 2, 8: N = 16, K = 1, Beta(5, 2) drawn
     per sample, per-sample hard routing; the base config's) and the default's budget knobs:
-    1,400 steps x 32, AdamW lr 1e-3 cooled down linearly to zero over the last quarter, full
-    fine-tuning. The 1,400 steps fit the 30-minute main job on 2 CPU cores with the final
-    ShapesBench scores (README, docs/teachers.md: an estimate from a short run)."""
+    1,400 steps x 16, AdamW lr 1e-3 cooled down linearly to zero over the last quarter, full
+    fine-tuning. Measured on 2 idle CPU cores: 1.15 steps/s at batch 16 (batch 32 ran at
+    0.47 steps/s: each step's rollout runs to the largest of its samples' query indices), so
+    the main job with the final ShapesBench scores fits 30 minutes (README, docs/teachers.md)."""
     c.danceopd.update(num_steps=16, query_k=1, query_bias="low", shared_query=False)
-    c.training.update(routing="per_sample", steps=1400, batch_size=32, lr=1e-3,
+    c.training.update(routing="per_sample", steps=1400, batch_size=16, lr=1e-3,
                       cooldown_fraction=0.25, lora_rank=0)
     c.eval.sample_steps = 16  # the student's own rollout length
     return c

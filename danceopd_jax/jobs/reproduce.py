@@ -132,7 +132,7 @@ class Preset:
 
 
 PRESETS = {
-    # The paper-sized miniature: the default run's budget (its steps x 32) for every method.
+    # The paper-sized miniature: the default run's budget (its steps x batch) for every method.
     "full": Preset("full", seeds=3, overrides={
         "eval.curve_every": 200, "eval.curve_num": 8, "eval.final_scores": False}),
     # What fits 2 CPU cores in about an hour: N = 8 rollout steps, 60 steps x 8 samples, small
