@@ -209,7 +209,7 @@ def test_prepare_with_sd3_encoders_matches_diffusers(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusion3Pipeline
 
-    from danceopd_jax.data.conditions import prepare
+    from danceopd_jax.jobs.prepare import prepare
 
     e2e = _e2e_module()
     e2e.write_pipeline(tmp_path)

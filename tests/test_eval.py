@@ -296,7 +296,7 @@ def test_bench_frechet_distance_and_training_curve(trained, tmp_path: Path) -> N
                                     recipe=TINY_RECIPE)
     fd = report["models"]["student"]["fd"]
     assert set(fd) == {"t2i", "edit"} and all(v["mean"] >= 0 for v in fd.values())
-    assert report["classifier"]["recipe"]["steps"] == TINY_RECIPE.steps
+    assert report["classifier"]["key"]["recipe"]["steps"] == TINY_RECIPE.steps
     assert "| FD |" in path.with_suffix(".md").read_text()
 
     run = tmp_path / "run"

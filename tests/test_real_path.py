@@ -194,8 +194,9 @@ def test_prepared_world_teachers_cache_and_shared_lora_base(tmp_path: Path, capl
 
     weights = root / "anchor" / "diffusion_pytorch_model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
-    with pytest.raises(CheckpointError, match=r"teacher 'anchor' cached in .* \(changed: files/"
-                                              r"diffusion_pytorch_model.safetensors\). Delete"):
+    with pytest.raises(CheckpointError, match=r"converted teacher 'anchor' in .* \(changed: "
+                                              r"files/diffusion_pytorch_model.safetensors; see "
+                                              r"its recipe.json\). Delete"):
         worlds.build(_world_config(root, "lora", lora_base="anchor"),
                       tmp_path / "run").prepare_teachers(mesh)
 
