@@ -15,7 +15,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, losses, tiny_config, tiny_flags
+from conftest import FAST_COMPILE, ROOT, losses, tiny_config, tiny_flags
 from helpers import workdir_with_teachers
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
@@ -94,7 +94,7 @@ def test_sharded_steps_equal_the_one_device_step(tmp_path):
     the one-device losses and parameters; parameters and Adam moments are split as the rules
     say; with replicated parameters (8,1) no all-gather moves anything batch-sized."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}"}
     out = subprocess.run([sys.executable, str(TESTS / "sharded_steps.py"), str(tmp_path)],
                          cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -129,7 +129,7 @@ def main_cmd(workdir: Path, *flags: str) -> list[str]:
 
 def env_with(devices: int = 1) -> dict:
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"}
 
 
 @pytest.mark.slow
