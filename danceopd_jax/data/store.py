@@ -77,11 +77,11 @@ def cached(directory: str | Path, key: dict, like: Any | Callable[[dict], Any],
     directory = Path(directory).absolute()
     if has_params(directory):
         recipe = json.loads((directory / "recipe.json").read_text())
-        if key_of(recipe) == key:
+        old = key_of(recipe)
+        if old == key:
             params, _ = load_params(directory, like(recipe) if callable(like) else like)
             return params, recipe, False
         if stale != "rebuild":
-            old = key_of(recipe)
             changed = ", ".join(_changes(old if isinstance(old, dict) else {}, key))
             raise CheckpointError(
                 f"{what} in {directory} was made from something else than this config asks "

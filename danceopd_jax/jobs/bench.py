@@ -113,9 +113,10 @@ def config_workload(config: Any) -> Workload:
                     seed=config.training.seed)
 
 
-# preset -> the reference model (models/contract.py) and its (image size, batch) rows.
-SHAPE_PRESETS = {"sd35m-shape": ("SD3.5-Medium", ((512, 8), (1024, 2))),
-                 "zimage-shape": ("Z-Image-6B", ((1024, 2),))}
+# preset -> the reference model (models/contract.py), its prompt tokens (besides the template
+# pieces its module adds) and its (image size, batch) rows.
+SHAPE_PRESETS = {"sd35m-shape": ("SD3.5-Medium", 333, ((512, 8), (1024, 2))),
+                 "zimage-shape": ("Z-Image-6B", 512, ((1024, 2),))}
 
 
 def shape_workloads(config_work: Workload, preset: str, attention: str = "xla",
@@ -129,11 +130,9 @@ def shape_workloads(config_work: Workload, preset: str, attention: str = "xla",
         raise ValueError(f"preset {preset!r}: use one of {list(SHAPE_PRESETS)}.")
     if remat not in REMATS:
         raise ValueError(f"remat {remat!r}: use one of {list(REMATS)}.")
-    name, rows = SHAPE_PRESETS[preset]
-    _, make, other_tokens = reference(name)
+    name, text_tokens, rows = SHAPE_PRESETS[preset]
+    _, make, _ = reference(name)
     model = make(dtype="bfloat16", remat=remat, attention=attention, scan_layers=True)
-    # Z-Image's template pieces are the module's own (padding_tokens): the prompt piece is 512.
-    text_tokens = other_tokens if backbone_of(model).padding_tokens == 0 else 512
     return [dataclasses.replace(config_work, model=model, image_size=size, batch=batch,
                                 text_tokens=text_tokens, vae_factor=8)
             for size, batch in rows]

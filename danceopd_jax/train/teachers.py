@@ -97,9 +97,9 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
         here = workdir / "teachers" / name
         shipped = shipped_dir / name if shipped_dir else None
 
-        def make(name: str = name, shipped: Path | None = shipped, like: Params = like,
-                 text: Params = text) -> tuple[Params, dict]:
-            if shipped and _key_at(shipped) == recipe(config, name):
+        def make(name: str = name, want: dict = want, shipped: Path | None = shipped,
+                 like: Params = like, text: Params = text) -> tuple[Params, dict]:
+            if shipped and _key_at(shipped) == want:
                 log.info("teacher %-12s reused (shipped with the package: %s)", name, shipped)
                 params, _ = load_params(shipped, like)
                 return params, {"made": "shipped"}
