@@ -19,14 +19,11 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import torch
 import torch_peer  # benchmarks/, this script's directory; defines --config
 from absl import app, flags
-from flax import nnx
 
-from danceopd_jax.jobs.bench import config_workload, fwd_bwd_inputs
-from danceopd_jax.models.mmdit import MMDiT
+from danceopd_jax.jobs.bench import config_workload, student_grads
 
 _ROUNDS = flags.DEFINE_integer("rounds", 20, "Timed rounds (after 2 warm-up rounds).")
 _OUT = flags.DEFINE_string("json", None, "Write the result as JSON here.")
@@ -35,19 +32,12 @@ _OUT = flags.DEFINE_string("json", None, "Write the result as JSON here.")
 def main(argv: list[str]) -> None:
     del argv
     work = config_workload(flags.FLAGS.config)
-    graph, params = nnx.split(MMDiT(work.model, rngs=nnx.Rngs(0)))
-    params = nnx.to_pure_dict(params)
-    z, sigma, cond = fwd_bwd_inputs(work)
-
-    @jax.jit
-    def grads(p, z, sigma, cond):
-        return jax.grad(lambda p: jnp.mean(jnp.square(nnx.merge(graph, p)(z, sigma, cond))))(p)
-
+    grads, args = student_grads(work)
     peer = torch_peer.Step(work, "cpu", torch.float32, compiled=False)
     ours_s, peer_s = [], []
     for i in range(2 + _ROUNDS.value):
         t0 = time.perf_counter()
-        jax.block_until_ready(grads(params, z, sigma, cond))
+        jax.block_until_ready(grads(*args))
         t1 = time.perf_counter()
         peer.fwd_bwd()
         t2 = time.perf_counter()
@@ -59,6 +49,7 @@ def main(argv: list[str]) -> None:
               "peer_ms": 1e3 * statistics.median(peer_s), "ratio": ratio,
               "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "ld_preload": os.environ.get("LD_PRELOAD", ""),
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
               "torch_threads": torch.get_num_threads(), "workload": work.spec()}
     print(f"ours {result['ours_ms']:.1f} ms, peer {result['peer_ms']:.1f} ms, "
           f"ours at {ratio:.2f}x the peer's speed (median of {_ROUNDS.value} rounds)")

@@ -12,6 +12,8 @@ traceback and exits 1. Exit statuses (README "When things go wrong"):
 from __future__ import annotations
 
 import logging
+import os
+import platform
 import sys
 import traceback
 from collections.abc import Callable
@@ -41,8 +43,29 @@ def sample_steps_flag(default: int | None = None) -> flags.FlagHolder:
 
 def run(main: Callable[[], None]) -> None:
     """Parse the flags (stray arguments are an error), set up logging, run main() inside the
-    error boundary."""
+    error boundary; first, on glibc, restart once with huge pages for malloc (use_huge_pages)."""
+    use_huge_pages()
     app.run(lambda argv: _boundary(main, argv), flags_parser=_parse_flags)
+
+
+# XLA:CPU allocates each call's temporaries afresh, and glibc serves blocks this large from new
+# mappings, so every call of a compiled step faulted in about 100 MB of 4 KiB pages (the default
+# student's forward+backward: 26,700 page faults and a third of its time in the kernel). With
+# this tunable glibc asks the kernel for transparent huge pages instead (docs/performance.md,
+# "CPU round 3"). It is read when a process starts, hence the restart. A GLIBC_TUNABLES that
+# already says glibc.malloc.hugetlb (e.g. =0 to measure without) is left as it is.
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+
+
+def use_huge_pages() -> None:
+    """Restart this command line once with HUGE_PAGES added to GLIBC_TUNABLES (glibc only)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc":
+        return
+    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def config_flag(name: str, default: str | None, help_text: str) -> flags.FlagHolder:

@@ -26,6 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# Command lines restart once to give glibc's malloc huge pages (danceopd_jax/cli.py,
+# use_huge_pages); the ones the tests start have them from the start.
+from danceopd_jax.cli import HUGE_PAGES  # noqa: E402 - imports no jax
+
+if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    os.environ["GLIBC_TUNABLES"] = ":".join(
+        t for t in (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES) if t)
+
 import ml_collections  # noqa: E402 - after the environment above, before jax loads
 import pytest  # noqa: E402
 

@@ -22,6 +22,7 @@ from conftest import losses, tiny_config, tiny_flags
 from helpers import run_clis, workdir_with_teachers
 from PIL import Image
 
+from danceopd_jax import cli
 from danceopd_jax.core.errors import (
     EXIT_DATA,
     EXIT_DIVERGED,
@@ -316,3 +317,25 @@ def test_every_command_line_explains_bad_inputs_without_a_traceback(trained, tmp
     assert not (locked / "config.json").exists()
     code, output = results[-1]
     assert code == EXIT_USAGE and "Traceback" in output and "training.steps=0" in output
+
+
+def test_command_lines_restart_once_with_huge_pages(monkeypatch):
+    """cli.use_huge_pages: glibc's tunable is added to the environment and the same command line
+    restarts; one that already says glibc.malloc.hugetlb (or a restarted one) runs on."""
+    restarts = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: restarts.append((exe, argv)))
+    monkeypatch.setattr(sys, "orig_argv", ["python", "-m", "danceopd_jax.main", "--config=c.py"])
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    cli.use_huge_pages()
+    assert os.environ["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{cli.HUGE_PAGES}"
+    assert restarts == [(sys.executable, [sys.executable, "-m", "danceopd_jax.main",
+                                          "--config=c.py"])]
+    cli.use_huge_pages()  # the restarted process
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    cli.use_huge_pages()
+    assert len(restarts) == 1
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-m", "danceopd_jax.memory", "--no_such_flag"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    # the restarted command line parses its flags once, in its error boundary
+    assert done.returncode == 2 and done.stderr.count("no_such_flag") == 1, done
