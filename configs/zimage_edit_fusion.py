@@ -2,8 +2,9 @@
 teacher (LoRA fine-tunes of the Z-Image base in the reference), one LoRA student started from
 the base (r = alpha = 128, lr 2e-4, 3,000 steps, 1024^2, N = 16, K = 1, Beta(5, 2), shift 3).
 
-Every path is a placeholder that stops the run at config validation, naming the field. As for
-configs/zimage_t2i_edit.py, training it needs the backbone contract of issue 16 first.
+Every path is a placeholder that stops the run at config validation, naming the field. Prepare
+the data as for configs/zimage_t2i_edit.py (`prepare --backbone=zimage`, rows of tasks
+"local_edit" and "global_edit" with source images).
 """
 
 from danceopd_jax.config import diffusers_teacher, prepared_config, required, route
@@ -22,4 +23,5 @@ def get_config():
         "lora_base='anchor'"))
     c.routes.local = route("local_edit", "local_edit", 0.5, cfg_alpha=3.5)
     c.routes["global"] = route("global_edit", "global_edit", 0.5, cfg_alpha=3.5)
+    c.training.lora_full = ""  # Z-Image reads source images natively: no source embedding
     return c

@@ -3,13 +3,22 @@ anchor and a Z-Image edit teacher (in the reference, a LoRA fine-tune of the bas
 student (r = alpha = 128, lr 2e-4, 3,000 steps, 1024^2, N = 16, K = 1, Beta(5, 2), shift 3).
 
 Every path is a placeholder: the run stops at config validation, before anything loads, and
-names the field to set (--config.teachers.anchor.path=..., --config.teachers.edit.path=...,
---config.world.conditions=...).
+names the field to set. For example (a ZImageOmniPipeline folder: its Qwen3 prompt pieces and
+SigLIP features of the source images, its VAE's latents):
 
-Status: the backbone (models/zimage.py) and its diffusers converter exist, but the prepared
-world still builds the SD3 MMDiT from the anchor's config.json and `prepare` writes SD3
-conditions; training Z-Image needs the backbone contract of issue 16 and Z-Image conditions
-(Qwen3 caption pieces, SigLIP features). Until then this file records the paper's run.
+    python -m danceopd_jax.prepare --backbone=zimage --input=data/rows.jsonl \
+        --out=data/zimage_prepared --text_encoders=z-image-omni --vae=z-image-omni/vae \
+        --resolution=1024 --config=configs/zimage_t2i_edit.py
+    python -m danceopd_jax.main --config=configs/zimage_t2i_edit.py --workdir=runs/zimage \
+        --config.world.conditions=data/zimage_prepared \
+        --config.teachers.anchor.path=z-image-omni/transformer \
+        --config.teachers.edit.path=zimage-edit/transformer
+
+The prepared world builds Z-Image from the anchor's config.json; edits run in Z-Image's own
+omni layout (clean source latent, SigLIP features and the caption's template pieces in one
+sequence), so the exported student edits in diffusers' ZImageOmniPipeline as it is. An edit
+teacher given as a LoRA on the anchor: --config.teachers.edit.path=edit_lora.safetensors
+--config.teachers.edit.lora_base=anchor. configs/zimage_tiny.py runs the same path on CPU.
 """
 
 from danceopd_jax.config import diffusers_teacher, prepared_config, required, route
@@ -26,4 +35,5 @@ def get_config():
     # unconditional branch); the student absorbs it and samples in one pass (METHOD.md 4).
     c.routes.t2i = route("anchor", "t2i", 0.25, cfg_alpha=3.5)
     c.routes.edit = route("edit", "edit", 0.75, cfg_alpha=3.5)
+    c.training.lora_full = ""  # Z-Image reads source images natively: no source embedding
     return c

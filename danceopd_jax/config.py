@@ -142,9 +142,10 @@ def init_teacher(config: ml_collections.ConfigDict) -> str | None:
 
 
 def diffusers_teacher(kind: str, path: str, lora_base: str = "") -> ml_collections.ConfigDict:
-    """A frozen teacher from a diffusers checkpoint (prepared world): `path` is an
-    SD3Transformer2DModel folder (the base, or a full fine-tune), or, when `lora_base` names
-    a full teacher, a diffusers / PEFT LoRA (file or folder) on that teacher's weights."""
+    """A frozen teacher from a diffusers checkpoint (prepared world): `path` is a transformer
+    folder of the anchor's family (SD3Transformer2DModel or ZImageTransformer2DModel: the base,
+    or a full fine-tune), or, when `lora_base` names a full teacher, a diffusers / PEFT LoRA
+    (file or folder) on that teacher's weights."""
     return ml_collections.ConfigDict(dict(kind=kind, path=path, lora_base=lora_base))
 
 
@@ -216,14 +217,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def prepared_config() -> ml_collections.ConfigDict:
-    """Real teachers on prepared data: the SD3 / SD3.5 MMDiT family built from the anchor's
-    diffusers config.json, the paper's hyper-parameters (METHOD.md 8). The anchor and the
-    conditions directory are placeholders to fill in."""
+    """Real teachers on prepared data: the backbone family (SD3 / SD3.5 MMDiT or Z-Image) built
+    from the anchor's diffusers config.json, the paper's hyper-parameters (METHOD.md 8). The
+    anchor and the conditions directory are placeholders to fill in."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.world = dict(kind="prepared", conditions=required(
         "a directory written by `python -m danceopd_jax.prepare` (its --out)"))
-    # Our MMDiTConfig fields on top of the checkpoint's config.json.
+    # Our fields of the family's config on top of the checkpoint's config.json.
     c.model = dict(dtype="bfloat16", scan_layers=True, remat="block", attention="xla")
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = diffusers_teacher("t2i", required(
@@ -244,6 +245,28 @@ def prepared_config() -> ml_collections.ConfigDict:
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
     c.eval = dict(sample_steps=16, num_samples=4, curve_every=0, final_scores=True)
     c.mesh = dict(data=-1, fsdp=1, tensor=1)
+    return c
+
+
+def tiny_real_config(root: str) -> ml_collections.ConfigDict:
+    """The real-model path at test size, on the tiny random checkpoints a launch/*_tiny_e2e.py
+    script writes under `root` (configs/sd3_tiny.py, configs/zimage_tiny.py): three teachers,
+    one per kind of diffusers checkpoint (the anchor root/pipeline/transformer, a full fine-tune
+    root/edit_transformer, a LoRA on the anchor root/edit_lora); T2I samples go to the anchor
+    with CFG, edit samples to the two edit teachers; a LoRA student on scanned layers; 4 steps."""
+    c = prepared_config()
+    c.world.conditions = f"{root}/prepared"
+    c.model = dict(dtype="float32", scan_layers=True, remat="none", attention="xla")
+    c.teachers.anchor = diffusers_teacher("t2i", f"{root}/pipeline/transformer")
+    c.teachers.edit_full = diffusers_teacher("edit", f"{root}/edit_transformer")
+    c.teachers.edit_lora = diffusers_teacher("edit", f"{root}/edit_lora", lora_base="anchor")
+    c.routes.t2i = route("anchor", "t2i", 0.5, cfg_alpha=2.0)
+    c.routes.edit_full = route("edit_full", "edit", 0.25)
+    c.routes.edit_lora = route("edit_lora", "edit", 0.25)
+    c.danceopd.num_steps = 4
+    c.training.update(steps=4, batch_size=4, lr=1e-3, lora_rank=4, lora_alpha=4.0,
+                      checkpoint_every=2, sample_every=2, log_every=1)
+    c.eval.update(sample_steps=4, num_samples=2)
     return c
 
 

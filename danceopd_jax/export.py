@@ -2,12 +2,13 @@
 
 Exports the trained student of a workdir (its latest checkpoint) for diffusers:
 
-* ``diffusers`` (default): an ``SD3Transformer2DModel`` folder that ``from_pretrained`` loads
-  (a LoRA student is merged onto its anchor), plus ``source_embed.npy``, the student's edit
-  conditioning, which diffusers' transformer has no place for.
-* ``lora`` (LoRA students only): ``pytorch_lora_weights.safetensors`` for
-  ``StableDiffusion3Pipeline.load_lora_weights``, on top of the teacher the student started
-  from (the workdir's anchor by default), plus ``source_embed.npy``, trained in full.
+* ``diffusers`` (default): the backbone family's transformer folder that ``from_pretrained``
+  loads (``SD3Transformer2DModel`` or ``ZImageTransformer2DModel``; a LoRA student is merged
+  onto its anchor); for SD3 plus ``source_embed.npy``, the student's edit conditioning, which
+  diffusers' SD3 transformer has no place for (Z-Image edits natively).
+* ``lora`` (LoRA students only): ``pytorch_lora_weights.safetensors`` for the family's
+  pipeline's ``load_lora_weights``, on top of the teacher the student started from (the
+  workdir's anchor by default), plus, for SD3, ``source_embed.npy``, trained in full.
 
 An --out that exists and is not empty is refused unless --overwrite; the export is written
 beside it and renamed into place, so --out never holds a half-written or mixed export.

@@ -17,8 +17,9 @@
    then samples a T2I image with the pipeline and an edit with examples/torch_edit_sd3.py,
    and decodes the student's JAX samples, into ROOT/samples_torch/*.png.
 
-tests/test_real_path.py runs it. Its helpers (write_pipeline, write_dataset) make the tiny
-checkpoints for the other real-path tests too.
+tests/test_real_path.py runs it. Its helpers (write_pipeline, write_dataset, randomize,
+write_fine_tune, write_lora, max_err, end_to_end) make the tiny checkpoints for the other
+real-path tests and launch/zimage_tiny_e2e.py too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import string
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +70,7 @@ COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220),
           "yellow": (230, 210, 40)}
 
 
-def _randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
     """Every weight random (diffusers' zero-initialised output layers would make every
     velocity zero); norm weights around 1."""
     rng = np.random.default_rng(seed)
@@ -98,7 +100,7 @@ def _clip(hidden: int, layers: int, seed: int, vocab: int) -> CLIPTextModelWithP
                             num_hidden_layers=layers, num_attention_heads=2,
                             max_position_embeddings=CLIP_TOKENS, projection_dim=hidden,
                             bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return _randomize(CLIPTextModelWithProjection(config), seed)
+    return randomize(CLIPTextModelWithProjection(config), seed)
 
 
 def write_pipeline(root: Path) -> None:
@@ -113,35 +115,47 @@ def write_pipeline(root: Path) -> None:
                         down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2,
                         scaling_factor=1.5305, shift_factor=0.0609).eval()
-    transformer = _randomize(SD3Transformer2DModel(**TRANSFORMER), seed=1)
+    transformer = randomize(SD3Transformer2DModel(**TRANSFORMER), seed=1)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
         text_encoder=_clip(16, 1, 2, len(tokenizer)), tokenizer=tokenizer,
         text_encoder_2=_clip(24, 2, 3, len(tokenizer_2)), tokenizer_2=tokenizer_2,
-        text_encoder_3=_randomize(T5EncoderModel(t5), 4), tokenizer_3=tokenizer_3)
+        text_encoder_3=randomize(T5EncoderModel(t5), 4), tokenizer_3=tokenizer_3)
     pipe.save_pretrained(root / "pipeline")
 
-    tuned = copy.deepcopy(transformer)  # a "fine-tune": the base moved a little
     rng = np.random.default_rng(5)
-    with torch.no_grad():
-        for p in tuned.parameters():
-            p.add_(torch.from_numpy(0.05 * rng.standard_normal(tuple(p.shape)).astype(np.float32)))
-    tuned.save_pretrained(root / "edit_transformer")
+    write_fine_tune(transformer, root / "edit_transformer", 0.05, rng)
     inner = TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
     np.save(root / "edit_transformer" / "source_embed.npy",
             rng.standard_normal(inner).astype(np.float32))
+    write_lora(transformer, root / "edit_lora", StableDiffusion3Pipeline,
+               ["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"], 0.3, rng)
 
+
+def write_fine_tune(transformer: torch.nn.Module, path: Path, std: float,
+                    rng: np.random.Generator) -> None:
+    """A "fine-tune" of `transformer`: every weight moved by N(0, std), saved to `path`."""
+    tuned = copy.deepcopy(transformer)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.from_numpy(std * rng.standard_normal(tuple(p.shape)).astype(np.float32)))
+    tuned.save_pretrained(path)
+
+
+def write_lora(transformer: torch.nn.Module, path: Path, pipeline: type, targets: list[str],
+               std: float, rng: np.random.Generator) -> None:
+    """A PEFT LoRA (rank 2, alpha 4) of `transformer`'s `targets` with lora_B ~ N(0, std),
+    saved to `path` by `pipeline`'s save_lora_weights (the diffusers format)."""
     adapted = copy.deepcopy(transformer)
-    lora = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
-                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"])
+    lora = LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets)
     adapted.add_adapter(lora)
     with torch.no_grad():
         for name, p in adapted.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.from_numpy(0.3 * rng.standard_normal(tuple(p.shape))
+                p.copy_(torch.from_numpy(std * rng.standard_normal(tuple(p.shape))
                                          .astype(np.float32)))
-    StableDiffusion3Pipeline.save_lora_weights(
-        root / "edit_lora", transformer_lora_layers=get_peft_model_state_dict(adapted),
+    pipeline.save_lora_weights(
+        path, transformer_lora_layers=get_peft_model_state_dict(adapted),
         transformer_lora_adapter_metadata=lora.to_dict())
 
 
@@ -181,7 +195,7 @@ def _run(*args: str) -> None:
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def _max_err(a, b) -> float:
+def max_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
 
 
@@ -221,8 +235,8 @@ def check_and_sample(root: Path) -> dict[str, float]:
     embeds, _, pooled, _ = pipe.encode_prompt(edit.prompts([0, 1]), None, None,
                                               do_classifier_free_guidance=False,
                                               max_sequence_length=T5_TOKENS)
-    errors["prepared text vs encode_prompt"] = max(_max_err(batch["text"], embeds),
-                                                   _max_err(batch["pooled"], pooled))
+    errors["prepared text vs encode_prompt"] = max(max_err(batch["text"], embeds),
+                                                   max_err(batch["pooled"], pooled))
 
     student = load_student(root / "run")
     edit_model = _edit_model_module().load_edit_model(root / "export")
@@ -236,14 +250,14 @@ def check_and_sample(root: Path) -> dict[str, float]:
     theirs = edit_model(_nchw(z), torch.from_numpy(1000 * sigma), torch.from_numpy(batch["text"]),
                         torch.from_numpy(batch["pooled"]), source=_nchw(batch["source"]),
                         has_source=torch.from_numpy(batch["has_source"]))
-    errors["exported edit path vs JAX student"] = _max_err(
+    errors["exported edit path vs JAX student"] = max_err(
         theirs.numpy().transpose(0, 2, 3, 1), ours)
 
     full = SD3Transformer2DModel.from_pretrained(root / "export").eval()
     pipe.load_lora_weights(root / "export_lora")
     t, text, pool = torch.full((2,), 500.0), torch.from_numpy(batch["text"]), \
         torch.from_numpy(batch["pooled"])
-    errors["base + exported LoRA vs exported transformer"] = _max_err(
+    errors["base + exported LoRA vs exported transformer"] = max_err(
         pipe.transformer(_nchw(z), text, pool, t).sample, full(_nchw(z), text, pool, t).sample)
     pipe.unload_lora_weights()
 
@@ -274,9 +288,14 @@ def check_and_sample(root: Path) -> dict[str, float]:
     return errors
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", default="runs/sd3_tiny", help="Output folder (new).")
+def end_to_end(doc: str, name: str, write_checkpoints: Callable[[Path], None],
+               prepare_flags: list[str], check: Callable[[Path], dict[str, float]]) -> None:
+    """A tiny end-to-end script's command line (--root, a new folder; --prepare_only): steps
+    1-6 of its docstring `doc` with its `write_checkpoints` (ROOT/pipeline, ROOT/edit_transformer,
+    ROOT/edit_lora), write_dataset, prepare (`prepare_flags` added), the main job with
+    configs/`name`.py:ROOT, both exports and its `check` (max errors, each <= TOL)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--root", default=f"runs/{name}", help="Output folder (new).")
     parser.add_argument("--prepare_only", action="store_true",
                         help="Stop after step 3 (the checkpoints and the prepared conditions: "
                              "what `danceopd_jax.bench --preset=prepared` reads).")
@@ -284,20 +303,19 @@ def main() -> None:
     root = Path(args.root).absolute()
     if root.exists():
         raise SystemExit(f"{root} exists; pass a new --root (this script writes everything).")
-    write_pipeline(root)
+    write_checkpoints(root)
     table = write_dataset(root / "data")
-    config = f"configs/sd3_tiny.py:{root}"
+    config = f"configs/{name}.py:{root}"
     _run("-m", "danceopd_jax.prepare", f"--input={table}", f"--out={root / 'prepared'}",
          f"--text_encoders={root / 'pipeline'}", f"--vae={root / 'pipeline' / 'vae'}",
-         f"--resolution={SIZE}", f"--max_sequence_length={T5_TOKENS}", "--batch_size=4",
-         "--dtype=float32", f"--config={config}")
+         "--batch_size=4", "--dtype=float32", f"--config={config}", *prepare_flags)
     if args.prepare_only:
         return
     _run("-m", "danceopd_jax.main", f"--config={config}", f"--workdir={root / 'run'}")
     _run("-m", "danceopd_jax.export", f"--workdir={root / 'run'}", f"--out={root / 'export'}")
     _run("-m", "danceopd_jax.export", f"--workdir={root / 'run'}",
          f"--out={root / 'export_lora'}", "--format=lora")
-    errors = check_and_sample(root)
+    errors = check(root)
     for what, err in errors.items():
         print(f"max abs error, {what}: {err:.2e}")
     bad = {k: v for k, v in errors.items() if not v <= TOL}
@@ -307,4 +325,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    end_to_end(__doc__, "sd3_tiny", write_pipeline,
+               [f"--resolution={SIZE}", f"--max_sequence_length={T5_TOKENS}"], check_and_sample)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, load_module
 from helpers import randomize, with_params
 
 pytest.importorskip("diffusers")
@@ -123,29 +124,12 @@ def test_vae_converter_names_bad_keys_and_config() -> None:
 
 # --------------------------------------------------------------------------- Qwen3
 
-QWEN_VOCAB = 300
-# Qwen3's chat template reduced to what the Z-Image pipelines use: one user turn and the
-# generation prompt (with enable_thinking=True Qwen3 adds no empty <think> block).
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-    "enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
+_E2E = load_module(ROOT / "launch" / "zimage_tiny_e2e.py")  # its tiny Qwen tokenizer
+QWEN_VOCAB = _E2E.QWEN_VOCAB
 
 
 def _tokenizer(path: Path):
-    """A Qwen2 byte-level BPE tokenizer (Qwen3's class) over the 256 byte symbols and a few
-    merges, with Qwen's special tokens, pad = <|endoftext|> on the right."""
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer
-
-    vocab = {ch: i for i, ch in enumerate(ByteLevel.alphabet())}
-    merges = [("Ġ", "a"), ("e", "d"), ("Ġa", "ed")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL[1:]})
-    tok.chat_template = CHAT_TEMPLATE
+    tok = _E2E.qwen_tokenizer()
     tok.save_pretrained(path)
     return tok
 

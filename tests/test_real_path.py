@@ -1,11 +1,13 @@
 """The real-model path of the main job: prepared-world configs and their fail-fast validation
 (configs/sd35_t2i_edit.py's placeholders), teachers from diffusers checkpoints (full and LoRA)
 converted once into an Orbax cache, LoRA teachers sharing their base, precomputed conditions,
-and launch/sd3_tiny_e2e.py end to end (prepare -> main job -> export -> diffusers)."""
+and launch/sd3_tiny_e2e.py and launch/zimage_tiny_e2e.py end to end (prepare -> main job ->
+export -> diffusers)."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -222,6 +224,88 @@ def test_prepared_world_checks_data_and_architecture(tmp_path: Path) -> None:
         worlds.build(_world_config(wrong), tmp_path / "run")
 
 
+class _ZImageConditions:
+    """Z-Image-shaped prepared conditions (data/conditions.py ConditionEncoder) without Qwen3
+    and SigLIP: prompt pieces [8, cap_feat_dim] with a mask, SigLIP features [2, 2, 6]."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def text(self, prompts: list[str], with_source: bool) -> dict:
+        lengths = np.array([len(p) % 8 + 1 for p in prompts])
+        return {"text": np.full((len(prompts), 8, self.width), 0.5 + with_source, np.float32),
+                "text_mask": np.arange(8)[None] < lengths[:, None]}
+
+    def null(self) -> dict:
+        out = self.text([""], with_source=False)
+        for name in ("text_omni", "text_prefix", "text_suffix"):
+            piece = self.text([name], with_source=True)
+            out |= {name: piece["text"], f"{name}_mask": piece["text_mask"]}
+        return out
+
+    def source(self, images: np.ndarray) -> dict:
+        return {"siglip": np.ones((len(images), 2, 2, 6), np.float32)}
+
+
+def test_zimage_prepared_world(tmp_path: Path) -> None:
+    """The prepared world builds the family the anchor's config.json names: Z-Image teachers
+    (full and LoRA, scanned), its prepared rows as the omni cond, CFG on both kinds of rows; data
+    prepared for another family is refused naming it."""
+    from danceopd_jax.core.fields import cfg
+    from danceopd_jax.interop import diffusers_zimage
+    from danceopd_jax.models import zimage
+
+    config = zimage.tiny_zimage_config(siglip_feat_dim=6)
+    rng = np.random.default_rng(0)
+    anchor = jax.tree.map(lambda x: 0.1 * rng.standard_normal(x.shape).astype(np.float32),
+                          nnx.to_pure_dict(nnx.state(nnx.eval_shape(
+                              lambda: zimage.ZImage(config, rngs=nnx.Rngs(0))))))
+    diffusers_zimage.save_diffusers_transformer(config, anchor, tmp_path / "anchor")
+    tree = jax.tree.map(lambda x: np.full(x.shape, 0.1, np.float32),
+                        lora.init_lora(jax.random.key(0), anchor, 2, zimage.LORA_TARGETS))
+    save_diffusers_lora(tree, 3.0, tmp_path / "lora", names=diffusers_zimage.lora_names(config))
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "rows.jsonl").write_text(
+        '{"prompt": "a dog", "task": "t2i"}\n'
+        '{"prompt": "paint it", "task": "edit", "source_image": "img/a.png"}\n')
+    rows = read_rows(tmp_path / "rows.jsonl")
+
+    def vae(images):
+        return np.ones((len(images), 8, 8, 4), np.float32)
+
+    for family in ("zimage", "mmdit"):
+        write_prepared(tmp_path / family, rows, _ZImageConditions(config.cap_feat_dim), vae,
+                       (16, 16), provenance={"backbone": family})
+    c = _world_config(tmp_path, "lora", lora_base="anchor")
+    c.world.conditions = str(tmp_path / "zimage")
+    c.routes.edit.cfg_alpha = 2.0
+    c.training.lora_full = ""
+    world = worlds.build(c, tmp_path / "run")
+    assert world.backbone.name == "zimage" and world.models.lora_targets == zimage.LORA_TARGETS
+    teachers, null = world.prepare_teachers(make_mesh())
+    assert teachers["edit"]["base"] is teachers["anchor"]
+    assert teachers["edit"]["lora"]["layers"]["attention"]["to_q"]["kernel"]["a"].shape == (
+        2, 64, 2)  # scanned: a leading layers axis
+    assert set(null) == {"text", "text_mask", "text_omni", "text_omni_mask", "text_prefix",
+                         "text_prefix_mask", "text_suffix", "text_suffix_mask"}
+
+    parts = [world.train(b).rows(np.array([0]), with_source=True) for b in ("t2i", "edit")]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    assert batch["siglip"].shape == (2, 2, 2, 6) and not batch["siglip"][0].any()
+    cond = world.models.conditioner()({"text": null}, batch, jax.random.key(0))
+    assert cond["text_prefix"].shape == (2, 8, config.cap_feat_dim)
+    z, sigma = jnp.ones((2, 8, 8, 4)), jnp.array([0.2, 0.7])
+    guided = jax.jit(cfg(world.models.field(), 2.0))(teachers["edit"], z, sigma, cond)
+    assert guided.shape == z.shape and bool(jnp.isfinite(guided).all())
+
+    c.world.conditions = str(tmp_path / "mmdit")
+    with pytest.raises(ValueError, match=r"does not fit the anchor .*prepared for backbone "
+                                         r"family 'mmdit', the anchor is a 'zimage' transformer "
+                                         r"\(prepare --backbone=zimage\)"):
+        worlds.build(c, tmp_path / "run2")
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -260,3 +344,36 @@ def test_sd3_tiny_end_to_end(tmp_path: Path) -> None:
                             timeout=300)
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert Image.open(root / "cat.png").size == (2 * 32, 32)
+
+
+@pytest.mark.slow
+def test_zimage_tiny_end_to_end(tmp_path: Path) -> None:
+    """launch/zimage_tiny_e2e.py: a tiny random ZImageOmniPipeline (Qwen3, SigLIP2, VAE,
+    transformer), a full fine-tune and a PEFT LoRA -> prepare --backbone=zimage -> main job
+    (the same three teacher kinds; LoRA student on scanned layers) -> export (diffusers and
+    LoRA) -> from_pretrained parity in the omni edit layout, and ZImageOmniPipeline edits with
+    the exported student."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    root = tmp_path / "e2e"
+    out = subprocess.run([sys.executable, "launch/zimage_tiny_e2e.py", f"--root={root}"],
+                         cwd=ROOT, env={**ENV, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for what in ("prepared text pieces vs encode_prompt", "prepared SigLIP vs "
+                 "prepare_siglip_embeds", "exported transformer (omni edit) vs JAX student",
+                 "base + exported LoRA vs exported transformer"):
+        assert f"max abs error, {what}:" in out.stdout
+    for name in ("anchor", "edit_full", "edit_lora"):
+        assert f"teacher {name:<12} converted from" in out.stderr
+    manifest = json.loads((root / "prepared" / "conditions.json").read_text())
+    assert manifest["backbone"] == "zimage" and manifest["features"] == {
+        "text": [64, 32], "text_mask": [64]} and manifest["source_features"] == {
+        "siglip": [4, 4, 16]}
+    assert sorted(p.name for p in (root / "samples_torch").iterdir()) == [
+        "edit.png", "prompts.json", "t2i.png"]
+    assert Image.open(root / "samples_torch" / "edit.png").size == (2 * 64, 64)
+    assert sorted(p.name for p in (root / "run" / "samples").glob("*.png")) == [
+        "edit_step000002.png", "edit_step000004.png", "t2i_step000002.png",
+        "t2i_step000004.png"]
+    assert not (root / "export" / "source_embed.npy").exists()  # Z-Image edits natively

@@ -363,3 +363,84 @@ def test_bench_preset_builds_the_6b_shape_abstractly() -> None:
     tokens = 2 * 64 * 64 + 512 + 64  # source and target, caption pieces
     flops = forward_flops(m, work.shape())
     assert 0.9 < flops / (2 * params * tokens * work.batch) < 1.5  # ~2 FLOPs/param/token
+
+
+# --------------------------------------------------------------------------- prepared data
+
+
+def test_prepared_rows_and_cfg_read_each_templates_empty_prompt() -> None:
+    """zimage.precomputed: prepared rows -> the omni cond (the template's constant pieces
+    broadcast); CFG's unconditional branch (core.fields.drop_text) gives a T2I row the empty
+    prompt of the T2I template and an edit row that of the omni template."""
+    from danceopd_jax.core.fields import drop_text
+
+    model = _torch_model()
+    config = diffusers_zimage.config_from_diffusers(dict(model.config))
+    params = diffusers_zimage.convert_state_dict(model.state_dict(), config)
+    x = _inputs(config)
+    rng = np.random.default_rng(4)
+    length = x["text"].shape[1]
+    null = {name: x[name][:1] for name in zimage._TEMPLATE_PIECES}
+    for name, real in (("text", 4), ("text_omni", 9)):
+        null[name] = rng.standard_normal((1, length, config.cap_feat_dim), np.float32)
+        null[f"{name}_mask"] = np.arange(length)[None] < real
+    batch = {k: x[k] for k in ("text", "text_mask", "source", "siglip")}
+    batch["has_source"] = np.array([False, True])  # a T2I row and an edit row
+
+    cond, empty = zimage.precomputed(null, batch)
+    assert set(empty) == {"text", "text_mask", "text_omni", "text_omni_mask"}
+    np.testing.assert_array_equal(cond["text_suffix"][1], null["text_suffix"][0])
+    cond |= {k: batch[k] for k in ("source", "has_source")}
+    uncond = drop_text({**cond, "null": empty})
+    # What the pipelines feed their negative branch: row 0 the T2I template's empty prompt,
+    # row 1 the omni template's.
+    expected = {k: v for k, v in cond.items() if not k.startswith("text_omni")}
+    for key in ("text", "text_mask"):
+        expected[key] = np.concatenate([null[key], null[key.replace("text", "text_omni")]])
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: ZImage(config, rngs=nnx.Rngs(0))))
+    nnx.replace_by_pure_dict(state, params)
+    run = jax.jit(lambda c: nnx.merge(graphdef, state)(x["z"], x["sigma"], c))
+    np.testing.assert_allclose(run(uncond), run(expected), atol=1e-6)
+    assert _max_err(np.asarray(run(uncond)), np.asarray(run(cond))) > 1e-2  # CFG has a say
+
+    t2i, t2i_empty = zimage.precomputed(null, {"text": x["text"], "text_mask": x["text_mask"]})
+    assert set(t2i) == set(t2i_empty) == {"text", "text_mask"}
+
+
+def test_prepared_data_that_does_not_fit_is_named() -> None:
+    config = ZImageConfig(**TINY)  # 4 channels, patch 2, cap_feat_dim 12, siglip_feat_dim 6
+    fits = {"text": (20, 12), "text_mask": (20,), "siglip": (3, 2, 6)}
+    assert zimage.data_problems(config, (8, 6, 4), fits) == []
+    problems = zimage.data_problems(config, (9, 6, 16), {**fits, "text": (60, 24),
+                                                          "siglip": (3, 2, 5)})
+    assert problems == [
+        "latents have 16 channels, the transformer takes 4",
+        "latents are 9x6; the transformer needs multiples of patch size 2, at most 32x32 "
+        "(axes_lens=(160, 16, 16))",
+        "text features are 24 wide, the transformer's cap_feat_dim is 12",
+        "prompts of 60 tokens need caption positions beyond axes_lens[0]=160; prepare with a "
+        "smaller --max_sequence_length",
+        "SigLIP features are 5 wide, the transformer's siglip_feat_dim is 6"]
+    no_siglip = {k: v for k, v in fits.items() if k != "siglip"}
+    assert "prepare with a ZImageOmniPipeline folder" in zimage.data_problems(
+        config, (8, 6, 4), no_siglip)[0]
+    assert "Z-Image reads text and text_mask" in zimage.data_problems(
+        config, (8, 6, 4), {"text": (20, 12), "pooled": (10,)})[0]
+
+
+def test_prepare_refuses_a_pipeline_of_another_family(tmp_path: Path) -> None:
+    """prepare --backbone checks the pipeline folder's transformer before loading anything."""
+    from danceopd_jax.core.errors import ConfigError
+    from danceopd_jax.jobs.prepare import prepare
+
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a cat", "task": "t2i"}\n')
+    _torch_model().save_pretrained(tmp_path / "pipeline" / "transformer")
+    with pytest.raises(ConfigError, match=r"is a pipeline of backbone family 'zimage' \(its "
+                                          r"transformer/config.json\), but --backbone=mmdit; "
+                                          r"pass --backbone=zimage"):
+        prepare(tmp_path / "rows.jsonl", tmp_path / "out", tmp_path / "pipeline",
+                tmp_path / "pipeline" / "vae")
+    with pytest.raises(ConfigError, match=r"--backbone='dit': use one of \['mmdit', 'zimage'\]"):
+        prepare(tmp_path / "rows.jsonl", tmp_path / "out", tmp_path / "pipeline",
+                tmp_path / "pipeline" / "vae", backbone="dit")
+    assert not (tmp_path / "out").exists()

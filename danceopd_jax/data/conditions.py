@@ -1,5 +1,8 @@
-"""Prepared conditions: a prompt / edit table -> per-bucket datasets of precomputed SD3
-conditions and VAE latents, written and read as array_record through tensorflow-datasets.
+"""Prepared conditions: a prompt / edit table -> per-bucket datasets of precomputed text (and
+source-image) conditions and VAE latents, written and read as array_record through
+tensorflow-datasets. What the conditions are is the backbone family's (a ``ConditionEncoder``:
+SD3's text and pooled features, Z-Image's Qwen3 prompt pieces and SigLIP features,
+interop/backbones.py ``condition_encoder``); this module stores whatever it gives.
 
 The table (CSV with a header, or JSON lines) has one row per sample: ``prompt``, ``task`` (the
 route bucket it belongs to), and optionally ``source_image`` (edit rows) and ``target_image``
@@ -8,16 +11,21 @@ Every row of a bucket has a source image or none does, and likewise for targets.
 
 A prepared directory holds:
 
-* ``conditions.json``: the manifest (sizes, dtypes, where everything came from, and per bucket
-  its row count and whether it has sources / targets). Written last: it marks a complete run.
-* ``null_condition.npz``: the empty prompt's ``text`` [1, L, D] and ``pooled`` [1, P], the
-  unconditional branch of CFG (a frozen input of the step, never a dataset row).
+* ``conditions.json``: the manifest (sizes, dtypes, the per-row ``features`` and
+  ``source_features`` with their shapes, where everything came from, and per bucket its row
+  count and whether it has sources / targets). Written last: it marks a complete run.
+* ``null_condition.npz``: the empty prompt's entries [1, ...], the unconditional branch of CFG
+  (a frozen input of the step, never a dataset row); SD3: ``text`` [1, L, D] and ``pooled``
+  [1, P].
 * ``conditions/<bucket>/1.0.0/``: one tfds dataset (split "train", array_record, row order
-  kept) per bucket. Features: ``prompt`` (text), ``line`` (the row's line in the table),
-  ``text`` [L, D] and ``pooled`` [P] (diffusers' ``prompt_embeds`` / ``pooled_prompt_embeds``),
-  and ``source`` / ``target`` [h, w, C] (channels-last latents, ``(mean - shift_factor) *
-  scaling_factor`` as SD3 does) when the bucket has them. Stored in ``dtype`` (float16 by
-  default: SD3's text encoders and VAE run in half precision anyway); read back as float32.
+  kept) per bucket. Features: ``prompt`` (text), ``line`` (the row's line in the table), the
+  per-row ``features`` (SD3: ``text`` [L, D] and ``pooled`` [P], diffusers' ``prompt_embeds`` /
+  ``pooled_prompt_embeds``; Z-Image: ``text`` [L, D] and ``text_mask`` [L]), the
+  ``source_features`` on rows with a source image (Z-Image omni: ``siglip`` [h, w, C]), and
+  ``source`` / ``target`` [h, w, C] (channels-last latents, ``(mean - shift_factor) *
+  scaling_factor`` as the pipelines do) when the bucket has them. Float arrays are stored in
+  ``dtype`` (float16 by default: the pipelines' encoders and VAEs run in half precision
+  anyway) and read back as float32; masks stay bool.
 
 The encoders are passed in (``write_prepared``) or loaded lazily by ``prepare``: reading a
 prepared directory (``PreparedData``) imports neither torch nor TensorFlow.
@@ -29,9 +37,10 @@ import csv
 import json
 import re
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -43,7 +52,7 @@ from danceopd_jax.core.routing import Route, validate_routes
 MANIFEST = "conditions.json"
 NULL_CONDITION = "null_condition.npz"
 DATASETS = "conditions"  # the tfds builder name: <out>/conditions/<bucket>/<version>/
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the per-row features are the backbone family's (manifest "features")
 COLUMNS = ("prompt", "task", "source_image", "target_image")
 IMAGE_COLUMNS = ("source_image", "target_image")
 STORE_DTYPES = ("float16", "float32")
@@ -52,6 +61,43 @@ _BUCKET_NAME = re.compile(r"^[A-Za-z0-9_]+$")  # a tfds config name
 # prompts -> (text [n, L, D], pooled [n, P]); uint8 images [n, H, W, 3] -> latents [n, h, w, C]
 TextEncoder = Callable[[list[str]], tuple[np.ndarray, np.ndarray]]
 ImageEncoder = Callable[[np.ndarray], np.ndarray]
+Arrays = dict[str, np.ndarray]
+
+
+@runtime_checkable
+class ConditionEncoder(Protocol):
+    """A backbone family's conditions of a row besides its latents (interop/backbones.py
+    ``condition_encoder``)."""
+
+    def text(self, prompts: list[str], with_source: bool) -> Arrays:
+        """Per-row arrays [n, ...] of prompts on rows with (or without) a source image."""
+
+    def null(self) -> Arrays:
+        """The empty prompt's entries [1, ...] (CFG's unconditional branch)."""
+
+    def source(self, images: np.ndarray) -> Arrays:
+        """Per-row arrays [n, ...] of uint8 source images [n, H, W, 3] besides their latents
+        ({} for a family that reads only latents)."""
+
+
+class TextOnly:
+    """A plain text encoder (prompts -> (text, pooled), SD3's) as a ConditionEncoder: the same
+    features whether a row has a source image or not, and none of its source image."""
+
+    def __init__(self, encode: TextEncoder):
+        self.encode = encode
+
+    def text(self, prompts: list[str], with_source: bool) -> Arrays:
+        del with_source
+        text, pooled = self.encode(prompts)
+        return {"text": text, "pooled": pooled}
+
+    def null(self) -> Arrays:
+        return self.text([""], with_source=False)
+
+    def source(self, images: np.ndarray) -> Arrays:
+        del images
+        return {}
 
 
 class DataError(errors.DataError):
@@ -261,12 +307,29 @@ class _BucketBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         raise NotImplementedError
 
 
-def write_prepared(out: str | Path, rows: Sequence[Row], encode_text: TextEncoder,
+def _feature(shape: Sequence[int], dtype: np.dtype, store: np.dtype) -> tfds.features.Tensor:
+    """A stored array: masks as bool, every float array in the storage dtype."""
+    kind = np.bool_ if dtype == np.bool_ else store
+    return tfds.features.Tensor(shape=tuple(shape), dtype=kind)
+
+
+def _stored(x: np.ndarray, store: np.dtype) -> np.ndarray:
+    return x if x.dtype == np.bool_ else x.astype(store)
+
+
+def as_condition_encoder(encode: TextEncoder | ConditionEncoder) -> ConditionEncoder:
+    """A ConditionEncoder as it is, a plain TextEncoder (SD3's) as TextOnly."""
+    return encode if isinstance(encode, ConditionEncoder) else TextOnly(encode)
+
+
+def write_prepared(out: str | Path, rows: Sequence[Row],
+                   encode_conditions: TextEncoder | ConditionEncoder,
                    encode_images: ImageEncoder, resolution: tuple[int, int],
                    batch_size: int = 16, dtype: str = "float16",
                    provenance: dict | None = None) -> Path:
     """Encode `rows` (from read_rows) bucket by bucket and write the prepared directory `out`
-    (layout in the module docstring). Returns the manifest's path."""
+    (layout in the module docstring) with `encode_conditions` (as_condition_encoder). Returns
+    the manifest's path."""
     out = Path(out).absolute()
     if (out / MANIFEST).exists():
         raise DataError(f"{out} already holds prepared conditions ({MANIFEST}); pass a new --out "
@@ -275,31 +338,37 @@ def write_prepared(out: str | Path, rows: Sequence[Row], encode_text: TextEncode
         raise DataError(f"dtype {dtype!r}: use one of {STORE_DTYPES}.")
     if batch_size < 1:
         raise DataError(f"batch_size={batch_size} must be >= 1.")
+    conditions = as_condition_encoder(encode_conditions)
     store = np.dtype(dtype)
-    null_text, null_pooled = encode_text([""])
-    probe = encode_images(np.zeros((1, *resolution, 3), np.uint8))
-    text_shape, pooled_dim = null_text.shape[1:], null_pooled.shape[1]
-    latent_shape = probe.shape[1:]
+    null = conditions.null()
+    blank = np.zeros((1, *resolution, 3), np.uint8)
+    per_row = {k: v[0] for k, v in conditions.text([""], with_source=False).items()}
+    per_source = {k: v[0] for k, v in conditions.source(blank).items()}
+    latent_shape = encode_images(blank).shape[1:]
     buckets = bucket_summary(rows)
     for bucket, info in buckets.items():
         features = {
             "prompt": tfds.features.Text(), "line": tfds.features.Scalar(np.int64),
-            "text": tfds.features.Tensor(shape=text_shape, dtype=store),
-            "pooled": tfds.features.Tensor(shape=(pooled_dim,), dtype=store),
+            **{k: _feature(v.shape, v.dtype, store) for k, v in per_row.items()},
+            **{k: _feature(v.shape, v.dtype, store)
+               for k, v in per_source.items() if info["has_source"]},
             **{name: tfds.features.Tensor(shape=latent_shape, dtype=store)
                for name in ("source", "target") if info[f"has_{name}"]}}
         mine = [r for r in rows if r.task == bucket]
 
-        def examples(mine=mine) -> Iterator[tuple[int, dict]]:
+        def examples(mine=mine, with_source=info["has_source"]) -> Iterator[tuple[int, dict]]:
             for start in range(0, len(mine), batch_size):
                 batch = mine[start:start + batch_size]
-                text, pooled = encode_text([r.prompt for r in batch])
-                latents = {name: encode_images(_row_images(batch, f"{name}_image", resolution))
-                           for name in ("source", "target") if getattr(batch[0], f"{name}_image")}
+                arrays = conditions.text([r.prompt for r in batch], with_source)
+                for name in ("source", "target"):
+                    if getattr(batch[0], f"{name}_image"):
+                        images = _row_images(batch, f"{name}_image", resolution)
+                        arrays[name] = encode_images(images)
+                        if name == "source":
+                            arrays |= conditions.source(images)
                 for i, r in enumerate(batch):
                     yield r.line, {"prompt": r.prompt, "line": r.line,
-                                   "text": text[i].astype(store), "pooled": pooled[i].astype(store),
-                                   **{k: v[i].astype(store) for k, v in latents.items()}}
+                                   **{k: _stored(v[i], store) for k, v in arrays.items()}}
 
         builder = _BucketBuilder(features=tfds.features.FeaturesDict(features), examples=examples,
                                  data_dir=out, config=tfds.core.BuilderConfig(name=bucket),
@@ -307,13 +376,14 @@ def write_prepared(out: str | Path, rows: Sequence[Row], encode_text: TextEncode
         builder.download_and_prepare(download_dir=out / "_downloads",
                                      file_format="array_record")
     shutil.rmtree(out / "_downloads", ignore_errors=True)  # tfds makes it; nothing is fetched
-    np.savez(out / NULL_CONDITION, text=null_text.astype(np.float32),
-             pooled=null_pooled.astype(np.float32))
+    np.savez(out / NULL_CONDITION, **{k: v if v.dtype == np.bool_ else v.astype(np.float32)
+                                      for k, v in null.items()})
     manifest = {
         "format": FORMAT_VERSION, "resolution": list(resolution),
-        "latent_shape": list(latent_shape), "text_shape": list(text_shape),
-        "pooled_dim": int(pooled_dim), "dtype": dtype, "buckets": buckets,
-        **(provenance or {})}
+        "latent_shape": list(latent_shape), "dtype": dtype,
+        "features": {k: list(v.shape) for k, v in per_row.items()},
+        "source_features": {k: list(v.shape) for k, v in per_source.items()},
+        "buckets": buckets, **(provenance or {})}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return out / MANIFEST
 
@@ -325,15 +395,18 @@ class PreparedBucket:
     """One bucket of a prepared directory, read row by row (random access through tfds'
     data source): what data.batches.RouteBatcher draws training rows from."""
 
-    def __init__(self, directory: Path, name: str, info: dict, latent_shape: Sequence[int]):
-        self.name, self.info, self.latent_shape = name, info, tuple(latent_shape)
+    def __init__(self, directory: Path, name: str, manifest: Mapping):
+        self.name, self.info = name, manifest["buckets"][name]
+        self.latent_shape = tuple(manifest["latent_shape"])
+        self.features = tuple(manifest["features"])
+        self.source_features = {k: tuple(v) for k, v in manifest["source_features"].items()}
         builder = tfds.builder_from_directory(directory / DATASETS / name /
                                               str(_BucketBuilder.VERSION))
         self.source = builder.as_data_source(split="train")
-        if len(self.source) != info["rows"]:
+        if len(self.source) != self.info["rows"]:
             raise DataError(f"bucket {name!r} in {directory} has {len(self.source)} rows but its "
-                            f"manifest says {info['rows']}; prepare it again.")
-        self.has_sources = bool(info["has_source"])
+                            f"manifest says {self.info['rows']}; prepare it again.")
+        self.has_sources = bool(self.info["has_source"])
 
     def __len__(self) -> int:
         return len(self.source)
@@ -342,20 +415,26 @@ class PreparedBucket:
         return self.source.__getitems__([int(r) for r in rows])
 
     def rows(self, rows: np.ndarray, with_source: bool) -> dict[str, np.ndarray]:
-        """The model's arrays for `rows`: ``text``, ``pooled`` and ``target`` float32 (zeros
-        when the bucket has no target images: the on-policy methods use only its shape), plus
-        ``source`` and ``has_source`` when `with_source` (zeros / False for rows without)."""
+        """The model's arrays for `rows`: the per-row features (float32, masks bool) and
+        ``target`` (zeros when the bucket has no target images: the on-policy methods use only
+        its shape), plus ``source``, the source features and ``has_source`` when
+        `with_source` (zeros / False for rows without)."""
         examples = self.read(rows)
         n = len(examples)
-        out = {k: np.stack([e[k] for e in examples]).astype(np.float32)
-               for k in ("text", "pooled")}
-        out["target"] = (np.stack([e["target"] for e in examples]).astype(np.float32)
-                         if self.info["has_target"]
-                         else np.zeros((n, *self.latent_shape), np.float32))
+
+        def stack(key: str, shape: Sequence[int] | None = None) -> np.ndarray:
+            if shape is not None:  # the bucket does not have it
+                return np.zeros((n, *shape), np.float32)
+            x = np.stack([e[key] for e in examples])
+            return x if x.dtype == np.bool_ else x.astype(np.float32)
+
+        out = {k: stack(k) for k in self.features}
+        out["target"] = stack("target", None if self.info["has_target"] else self.latent_shape)
         if with_source:
-            out["source"] = (np.stack([e["source"] for e in examples]).astype(np.float32)
-                             if self.has_sources
-                             else np.zeros((n, *self.latent_shape), np.float32))
+            absent = not self.has_sources
+            out["source"] = stack("source", self.latent_shape if absent else None)
+            out |= {k: stack(k, shape if absent else None)
+                    for k, shape in self.source_features.items()}
             out["has_source"] = np.full((n,), self.has_sources)
         return out
 
@@ -385,9 +464,10 @@ class PreparedData:
             raise DataError(f"bucket {name!r} is not in {self.directory} (it has "
                             f"{sorted(self.buckets)}); add rows with task {name!r} to the table "
                             "and prepare again, or fix the route's bucket.")
-        return PreparedBucket(self.directory, name, self.buckets[name], self.latent_shape)
+        return PreparedBucket(self.directory, name, self.manifest)
 
     def null_condition(self) -> dict[str, np.ndarray]:
-        """The empty prompt's ``text`` [1, L, D] and ``pooled`` [1, P] (float32)."""
+        """The empty prompt's entries [1, ...] (SD3: ``text`` [1, L, D] and ``pooled``
+        [1, P]; float32, masks bool)."""
         with np.load(self.directory / NULL_CONDITION) as f:
-            return {"text": f["text"], "pooled": f["pooled"]}
+            return {k: f[k] for k in f.files}

@@ -128,7 +128,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, events: Events | None
     init = student_init(config, routes, teachers)
     if tc.lora_rank > 0:  # the LoRA's frozen base; a teacher's own arrays are placed once
         frozen["init"], frozen_axes["init"] = init, models.params_axes(init)
-    trainable = initial_trainable(config, init)
+    trainable = initial_trainable(config, init, models.lora_targets)
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints", tc.max_to_keep)

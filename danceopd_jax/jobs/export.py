@@ -1,12 +1,12 @@
 """The export command: a workdir's trained student (its latest checkpoint) for diffusers and
 PyTorch. The formats:
 
-* ``export_diffusers``: the student's (merged) backbone as a diffusers
-  ``SD3Transformer2DModel`` folder, plus ``source_embed.npy``, the edit conditioning diffusers
+* ``export_diffusers``: the student's (merged) backbone as its family's diffusers transformer
+  folder, plus ``source_embed.npy`` where the family has one, the edit conditioning diffusers
   has no place for (``examples/torch_edit_sd3.py`` runs edits with both).
-* ``export_lora``: a LoRA student's factors as a diffusers LoRA file, to load on top of the
-  teacher it started from (training.init: the anchor by default), plus ``source_embed.npy``,
-  the source embedding it trained in full.
+* ``export_lora``: a LoRA student's factors as a diffusers LoRA file in its family's names, to
+  load on top of the teacher it started from (training.init: the anchor by default), plus
+  ``source_embed.npy`` when it trained one in full.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from danceopd_jax.config import init_teacher
 from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.interop._common import flatten
-from danceopd_jax.interop.backbones import transformer_io
+from danceopd_jax.interop.backbones import lora_names, transformer_io
 from danceopd_jax.interop.diffusers_sd3 import SOURCE_EMBED_FILE
 from danceopd_jax.interop.peft_lora import save_diffusers_lora
 from danceopd_jax.jobs.workdir import Student, load_student
@@ -98,9 +98,10 @@ def export_lora(student: Student, out: str | Path) -> Path:
         raise ValueError(f"this LoRA student also trained {other} in full (training.lora_full), "
                          "which a diffusers LoRA file cannot carry; use --format=diffusers to "
                          "export the whole transformer.")
-    _, tree = backbone_of(student.backbone_config).unscanned(student.backbone_config,
-                                                             student.lora)
-    path = save_diffusers_lora(tree, student.lora_alpha, out)
+    backbone = backbone_of(student.backbone_config)
+    config, tree = backbone.unscanned(student.backbone_config, student.lora)
+    path = save_diffusers_lora(tree, student.lora_alpha, out,
+                               names=lora_names(backbone.name, config))
     if ("source_embed",) in full:
         np.save(path.parent / SOURCE_EMBED_FILE, np.asarray(full[("source_embed",)], np.float32))
     return path

@@ -4,10 +4,11 @@ RGB image of the world's size; --resize converts another size or a grayscale / p
 without, it is a T2I prompt. The prompt must use the world's words; an empty one needs
 --unconditional.
 
-On a real-model workdir (prepared data) the prompt is encoded by our Flax SD3 text encoders and
-the samples decoded by our Flax VAE decoder, both converted from the folders the data was
-prepared with (conditions.json: ``text_encoders``, ``vae``): no PyTorch. Only --source needs it,
-to encode the source image with diffusers' VAE as the prepare command does.
+On a real-model workdir (prepared data) the prompt (and a source image's features beside its
+latents) is encoded as the prepare command does, by our Flax encoders of the backbone family's
+pipeline, and the samples decoded by our Flax VAE decoder, both converted from the folders the
+data was prepared with (conditions.json: ``text_encoders``, ``vae``): no PyTorch. Only --source
+needs it, to encode the source image with diffusers' VAE as the prepare command does.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def sample(workdir: str | Path, prompt: str, out: str | Path = "sample.png",
 def _sample_prepared(student: Student, prompt: str, out: str | Path, source: str | None,
                      seed: int, num: int) -> str:
     # Imported here: transformers' tokenizers are needed for real models only.
-    from danceopd_jax.interop.transformers_text import SD3PromptEncoder
+    from danceopd_jax.data.conditions import as_condition_encoder
+    from danceopd_jax.interop.backbones import condition_encoder
 
     world = student.world
     manifest = world.data.manifest
@@ -82,15 +84,18 @@ def _sample_prepared(student: Student, prompt: str, out: str | Path, source: str
     if decode is None:
         raise DataError(f"the VAE folder {manifest['vae']} (conditions.json's \"vae\") is "
                              "not here; sampling decodes with it. Restore it at that path.")
-    text, pooled = SD3PromptEncoder(manifest["text_encoders"], manifest["max_sequence_length"],
-                                    batch_size=num)([prompt] * num)
+    conditions = as_condition_encoder(condition_encoder(
+        world.backbone.name, manifest["text_encoders"], manifest["max_sequence_length"],
+        batch_size=num))
     shape = (num, *world.data.latent_shape)
-    batch = {"text": text, "pooled": pooled, "target": np.zeros(shape, np.float32)}
+    batch = {**conditions.text([prompt] * num, with_source=bool(source)),
+             "target": np.zeros(shape, np.float32)}
     if source:
         from danceopd_jax.interop.diffusers_vae import VAEEncoder  # PyTorch, as in prepare
 
-        image = load_image(Path(source), tuple(manifest["resolution"]))
-        batch["source"] = np.broadcast_to(VAEEncoder(manifest["vae"])(image[None]), shape)
+        image = load_image(Path(source), tuple(manifest["resolution"]))[None]
+        features = {"source": VAEEncoder(manifest["vae"])(image), **conditions.source(image)}
+        batch |= {k: np.broadcast_to(v, (num, *v.shape[1:])) for k, v in features.items()}
         batch["has_source"] = np.ones((num,), bool)
     generate = latent_generator(student.config, student.models)
     latents = generate(student.params, student.text, batch, jax.random.key(seed))

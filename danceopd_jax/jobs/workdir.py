@@ -64,7 +64,8 @@ def load_student(workdir: str | Path) -> Student:
         teachers, text = world.load_teachers([])
         init = teachers["anchor"]
     optimizer = student_optimizer(tc)
-    like = TrainState.create(initial_trainable(config, init), optimizer, tc.seed)
+    like = TrainState.create(initial_trainable(config, init, world.models.lora_targets),
+                             optimizer, tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     state, _ = checkpoints.restore(like)
     checkpoints.close()

@@ -8,6 +8,7 @@ from danceopd_jax.models import mmdit, zimage
 from danceopd_jax.models.contract import Backbone
 
 BACKBONES: dict[str, Backbone] = {b.name: b for b in (mmdit.BACKBONE, zimage.BACKBONE)}
+DEFAULT_FAMILY = mmdit.BACKBONE.name  # what a command assumes when it is not told the family
 
 
 def backbone_of(config: Any) -> Backbone:

@@ -254,8 +254,25 @@ def _linear(
         use_bias=use_bias,
         dtype=jnp.dtype(dtype),
         kernel_init=nnx.with_partitioning(init, axes, eager_sharding=False),
+        dot_general=matmul_2d,
         rngs=rngs,
     )
+
+
+def matmul_2d(lhs: jax.Array, rhs: jax.Array, dimension_numbers, precision=None,
+              preferred_element_type=None, out_sharding=None) -> jax.Array:
+    """nnx.Linear's product ``lhs [..., K] @ rhs [K, N]`` as one 2-D matmul over the flattened
+    leading axes. The same sums; but differentiated, the kernel's gradient is then a plain
+    ``x^T @ dy``, where the batched form made XLA:CPU write a transposed copy of every
+    activation gradient first (a third of the student's forward+backward on 2 CPU cores;
+    docs/performance.md, "CPU round 3")."""
+    ((contract, _), batch) = dimension_numbers
+    if contract != (lhs.ndim - 1,) or batch != ((), ()) or rhs.ndim != 2 or out_sharding:
+        raise ValueError(f"matmul_2d takes nnx.Linear's product only, not {dimension_numbers} "
+                         f"(out_sharding {out_sharding})")
+    y = jax.lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+    return y.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 def _layer_norm(x: jax.Array) -> jax.Array:
@@ -729,9 +746,48 @@ def unscanned(config: MMDiTConfig, params: dict) -> tuple[MMDiTConfig, dict]:
     return replace(config, scan_layers=False), unstack_blocks(params, config)
 
 
+_PREPARED = ("text", "pooled")  # per-row features of SD3's prepared data
+
+
+def stacked(config: MMDiTConfig, params: dict, stack: Callable[[list[dict]], dict]) -> dict:
+    """Per-block params (or a LoRA tree) in the layout ``config`` asks for."""
+    return stack_blocks(params, config, stack=stack) if config.scan_layers else params
+
+
+def precomputed(null: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+                ) -> tuple[dict, dict]:
+    """SD3's prepared conditions (``text``, ``pooled``) as the module reads them: every token
+    is real (SD3 masks none)."""
+    def text(entries: Mapping[str, jax.Array]) -> dict:
+        return {"text": entries["text"], "pooled": entries["pooled"],
+                "text_mask": jnp.ones(entries["text"].shape[:2], bool)}
+    return text(batch), text(null)
+
+
+def data_problems(config: MMDiTConfig, latent: tuple[int, ...],
+                  features: Mapping[str, tuple[int, ...]]) -> list[str]:
+    h, w, c = latent
+    limit = config.pos_embed_max_size * config.patch_size
+    problems = []
+    if c != config.in_channels:
+        problems.append(f"latents have {c} channels, the transformer takes {config.in_channels}")
+    if h % config.patch_size or w % config.patch_size or max(h, w) > limit:
+        problems.append(f"latents are {h}x{w}; the transformer needs multiples of "
+                        f"patch_size={config.patch_size}, at most {limit}")
+    if set(features) != set(_PREPARED):
+        return [*problems, f"the rows carry {sorted(features)}, SD3 reads {list(_PREPARED)}"]
+    if features["text"][1] != config.joint_attention_dim:
+        problems.append(f"text features are {features['text'][1]} wide, the transformer's "
+                        f"joint_attention_dim is {config.joint_attention_dim}")
+    if features["pooled"][0] != config.pooled_projection_dim:
+        problems.append(f"pooled text is {features['pooled'][0]} wide, the transformer's "
+                        f"pooled_projection_dim is {config.pooled_projection_dim}")
+    return problems
+
 BACKBONE = Backbone(
     "mmdit", MMDiTConfig, MMDiT, forward_flops, example_cond, unscanned, DEFAULT_TARGETS,
     lambda: tiny_config(image_size=16, patch_size=2, channels=4, text_dim=24, pooled_dim=16,
                         width=64, depth=2, heads=2),
+    stacked, precomputed, data_problems,
     references={"SD3.5-Medium": (sd35_medium_config, 333),  # 77 CLIP + 256 T5 tokens
                 "MMDiT-6B": (mmdit_6b_config, 333)})

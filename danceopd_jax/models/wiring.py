@@ -5,8 +5,9 @@ from Flax NNX modules: a module is split once into a static graph and a params p
 nested dicts, which optax and Orbax handle directly), and merged back inside the jitted step.
 
 Two kinds of text conditioning: the shapes world runs its text encoder inside the step on
-token ids ("text" params = the encoder's); prepared data carries SD3's precomputed conditions
-in every batch ("text" params = the empty prompt's conditions, for CFG; Models.text is None).
+token ids ("text" params = the encoder's); prepared data carries precomputed conditions in
+every batch ("text" params = the empty prompt's conditions, for CFG; Models.text is None, and
+the backbone family's ``precomputed`` turns both into the keys its module reads).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class Models:
     """Static halves of the backbone and the text encoder, their parameters' logical axis
     names (train/mesh.py places parameters by them), plus the empty prompt's tokens.
 
-    text / null_ids / null_mask are None for precomputed conditions (prepared data)."""
+    text / null_ids / null_mask are None for precomputed conditions (prepared data), which
+    ``precomputed`` (the backbone family's, models/contract.py) turns into the module's cond."""
 
     backbone: nnx.GraphDef
     text: nnx.GraphDef | None
@@ -41,6 +43,8 @@ class Models:
     text_axes: Params
     null_ids: np.ndarray | None = None  # [1, L] int32: the empty prompt (CFG's unconditional)
     null_mask: np.ndarray | None = None  # [1, L] bool
+    precomputed: Callable[[Params, dict], tuple[dict, dict]] | None = None
+    lora_targets: str = lora.DEFAULT_TARGETS  # the backbone family's (models/contract.py)
 
     def trainable_axes(self, trainable: Params) -> Params:
         """Logical axes of a trainable tree: {"backbone"[, "text"]} or {"lora", "full"}."""
@@ -88,15 +92,10 @@ class Models:
         return condition
 
     def _text(self, text_params: Params, batch: dict) -> tuple[dict, dict]:
-        """The batch's text conditions and the empty prompt's ([1, ...]), each as
-        {"text", "text_mask", "pooled"}."""
+        """The batch's text conditions and the empty prompt's ([1, ...]): {"text",
+        "text_mask", "pooled"}, or the keys the backbone's ``precomputed`` gives."""
         if self.text is None:  # precomputed: the batch has them, text_params is the null
-            def full(tokens: jax.Array) -> jax.Array:
-                return jnp.ones(tokens.shape[:2], bool)  # SD3 masks no text token
-            return ({"text": batch["text"], "text_mask": full(batch["text"]),
-                     "pooled": batch["pooled"]},
-                    {"text": text_params["text"], "text_mask": full(text_params["text"]),
-                     "pooled": text_params["pooled"]})
+            return self.precomputed(text_params, batch)
         tokens, pooled = self.encode_text(text_params, batch["input_ids"],
                                           batch["attention_mask"])
         null_tokens, null_pooled = self.encode_text(text_params, self.null_ids, self.null_mask)

@@ -431,7 +431,10 @@ class ZImage(nnx.Module):
         bool: the omni input of ``ZImageOmniPipeline`` with one condition image. Its caption is
         three separately encoded pieces: ``"text_prefix"`` / ``"text_prefix_mask"`` (the
         template before the image), ``"text"`` (the prompt piece) and ``"text_suffix"`` /
-        ``"text_suffix_mask"`` (the template's end). ``"siglip"`` [B, Hg, Wg, siglip_feat_dim]
+        ``"text_suffix_mask"`` (the template's end); optional ``"text_omni"`` /
+        ``"text_omni_mask"``, the prompt piece that rows with a source read instead of
+        ``"text"`` (prepared data: CFG's empty prompt differs between the pipelines' two
+        templates). ``"siglip"`` [B, Hg, Wg, siglip_feat_dim]
         (SigLIP features of the source) is used when the config has ``siglip_feat_dim``. A row
         whose ``has_source`` is False is the omni pipeline without condition images: its
         ``"text"`` holds that prompt, and its source, prefix, suffix and SigLIP are ignored.
@@ -469,6 +472,17 @@ class ZImage(nnx.Module):
             self.layers = nnx.List([layer(i, rngs) for i in range(config.n_layers)])
 
     # ---- inputs -> parts
+
+    @staticmethod
+    def _prompt_piece(cond: Mapping[str, jax.Array], has_source: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+        """The omni caption's prompt piece: ``text``, or ``text_omni`` on rows with a source
+        when cond has it (the two templates encode the empty prompt of CFG differently)."""
+        if "text_omni" not in cond:
+            return cond["text"], cond["text_mask"]
+        pick = has_source.astype(bool)[:, None]
+        return (jnp.where(pick[..., None], cond["text_omni"], cond["text"]),
+                jnp.where(pick, cond["text_omni_mask"], cond["text_mask"]))
 
     def _caption(self, feats: jax.Array, mask: jax.Array,
                  present: jax.Array | None = None) -> tuple[_Part, jax.Array]:
@@ -597,6 +611,11 @@ class ZImage(nnx.Module):
             if t.ndim != 3 or t.shape[-1] != cfg.cap_feat_dim or m.shape != t.shape[:2]:
                 raise ValueError(f"cond['{name}'] {t.shape} / cond['{name}_mask'] {m.shape}: "
                                  f"expected [B, L, {cfg.cap_feat_dim}] and [B, L].")
+        if "text_omni" in cond and (cond["text_omni"].shape != cond["text"].shape
+                                    or cond["text_omni_mask"].shape != cond["text_mask"].shape):
+            raise ValueError(f"cond['text_omni'] {cond['text_omni'].shape} / "
+                             f"cond['text_omni_mask'] {cond['text_omni_mask'].shape} must have "
+                             f"the shapes of cond['text'] {cond['text'].shape} and its mask.")
         span = sum(_ceil(cond[name].shape[1]) + 2 for name in texts) + 1
         if span >= cfg.axes_lens[0]:
             raise ValueError(f"captions of {[cond[n].shape[1] for n in texts]} tokens need "
@@ -617,7 +636,7 @@ class ZImage(nnx.Module):
             prefix, n0 = self._caption(cond["text_prefix"], cond["text_prefix_mask"],
                                        has_source)
             prefix.clean = True
-            prompt, n1 = self._caption(cond["text"], cond["text_mask"])
+            prompt, n1 = self._caption(*self._prompt_piece(cond, has_source))
             suffix, n2 = self._caption(cond["text_suffix"], cond["text_suffix_mask"],
                                        has_source)
             start = jnp.where(has_source, n0 + 3, 1)
@@ -695,6 +714,63 @@ def unscanned(config: ZImageConfig, params: dict) -> tuple[ZImageConfig, dict]:
     return dataclasses.replace(config, scan_layers=False), unstack_layers(params, config)
 
 
+def stacked(config: ZImageConfig, params: dict, stack: Callable[[list[dict]], dict]) -> dict:
+    """Per-layer params (or a LoRA tree) in the layout ``config`` asks for."""
+    return stack_layers(params, stack=stack) if config.scan_layers else params
+
+
+# Prepared data (worlds/prepared.py, interop/zimage_conditions.py): every row has the prompt
+# piece "text" / "text_mask" (the T2I template, or the omni template's prompt piece on a row with
+# a source image) and rows with a source their "siglip" features; the empty-prompt entries hold
+# both templates' empty prompts ("text", "text_omni") and the omni template's constant pieces.
+_TEMPLATE_PIECES = ("text_prefix", "text_prefix_mask", "text_suffix", "text_suffix_mask")
+
+
+def precomputed(null: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]
+                ) -> tuple[dict, dict]:
+    """Prepared rows -> the module's cond (the omni layout when the batch has sources) and the
+    empty prompt's entries, which CFG swaps in: per row the empty prompt of its template."""
+    cond = {"text": batch["text"], "text_mask": batch["text_mask"]}
+    empty = {"text": null["text"], "text_mask": null["text_mask"]}
+    if "source" not in batch:
+        return cond, empty
+    n = batch["text"].shape[0]
+    cond |= {k: jnp.broadcast_to(null[k], (n, *null[k].shape[1:])) for k in _TEMPLATE_PIECES}
+    cond |= {"text_omni": batch["text"], "text_omni_mask": batch["text_mask"]}
+    cond |= {k: batch[k] for k in ("siglip",) if k in batch}
+    return cond, empty | {k: null[k] for k in ("text_omni", "text_omni_mask")}
+
+
+def data_problems(config: ZImageConfig, latent: tuple[int, ...],
+                  features: Mapping[str, tuple[int, ...]]) -> list[str]:
+    h, w, c = latent
+    p, lens = config.patch_size, config.axes_lens
+    problems = []
+    if c != config.in_channels:
+        problems.append(f"latents have {c} channels, the transformer takes {config.in_channels}")
+    if h % p or w % p or h // p > lens[1] or w // p > lens[2]:
+        problems.append(f"latents are {h}x{w}; the transformer needs multiples of patch size {p}, "
+                        f"at most {lens[1] * p}x{lens[2] * p} (axes_lens={lens})")
+    if not {"text", "text_mask"} <= set(features):
+        return [*problems, f"the rows carry {sorted(features)}, Z-Image reads text and text_mask"]
+    length, width = features["text"]
+    if width != config.cap_feat_dim:
+        problems.append(f"text features are {width} wide, the transformer's cap_feat_dim is "
+                        f"{config.cap_feat_dim}")
+    if 3 * (_ceil(length) + 2) + 1 >= lens[0]:
+        problems.append(f"prompts of {length} tokens need caption positions beyond axes_lens[0]="
+                        f"{lens[0]}; prepare with a smaller --max_sequence_length")
+    siglip = features.get("siglip")
+    if config.siglip_feat_dim is not None and siglip is None:
+        problems.append(f"the transformer reads SigLIP features of source images (siglip_feat_dim="
+                        f"{config.siglip_feat_dim}) but the data has none; prepare with a "
+                        "ZImageOmniPipeline folder (it holds siglip and siglip_processor)")
+    elif siglip is not None and siglip[-1] != config.siglip_feat_dim:
+        problems.append(f"SigLIP features are {siglip[-1]} wide, the transformer's siglip_feat_dim "
+                        f"is {config.siglip_feat_dim}")
+    return problems
+
+
 # The omni edit sequence besides the image tokens: a 512-token prompt piece and the two 32-token
 # template pieces, 256 SigLIP tokens (Siglip2ImageProcessor's default max_num_patches) and the
 # target's 32-token SigLIP placeholder.
@@ -702,5 +778,5 @@ OTHER_TOKENS = 512 + 2 * 32 + 256 + 32
 
 BACKBONE = Backbone(
     "zimage", ZImageConfig, ZImage, forward_flops, example_cond, unscanned, LORA_TARGETS,
-    tiny_zimage_config, padding_tokens=2 * SEQ_MULTI_OF,
+    tiny_zimage_config, stacked, precomputed, data_problems, padding_tokens=2 * SEQ_MULTI_OF,
     references={"Z-Image-6B": (zimage_6b_config, OTHER_TOKENS)})

@@ -91,9 +91,11 @@ def student_init(config: ml_collections.ConfigDict, routes: list[Route],
     return teachers[name]
 
 
-def initial_trainable(config: ml_collections.ConfigDict, init: Params) -> Params:
-    """The student at `init` (student_init): a full copy, or LoRA factors with a zero delta
-    plus copies of the base params it trains in full (training.lora_full) under "full"."""
+def initial_trainable(config: ml_collections.ConfigDict, init: Params,
+                      lora_targets: str = lora.DEFAULT_TARGETS) -> Params:
+    """The student at `init` (student_init): a full copy, or LoRA factors with a zero delta on
+    the kernels `lora_targets` matches (the backbone's, Models.lora_targets) plus copies of the
+    base params it trains in full (training.lora_full) under "full"."""
     tc = config.training
     weights = lora.resolve(init)
 
@@ -102,7 +104,7 @@ def initial_trainable(config: ml_collections.ConfigDict, init: Params) -> Params
 
     if tc.lora_rank <= 0:
         return {"backbone": copy(weights)}
-    factors = lora.init_lora(jax.random.key(tc.seed), weights, tc.lora_rank)
+    factors = lora.init_lora(jax.random.key(tc.seed), weights, tc.lora_rank, lora_targets)
     pattern = tc.get("lora_full", "")  # a workdir's config.json from before it: none
     full = lora.select(weights, pattern)
     if pattern and not full:

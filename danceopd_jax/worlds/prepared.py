@@ -1,10 +1,14 @@
-"""The prepared world: real teachers from diffusers checkpoints on prepared data (SD3
+"""The prepared world: real teachers from diffusers checkpoints on prepared data (text
 conditions and VAE latents precomputed by `python -m danceopd_jax.prepare`), the main job's
 alternative to the shapes world. The training loop, the step and the algorithm are shared.
 
-* Backbone: the SD3 / SD3.5 MMDiT that the anchor's config.json describes, with our fields from
+* Backbone: the family the anchor's config.json names (its ``_class_name``: SD3 / SD3.5 MMDiT or
+  Z-Image, interop/backbones.py), with the architecture it describes and our fields from
   config.model (dtype, scan_layers, remat, attention). Every full teacher must have the same
-  architecture; loading adds the zero-initialised edit source path (T2I output unchanged).
+  architecture. The family's contract record (models/contract.py) does the rest: how it stacks
+  scanned layers, which kernels a LoRA adapts, how prepared rows become its cond and whether
+  the prepared data fits it. (MMDiT's loading adds its zero-initialised edit source path; Z-Image
+  reads source images natively.)
 * Teachers (config.teachers.<name>: kind, path, lora_base) are converted once and cached as
   Orbax under <workdir>/teachers/<name>/ (params + recipe.json). The recipe's "key" is what the
   conversion read: the checkpoint's resolved path, each of its files' size and mtime, the
@@ -14,8 +18,10 @@ alternative to the shapes world. The training loop, the step and the algorithm a
 * A LoRA teacher's params are `lora.adapted(base teacher's params, factors, alpha)`: the base
   is the other teacher's arrays themselves (one copy on the devices, train/mesh.put) and the
   merge happens inside the field (METHOD.md 6).
-* Text: no encoder runs in the step. Batches carry `text` / `pooled`; the frozen "text" entry is
-  the empty prompt's conditions (CFG's unconditional branch).
+* Text: no encoder runs in the step. Batches carry the family's per-row features (SD3: `text`,
+  `pooled`; Z-Image: `text`, `text_mask` and for edits `siglip`); the frozen "text" entry is the
+  empty prompt's conditions (CFG's unconditional branch) and, for Z-Image, the constant pieces
+  of its omni template.
 * Samples: the student's samples on the first rows of each routed bucket, decoded to a PNG
   grid by our Flax VAE decoder (models/vae.py, converted from the VAE the data was prepared
   with), and their latents as .npz. No held-out scores: evaluating real models is out of scope
@@ -45,27 +51,33 @@ from danceopd_jax.data.conditions import PreparedBucket, PreparedData, check_rou
 from danceopd_jax.data.store import cached
 from danceopd_jax.eval.grids import save_grid
 from danceopd_jax.interop._common import flatten, read_config, unflatten
-from danceopd_jax.interop.diffusers_sd3 import config_from_diffusers, load_diffusers_transformer
+from danceopd_jax.interop.backbones import checkpoint_family, lora_names, transformer_io
 from danceopd_jax.interop.diffusers_vae import ImageDecoder
 from danceopd_jax.interop.peft_lora import load_diffusers_lora
 from danceopd_jax.models import lora
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, stack_blocks
+from danceopd_jax.models.backbones import backbone_of
 from danceopd_jax.models.wiring import Models
 
 log = logging.getLogger(__name__)
 Params = Any
-_OUR_FIELDS = ("dtype", "scan_layers", "remat", "attention")  # config.model -> MMDiTConfig
+# config.model -> the family's config (every family's config has these fields)
+_OUR_FIELDS = ("dtype", "scan_layers", "remat", "attention")
 
 
-def backbone_config(config: ml_collections.ConfigDict) -> MMDiTConfig:
-    """The anchor checkpoint's architecture with config.model's fields."""
-    anchor = config_from_diffusers(read_config(config.teachers.anchor.path))
+def backbone_config(config: ml_collections.ConfigDict) -> Any:
+    """The anchor checkpoint's architecture, in its family's config, with config.model's
+    fields."""
+    path = config.teachers.anchor.path
+    diffusers = read_config(path)
+    anchor = transformer_io(checkpoint_family(diffusers, path)).config_from_diffusers(diffusers)
     return dataclasses.replace(anchor, **{k: config.model[k] for k in _OUR_FIELDS})
 
 
-def _abstract(cfg: MMDiTConfig) -> tuple[nnx.GraphDef, Params, Params]:
-    """(graph, params as ShapeDtypeStructs, logical axes) of MMDiT(cfg); nothing allocated."""
-    graph, state = nnx.split(nnx.eval_shape(lambda: MMDiT(cfg, rngs=nnx.Rngs(0))))
+def _abstract(cfg: Any) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graph, params as ShapeDtypeStructs, logical axes) of the family's module at `cfg`;
+    nothing allocated."""
+    module = backbone_of(cfg).module
+    graph, state = nnx.split(nnx.eval_shape(lambda: module(cfg, rngs=nnx.Rngs(0))))
     return graph, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
 
@@ -90,10 +102,13 @@ class PreparedWorld:
                      self.data.buckets, str(self.data.directory))
         self._check_targets()
         self.backbone_config = backbone_config(config)
+        self.backbone = backbone_of(self.backbone_config)
         self._check_data_fits()
         graph, self.abstract_params, axes = _abstract(self.backbone_config)
         self.models = Models(graph, None, axes,
-                             {"text": PartitionSpec(), "pooled": PartitionSpec()})
+                             {k: PartitionSpec() for k in self.data.null_condition()},
+                             precomputed=self.backbone.precomputed,
+                             lora_targets=self.backbone.lora_targets)
 
     def _check_targets(self) -> None:
         """The ground-truth baselines need target images (their registry records say on which
@@ -109,21 +124,16 @@ class PreparedWorld:
                 "and prepare again, or use an on-policy method.")
 
     def _check_data_fits(self) -> None:
-        cfg, m = self.backbone_config, self.data.manifest
-        h, w, c = m["latent_shape"]
-        limit = cfg.pos_embed_max_size * cfg.patch_size
-        problems = []
-        if c != cfg.in_channels:
-            problems.append(f"latents have {c} channels, the transformer takes {cfg.in_channels}")
-        if h % cfg.patch_size or w % cfg.patch_size or max(h, w) > limit:
-            problems.append(f"latents are {h}x{w}; the transformer needs multiples of "
-                            f"patch_size={cfg.patch_size}, at most {limit}")
-        if m["text_shape"][1] != cfg.joint_attention_dim:
-            problems.append(f"text features are {m['text_shape'][1]} wide, the transformer's "
-                            f"joint_attention_dim is {cfg.joint_attention_dim}")
-        if m["pooled_dim"] != cfg.pooled_projection_dim:
-            problems.append(f"pooled text is {m['pooled_dim']} wide, the transformer's "
-                            f"pooled_projection_dim is {cfg.pooled_projection_dim}")
+        m, family = self.data.manifest, self.backbone.name
+        prepared_for = m.get("backbone", family)
+        if prepared_for != family:
+            problems = [f"it was prepared for backbone family {prepared_for!r}, the anchor is "
+                        f"a {family!r} transformer (prepare --backbone={family})"]
+        else:
+            features = {k: tuple(v) for k, v in {**m["features"],
+                                                 **m["source_features"]}.items()}
+            problems = self.backbone.data_problems(self.backbone_config,
+                                                   tuple(m["latent_shape"]), features)
         if problems:
             raise ValueError(
                 f"the prepared data in {self.data.directory} does not fit the anchor "
@@ -198,14 +208,15 @@ class PreparedWorld:
         t, cfg = self.config.teachers[name], self.backbone_config
         if t.lora_base:
             unscanned = _abstract(dataclasses.replace(cfg, scan_layers=False))[1]
-            tree, alpha = load_diffusers_lora(t.path, unscanned)
-            if cfg.scan_layers:
-                tree = stack_blocks(tree, cfg, stack=lora.stack_layers)
+            tree, alpha = load_diffusers_lora(t.path, unscanned,
+                                              names=lora_names(self.backbone.name, cfg))
+            tree = self.backbone.stacked(cfg, tree, lora.stack_layers)
             params = {"lora": jax.tree.map(np.asarray, tree), "alpha": np.float32(alpha)}
             shapes = [[list(p), list(a.shape)] for p, a in flatten(params["lora"]).items()]
             info = {"lora_shapes": shapes}
         else:
-            loaded_cfg, params = load_diffusers_transformer(t.path)
+            loaded_cfg, params = transformer_io(self.backbone.name).load_diffusers_transformer(
+                t.path)
             theirs = dataclasses.replace(loaded_cfg, **{k: getattr(cfg, k) for k in _OUR_FIELDS})
             if theirs != cfg:
                 diff = {f.name: (getattr(theirs, f.name), getattr(cfg, f.name))
@@ -215,8 +226,7 @@ class PreparedWorld:
                     f"teacher {name!r} ({t.path}) is not the anchor's architecture: (its, the "
                     f"anchor's) {diff}. Teachers and the student share one backbone; use "
                     "checkpoints fine-tuned from the anchor.")
-            if cfg.scan_layers:
-                params = stack_blocks(params, cfg, stack=_numpy_stack)
+            params = self.backbone.stacked(cfg, params, _numpy_stack)
             info = {}
         return params, info
 
