@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,10 @@ pytest.importorskip("diffusers")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from diffusers import ZImagePipeline, ZImageTransformer2DModel  # noqa: E402
 from flax import nnx  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from danceopd_jax.interop import diffusers_zimage, peft_lora  # noqa: E402
@@ -444,3 +447,39 @@ def test_prepare_refuses_a_pipeline_of_another_family(tmp_path: Path) -> None:
         prepare(tmp_path / "rows.jsonl", tmp_path / "out", tmp_path / "pipeline",
                 tmp_path / "pipeline" / "vae", backbone="dit")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_zimage_tiny_end_to_end(tmp_path: Path) -> None:
+    """launch/zimage_tiny_e2e.py: a tiny random ZImageOmniPipeline (Qwen3, SigLIP2, VAE,
+    transformer), a full fine-tune and a PEFT LoRA -> prepare --backbone=zimage -> main job
+    (the same three teacher kinds; LoRA student on scanned layers) -> export (diffusers and
+    LoRA) -> from_pretrained parity in the omni edit layout, and ZImageOmniPipeline edits with
+    the exported student."""
+    pytest.importorskip("peft")
+    root = tmp_path / "e2e"
+    out = subprocess.run([sys.executable, "launch/zimage_tiny_e2e.py", f"--root={root}"],
+                         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu",
+                                        "PYTHONPATH": str(ROOT)},  # this checkout's package
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for what in ("prepared text pieces vs encode_prompt", "prepared SigLIP vs "
+                 "prepare_siglip_embeds", "exported transformer (omni edit) vs JAX student",
+                 "base + exported LoRA vs exported transformer"):
+        assert f"max abs error, {what}:" in out.stdout
+    for name in ("anchor", "edit_full", "edit_lora"):
+        assert f"teacher {name:<12} converted from" in out.stderr
+    manifest = json.loads((root / "prepared" / "conditions.json").read_text())
+    assert manifest["backbone"] == "zimage" and manifest["features"] == {
+        "text": [64, 32], "text_mask": [64]} and manifest["source_features"] == {
+        "siglip": [4, 4, 16]}
+    assert sorted(p.name for p in (root / "samples_torch").iterdir()) == [
+        "edit.png", "prompts.json", "t2i.png"]
+    assert Image.open(root / "samples_torch" / "edit.png").size == (2 * 64, 64)
+    assert sorted(p.name for p in (root / "run" / "samples").glob("*.png")) == [
+        "edit_step000002.png", "edit_step000004.png", "t2i_step000002.png",
+        "t2i_step000004.png"]
+    assert not (root / "export" / "source_embed.npy").exists()  # Z-Image edits natively
