@@ -57,12 +57,19 @@ def run(main: Callable[[], None]) -> None:
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
 
 
+def with_huge_pages(tunables: str) -> str:
+    """GLIBC_TUNABLES `tunables` with HUGE_PAGES, unless they already say glibc.malloc.hugetlb."""
+    if "glibc.malloc.hugetlb" in tunables:
+        return tunables
+    return f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+
+
 def use_huge_pages() -> None:
     """Restart this command line once with HUGE_PAGES added to GLIBC_TUNABLES (glibc only)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc":
         return
-    os.environ["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
+    os.environ["GLIBC_TUNABLES"] = with_huge_pages(tunables)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])

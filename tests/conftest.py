@@ -28,11 +28,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 # Command lines restart once to give glibc's malloc huge pages (danceopd_jax/cli.py,
 # use_huge_pages); the ones the tests start have them from the start.
-from danceopd_jax.cli import HUGE_PAGES  # noqa: E402 - imports no jax
+from danceopd_jax.cli import with_huge_pages  # noqa: E402 - imports no jax
 
-if "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
-    os.environ["GLIBC_TUNABLES"] = ":".join(
-        t for t in (os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES) if t)
+os.environ["GLIBC_TUNABLES"] = with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))
 
 import ml_collections  # noqa: E402 - after the environment above, before jax loads
 import pytest  # noqa: E402
