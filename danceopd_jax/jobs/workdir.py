@@ -12,7 +12,7 @@ import ml_collections
 from flax import nnx
 
 from danceopd_jax.core.errors import CheckpointError
-from danceopd_jax.data.store import load_params
+from danceopd_jax.data.store import key_of, load_params
 from danceopd_jax.models.wiring import Models
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.state import TrainState, student_optimizer
@@ -83,7 +83,11 @@ def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Para
     if not (teachers / name / "recipe.json").is_file():
         have = sorted(p.name for p in teachers.glob("*") if (p / "recipe.json").is_file())
         raise CheckpointError(f"{teachers} has no teacher {name!r}; it has {have}.")
-    # The anchor was saved with the text encoder it trained (train/teachers.py).
-    like = {"backbone": student.anchor, **({"text": student.text} if name == "anchor" else {})}
+    # The anchor and any teacher trained from scratch were saved with their text encoder
+    # (train/teachers.py).
+    scratch = key_of(json.loads((teachers / name / "recipe.json").read_text()))[
+        "teacher"].get("init") == "scratch"
+    holds_text = scratch or name == "anchor"
+    like = {"backbone": student.anchor, **({"text": student.text} if holds_text else {})}
     params, recipe = load_params(teachers / name, like)
     return params["backbone"], recipe

@@ -1,14 +1,17 @@
 """The frozen teachers: made once by flow matching, then reused.
 
 Each teacher has a recipe (config.teachers.<name>: data bucket, starting point, steps, ...).
-The anchor is trained from scratch on T2I data (or, for an omni base, on a weighted mix of
-T2I and edit buckets: config.teacher's `mix`) together with the text encoder, which is then
-frozen for everyone; edit teachers are fine-tuned from the anchor on edit buckets.
+A teacher trained from scratch (the anchor, on T2I data) trains the text encoder with it, which
+is then frozen for everyone. Every other teacher is fine-tuned from another one: edit teachers
+from the anchor on edit buckets, and the omni base (the omni family's anchor) from the T2I
+anchor on a weighted mix of T2I and edit buckets (config.teacher's `mix`). The anchor is saved
+with the text encoder either way.
 
-Lookup order for a teacher, by its recipe (the key of data/store.py cached): the workdir
-(reused), then the checkpoints shipped with the package in
-danceopd_jax/assets/<config.shipped_teachers>/ (only if their recipe.json has this config's
-recipe as its key), else it is trained; either way it is saved in the workdir.
+Lookup order for a teacher, by its recipe (the key of data/store.py cached, which lists what
+makes the weights and not the teacher's name): the workdir (reused), then the checkpoints
+shipped with the package, in danceopd_jax/assets/<config.shipped_teachers>/<name>/ or any other
+family's folder (only if their recipe.json has this recipe as its key: the omni family reuses
+the shapes family's T2I anchor), else it is trained; either way it is saved in the workdir.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
     """Everything that determines teacher `name`'s weights (its init chain included): the key
     of its saved weights (data/store.py cached)."""
     t = config.teachers[name]
-    return {"name": name, "teacher": t.to_dict(),
+    return {"teacher": t.to_dict(),
             "world": {k: config.world[k] for k in WORLD_FIELDS},
             "model": {k: config.model[k] for k in MODEL_FIELDS}, "seed": config.seed,
             "init": None if t.init == "scratch" else recipe(config, t.init)}
@@ -93,31 +96,46 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
     text = init_text
     for name in needed_teachers(config, routes):
         want = recipe(config, name)
-        like = {"backbone": init_backbone, **({"text": init_text} if name == "anchor" else {})}
+        scratch = config.teachers[name].init == "scratch"
+        holds_text = scratch or name == "anchor"
+        like = {"backbone": init_backbone, **({"text": init_text} if holds_text else {})}
         here = workdir / "teachers" / name
-        shipped = shipped_dir / name if shipped_dir else None
 
-        def make(name: str = name, want: dict = want, shipped: Path | None = shipped,
-                 like: Params = like, text: Params = text) -> tuple[Params, dict]:
-            if shipped and _key_at(shipped) == want:
+        def make(name: str = name, want: dict = want, scratch: bool = scratch,
+                 holds_text: bool = holds_text, like: Params = like,
+                 text: Params = text) -> tuple[Params, dict]:
+            shipped = _shipped(shipped_dir, name, want)
+            if shipped:
                 log.info("teacher %-12s reused (shipped with the package: %s)", name, shipped)
                 params, _ = load_params(shipped, like)
                 return params, {"made": "shipped"}
-            init = {"backbone": init_backbone, "text": init_text} if name == "anchor" else {
+            init = {"backbone": init_backbone, "text": init_text} if scratch else {
                 "backbone": teachers[config.teachers[name].init]}
             params = train_teacher(config, name, models, init, text, bucket, mesh, workdir)
             shutil.rmtree(workdir / "teachers" / "_runs" / name, ignore_errors=True)
             log.info("teacher %-12s trained (%d steps)", name, config.teachers[name].steps)
-            return params, {"made": "trained"}
+            # A fine-tuned anchor (the omni base) is saved with the frozen text encoder too.
+            return {"text": text, **params} if holds_text else params, {"made": "trained"}
 
         # Saved in the workdir either way, so it alone serves sampling, export and later runs.
         params, _, made = cached(here, want, like, make, f"teacher {name!r}")
         if not made:
             log.info("teacher %-12s reused from %s", name, here)
         teachers[name] = params["backbone"]
-        if name == "anchor":
+        if holds_text:
             text = params["text"]
     return teachers, text
+
+
+def _shipped(shipped_dir: Path | None, name: str, want: dict) -> Path | None:
+    """The shipped checkpoint made with recipe `want`: the family's own `name`, else any other
+    family's teacher with that key; None if none is (or `shipped_dir` is None: never reuse)."""
+    if shipped_dir is None:
+        return None
+    for directory in [shipped_dir / name, *sorted(ASSETS_DIR.glob("*/*"))]:
+        if _key_at(directory) == want:
+            return directory
+    return None
 
 
 def _key_at(directory: Path) -> dict | None:
