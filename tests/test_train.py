@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -399,11 +400,28 @@ def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path
             "proj_out"]["kernel"])
 
 
+def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
+    """The omni base starts from the shapes family's T2I anchor: a teacher's key lists what
+    makes its weights, not its name, so `t2i_anchor` finds the shipped `anchor` in the other
+    family's folder. A recipe that differs in anything finds nothing."""
+    from danceopd_jax.train.teachers import SHIPPED_DIR, find_shipped, recipe, shipped_dir
+
+    config = load_config("omni_family")
+    assert config.teachers.anchor.init == "t2i_anchor"
+    want = recipe(config, "t2i_anchor")
+    assert "name" not in want
+    assert find_shipped(shipped_dir(config), "t2i_anchor", want) == SHIPPED_DIR / "anchor"
+    assert find_shipped(None, "t2i_anchor", want) is None  # never reuse
+    config.teachers.t2i_anchor.lr = 5e-4
+    assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
+
+
 @pytest.mark.slow
 def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
-    """The omni family's recipe, tiny: the base (anchor) trains on a mix of T2I and edit
-    buckets, so its source pathway learns (source_embed leaves zero); the joint-edit teacher is
-    fine-tuned from it; each recipe.json carries the mix and its init chain."""
+    """The omni family's recipe, tiny: the base (anchor) is fine-tuned from a T2I anchor on a
+    mix of T2I and edit buckets, so its source pathway learns (source_embed leaves zero), and
+    is saved with the T2I anchor's text encoder, frozen; the joint-edit teacher is fine-tuned
+    from the base; each recipe.json carries the mix and its init chain."""
     from danceopd_jax.config import routes_of
     from danceopd_jax.train.mesh import make_mesh
     from danceopd_jax.train.teachers import prepare_teachers, shipped_dir
@@ -417,6 +435,14 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
                                    world.init_text, world.train, make_mesh(), tmp_path, None)
     base, edit = teachers["anchor"], teachers["joint_edit"]
     assert np.any(np.asarray(base["source_embed"]))  # the base saw source images
+    assert not np.any(np.asarray(teachers["t2i_anchor"]["source_embed"]))
+    like = {"backbone": world.init_backbone, "text": world.init_text}
+    saved = {n: load_params(tmp_path / "teachers" / n, like)[0] for n in ("t2i_anchor", "anchor")}
+    leaves = {n: jax.tree.leaves(t) for n, t in (("base", saved["anchor"]["text"]),
+                                                  ("t2i", saved["t2i_anchor"]["text"]),
+                                                  ("init", world.init_text))}
+    assert all(np.array_equal(a, b) for a, b in zip(leaves["base"], leaves["t2i"]))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves["t2i"], leaves["init"]))
     assert not np.array_equal(base["source_embed"], edit["source_embed"])
     recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())["key"]
                for n in ("anchor", "joint_edit")}

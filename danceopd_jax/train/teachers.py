@@ -104,7 +104,7 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
         def make(name: str = name, want: dict = want, scratch: bool = scratch,
                  holds_text: bool = holds_text, like: Params = like,
                  text: Params = text) -> tuple[Params, dict]:
-            shipped = _shipped(shipped_dir, name, want)
+            shipped = find_shipped(shipped_dir, name, want)
             if shipped:
                 log.info("teacher %-12s reused (shipped with the package: %s)", name, shipped)
                 params, _ = load_params(shipped, like)
@@ -127,7 +127,7 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
     return teachers, text
 
 
-def _shipped(shipped_dir: Path | None, name: str, want: dict) -> Path | None:
+def find_shipped(shipped_dir: Path | None, name: str, want: dict) -> Path | None:
     """The shipped checkpoint made with recipe `want`: the family's own `name`, else any other
     family's teacher with that key; None if none is (or `shipped_dir` is None: never reuse)."""
     if shipped_dir is None:
