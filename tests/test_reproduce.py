@@ -91,6 +91,14 @@ def test_reproduction_runs_scores_reports_and_resumes(trained, tmp_path, monkeyp
                  "t2i_edit_curve_edit.png"):
         assert (tmp_path / "docs" / "fig" / name).stat().st_size > 0
     assert "](fig/t2i_edit_gallery.png)" in text
+    # The claims table, at the top, from the same per-run numbers (the anchor's are its
+    # sampling seeds'); claims of experiments that were not run say so.
+    assert text.index("## The paper's claims, tested") < text.index("## T2I + Edit")
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    kept = next(row for label, row in rows.items() if label.startswith("| T2I kept"))
+    assert f"DanceOPD {report.mean_std(t2i)[0]:.3f} ± {report.mean_std(t2i)[1]:.3f} (n=2)" in kept
+    query = next(row for label, row in rows.items() if label.startswith("| a low-noise"))
+    assert "not run" in query
 
     # Rerunning reuses every finished run: nothing is trained again.
     def no_training(*args, **kwargs):

@@ -441,8 +441,8 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     leaves = {n: jax.tree.leaves(t) for n, t in (("base", saved["anchor"]["text"]),
                                                   ("t2i", saved["t2i_anchor"]["text"]),
                                                   ("init", world.init_text))}
-    assert all(np.array_equal(a, b) for a, b in zip(leaves["base"], leaves["t2i"]))
-    assert not all(np.array_equal(a, b) for a, b in zip(leaves["t2i"], leaves["init"]))
+    assert all(np.array_equal(a, b) for a, b in zip(leaves["base"], leaves["t2i"], strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(leaves["t2i"], leaves["init"], strict=True))
     assert not np.array_equal(base["source_embed"], edit["source_embed"])
     recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())["key"]
                for n in ("anchor", "joint_edit")}

@@ -128,11 +128,15 @@ def main_table(exp: Mapping, steps: Sequence[str]) -> str:
     first, *rest = steps
     rows = experiment_rows(exp, first)
     others = {s: experiment_rows(exp, s) for s in rest}
-    train_min = {label: [r["train_s"] / 60 for r in runs.values()]
-                 for label, runs in exp["arms"].items()}
+    def cost(key: str, scale: float = 1.0) -> dict[str, list[float]]:
+        return {label: [r[key] * scale for r in runs.values() if key in r]
+                for label, runs in exp["arms"].items()}
+
+    train_min, step_s, forwards = cost("train_s", 1 / 60), cost("step_s"), cost(
+        "rollout_forwards")
     header = ["model", f"GenEval ({first} steps)", "GEdit correct", "changed", "preserved",
               "FD T2I", "FD edit", *(f"GenEval / GEdit ({s} steps)" for s in rest),
-              "train min"]
+              "train min", "s / step", "rollout forwards / step"]
     body = []
     for label, r in rows.items():
         extra = [f"{cell(_values(others[s][label], 't2i', 'mean'))} / "
@@ -142,7 +146,8 @@ def main_table(exp: Mapping, steps: Sequence[str]) -> str:
                      cell(_values(r, "edit", "mean", "changed")),
                      cell(_values(r, "edit", "mean", "preserved")),
                      cell(_values(r, "fd", "t2i"), 1), cell(_values(r, "fd", "edit"), 1),
-                     *extra, cell(train_min.get(label), 1)])
+                     *extra, cell(train_min.get(label), 1), cell(step_s.get(label), 2),
+                     cell(forwards.get(label), 1)])
     return markdown_table(header, body)
 
 
@@ -210,11 +215,16 @@ def gallery(path: Path, exp: Mapping, truth: Mapping[str, np.ndarray],
 
 def results_markdown(results: Mapping, figures: Mapping[str, Mapping[str, Path]],
                      t2i_names: Mapping[str, str], edit_names: Mapping[str, str],
-                     intro: str = "") -> str:
-    """docs/results.md: per experiment the main table, the per-category tables, DanceOPD
-    against each baseline, and the figures (paths relative to the markdown file)."""
+                     intro: str = "", claims: str = "") -> str:
+    """docs/results.md: the claims (right under the intro's title), then per experiment the
+    main table, the per-category tables, DanceOPD against each baseline, and the figures
+    (paths relative to the markdown file)."""
     steps = [str(s) for s in results["sample_steps"]]
-    out = [intro.rstrip() + "\n"] if intro else []
+    title, _, intro = intro.partition("\n") if intro.startswith("# ") else ("", "", intro)
+    out = [title, ""] if title else []
+    if claims:
+        out += [claims.rstrip(), ""]
+    out += [intro.strip() + "\n"] if intro.strip() else []
     for name, exp in results["experiments"].items():
         out += [f"## {exp['title']}", "",
                 f"Config `configs/{exp['config']}.py`, preset `{results['preset']}`; methods: "

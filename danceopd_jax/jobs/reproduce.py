@@ -27,6 +27,7 @@ from danceopd_jax.config import apply_overrides
 from danceopd_jax.core.methods import REGISTRY
 from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.store import digest
+from danceopd_jax.eval.claims import Claim, claims_table
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
 from danceopd_jax.eval.report import category_bars, curves, gallery, results_markdown
 from danceopd_jax.eval.shapes import generate_bucket
@@ -69,28 +70,32 @@ def method_arms() -> tuple[Arm, ...]:
 
 METHODS = method_arms()
 DANCEOPD = next(a for a in METHODS if a.overrides == {"method": "danceopd"})
+# The paper's default (one low-noise query) and its ablations, each with K and bias set.
+LOW = Arm("low noise (Beta(5,2)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "low"})
+MID = Arm("mid noise (Beta(5,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "mid"})
+HIGH = Arm("high noise (Beta(2,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "high"})
+DENSE = Arm("K = N (dense)", {"danceopd.query_k": _num_steps, "danceopd.query_bias": "dense"})
 QUERY_ARMS = (
     DANCEOPD,  # the config's own query: the same run as the fusion table's
-    # The paper's default (one low-noise query) and its ablations, each with K and bias set.
-    Arm("low noise (Beta(5,2)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "low"}),
-    Arm("mid noise (Beta(5,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "mid"}),
-    Arm("high noise (Beta(2,5)), K = 1", {"danceopd.query_k": 1, "danceopd.query_bias": "high"}),
+    LOW, MID, HIGH,
     Arm("K = 4 (Beta(5,2))", {"danceopd.query_k": 4, "danceopd.query_bias": "low"}),
-    Arm("K = N (dense)", {"danceopd.query_k": _num_steps, "danceopd.query_bias": "dense"}),
+    DENSE,
 )
+CFG_GUIDED = 3.5
 CFG_ARMS = (
     Arm("teacher alpha 1", {"routes.t2i.cfg_alpha": 1.0}),
-    Arm("teacher alpha 3.5", {"routes.t2i.cfg_alpha": 3.5}),
+    Arm(f"teacher alpha {CFG_GUIDED:g}", {"routes.t2i.cfg_alpha": CFG_GUIDED}),
 )
 # Flow-OPD's reference advantage (the analytic KL) has no expected policy gradient (README
 # "Methods"); the sampled log-ratio variant shows what the same machinery does when it can learn.
 FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)", {
     **next(a.overrides for a in METHODS if a.label == "Flow-OPD"),
     "baselines.advantage": "log_ratio"})
+FUSION_ARMS = (*METHODS, FLOW_LOG_RATIO)
 EXPERIMENTS = (
     Experiment("t2i_edit", "T2I + Edit fusion (anchor + joint-edit teacher)", "t2i_edit",
-               (*METHODS, FLOW_LOG_RATIO)),
-    Experiment("edit_fusion", "Local + Global edit fusion", "edit_fusion", METHODS),
+               FUSION_ARMS),
+    Experiment("edit_fusion", "Local + Global edit fusion", "edit_fusion", FUSION_ARMS),
     Experiment("cfg_absorption", "CFG absorption (student sampled without CFG)",
                "cfg_absorption", CFG_ARMS),
     Experiment("query", "Query ablations (T2I + Edit fusion)", "t2i_edit", QUERY_ARMS),
@@ -113,6 +118,32 @@ RECIPE_ARMS = (
 EXTRA_EXPERIMENTS = (
     Experiment("recipes", "Budget recipes of the T2I + Edit student (docs/teachers.md)",
                "t2i_edit_budget", RECIPE_ARMS),
+)
+
+# The paper's claims (METHOD.md 9) as comparisons of the experiments' rows (eval/claims.py).
+ON_POLICY = tuple(a.label for a in FUSION_ARMS if a.label.startswith(("DiffusionOPD", "Flow-OPD")))
+CLAIMS = (
+    Claim("T2I + Edit: DanceOPD above the best on-policy baseline on edits", "+8.1% GEdit",
+          "t2i_edit", DANCEOPD.label, ON_POLICY, "edit"),
+    Claim("Local + Global: DanceOPD above the best on-policy baseline on edits",
+          "+16.1% GEdit", "edit_fusion", DANCEOPD.label, ON_POLICY, "edit"),
+    Claim("hard routing above soft mixing (T2I + Edit, edits)", "+15.2%", "t2i_edit",
+          DANCEOPD.label, ("Soft mixing",), "edit"),
+    Claim("a low-noise query above a mid-noise one (edits)", "+23.7%", "query", LOW.label,
+          (MID.label,), "edit"),
+    Claim("a low-noise query above a high-noise one (edits)", "+19.5%", "query", LOW.label,
+          (HIGH.label,), "edit"),
+    Claim("one query above dense queries (edits)", "up to +22.8%", "query", LOW.label,
+          (DENSE.label,), "edit"),
+    Claim("T2I kept: the student within 0.1% of the anchor's GenEval", "within 0.1%",
+          "t2i_edit", DANCEOPD.label, ("anchor",), "t2i", "within", 0.001),
+    Claim(f"CFG absorbed: the student's single pass within 2% of the teacher guided at "
+          f"{CFG_GUIDED:g} (two passes per step: half the inference cost)", "half the cost",
+          "cfg_absorption", CFG_ARMS[1].label, (f"anchor@cfg{CFG_GUIDED:g}",), "t2i",
+          "within", 0.02),
+    Claim("a fraction of the training time: DanceOPD's seconds per step against the cheapest "
+          "on-policy baseline's (same steps and batch)", "a fraction of the time",
+          "t2i_edit", DANCEOPD.label, ON_POLICY, "step_s", "cost"),
 )
 
 
@@ -248,7 +279,9 @@ class Reproduction:
         scores = {str(n): bench.score(job, student.text, config.training.seed)
                   for n, bench in self.benches(e, student).items()}
         curve = workdir / "curve.jsonl"
-        report = {"train_s": train_s, "workdir": str(workdir), "scores": scores,
+        report = {"train_s": train_s, **training_cost(workdir / "metrics.jsonl",
+                                                      config.method),
+                  "workdir": str(workdir), "scores": scores,
                   "curve": [json.loads(r) for r in curve.read_text().splitlines()]
                   if curve.is_file() else []}
         if gallery:
@@ -347,9 +380,36 @@ class Reproduction:
             figures[name] = {k: os.path.relpath(p, markdown_path.parent)
                              for k, p in figs.items() if p is not None}
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        claims = "\n\n".join([
+            "## The paper's claims, tested",
+            f"{results['seeds']} training seeds per arm, {results['sample_steps'][0]} sampling "
+            "steps. Welch's 95% interval of the difference of the means (ours minus the "
+            "comparison); a gain is confirmed when the interval lies above 0 and refuted when it "
+            "lies below; an equivalence (\"within\") is confirmed when the interval's lower end "
+            "is above minus the margin; a cost is a gain on seconds per step, lower being "
+            "better. Only directions are tested: the paper's percentages are on other "
+            "benchmarks. The rules: danceopd_jax/eval/claims.py.",
+            claims_table(results, CLAIMS)])
         markdown_path.write_text(results_markdown(results, figures, T2I_NAMES, EDIT_NAMES,
-                                                  intro))
+                                                  intro, claims))
         return markdown_path
+
+
+def training_cost(metrics: Path, phase: str) -> dict:
+    """What a run's training steps cost, from its metrics.jsonl: the median seconds per step
+    of the logged windows after the first (which holds the compile), and the mean student
+    forwards of the rollout per step where the method logs them. {} when nothing was trained
+    (weight merging) or too little was logged."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] \
+        if metrics.is_file() else []
+    rows = [r for r in rows if r.get("phase") == phase and r.get("steps_per_sec")][1:]
+    if not rows:
+        return {}
+    cost = {"step_s": float(np.median([1.0 / r["steps_per_sec"] for r in rows]))}
+    forwards = [r["rollout_forwards"] for r in rows if "rollout_forwards" in r]
+    if forwards:
+        cost["rollout_forwards"] = float(np.mean(forwards))
+    return cost
 
 
 def gallery_rows(data: Mapping[str, np.ndarray], num: int) -> dict[str, np.ndarray]:
