@@ -78,7 +78,7 @@ DENSE = Arm("K = N (dense)", {"danceopd.query_k": _num_steps, "danceopd.query_bi
 QUERY_ARMS = (
     DANCEOPD,  # the config's own query: the same run as the fusion table's
     LOW, MID, HIGH,
-    Arm("K = 4 (Beta(5,2))", {"danceopd.query_k": 4, "danceopd.query_bias": "low"}),
+    Arm("K = 4 distinct (Beta(5,2))", {"danceopd.query_k": 4, "danceopd.query_bias": "low"}),
     DENSE,
 )
 CFG_GUIDED = 3.5
