@@ -1,13 +1,10 @@
-"""The omni teacher family (docs/teachers.md, "The omni teacher family"; NOT YET TRAINED): an
-omni base trained on T2I and on source-conditioned generation (the anchor), and joint-, local-
-and global-edit teachers fine-tuned from it (config.omni_family), shipped in
-danceopd_jax/assets/omni_teachers/. Train and ship them on a GPU:
-
-    bash launch/make_teachers.sh omni
+"""The omni teacher family (docs/teachers.md, "The omni teacher family"): an omni base (the
+anchor: the shipped T2I anchor trained further on T2I and source-conditioned generation) and
+joint-, local- and global-edit teachers fine-tuned from it (config.omni_family), shipped in
+danceopd_jax/assets/omni_teachers/ (`bash launch/make_teachers.sh omni` makes them).
 
 As a main-job config: T2I + edit fusion on the omni base, the paper's DanceOPD recipe with the
-default's budget (as configs/t2i_edit.py). Until the family is shipped, the main job would
-train it first (hours on 2 CPU cores)."""
+default's budget (as configs/t2i_edit.py)."""
 
 from danceopd_jax.config import base_config, omni_family, paper_student, route, target
 

@@ -6,9 +6,10 @@
 #       global-edit teachers of configs/edit_fusion.py (the anchor is reused). Made on one GPU
 #       and this CPU (see docs/teachers.md); on 2 CPU cores it takes many hours.
 #   bash launch/make_teachers.sh omni       the omni teacher family of configs/omni_family.py
-#       (an omni base, then joint-, local- and global-edit teachers fine-tuned from it) into
-#       danceopd_jax/assets/omni_teachers/, scored with ShapesBench. NOT YET RUN: sized for
-#       about 10 minutes on one H200 / H100 (an estimate, docs/teachers.md).
+#       (an omni base fine-tuned from the shipped T2I anchor, then joint-, local- and
+#       global-edit teachers fine-tuned from it) into danceopd_jax/assets/omni_teachers/, scored
+#       with ShapesBench. Sized for 2 CPU cores: about 40 minutes for the base and an hour for
+#       each edit teacher (docs/teachers.md); resumable (rerun the same command).
 # Extra arguments go to every `python -m danceopd_jax.teachers` call. On the device machine
 # (no ml_collections there: its wheel in .whl/) the wheels are installed first.
 set -euo pipefail

@@ -22,6 +22,7 @@ from danceopd_jax.train.student import (
     student_init,
     student_params_fn,
 )
+from danceopd_jax.train.teachers import saved_with_text
 from danceopd_jax.worlds import World, build
 
 Params = Any
@@ -83,11 +84,8 @@ def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Para
     if not (teachers / name / "recipe.json").is_file():
         have = sorted(p.name for p in teachers.glob("*") if (p / "recipe.json").is_file())
         raise CheckpointError(f"{teachers} has no teacher {name!r}; it has {have}.")
-    # The anchor and any teacher trained from scratch were saved with their text encoder
-    # (train/teachers.py).
-    scratch = key_of(json.loads((teachers / name / "recipe.json").read_text()))[
-        "teacher"].get("init") == "scratch"
-    holds_text = scratch or name == "anchor"
-    like = {"backbone": student.anchor, **({"text": student.text} if holds_text else {})}
+    entry = key_of(json.loads((teachers / name / "recipe.json").read_text()))["teacher"]
+    like = {"backbone": student.anchor,
+            **({"text": student.text} if saved_with_text(name, entry) else {})}
     params, recipe = load_params(teachers / name, like)
     return params["backbone"], recipe

@@ -68,6 +68,12 @@ def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
             "init": None if t.init == "scratch" else recipe(config, t.init)}
 
 
+def saved_with_text(name: str, teacher: ml_collections.ConfigDict | dict) -> bool:
+    """Whether teacher `name` (its recipe entry) is saved with a text encoder: one trained
+    from scratch trains it, and the anchor carries the one everybody uses."""
+    return teacher.get("init") == "scratch" or name == "anchor"
+
+
 def needed_teachers(config: ml_collections.ConfigDict, routes: list[Route]) -> list[str]:
     """The anchor, every routed teacher, the one the student starts from (training.init) and
     what they start from, parents first."""
@@ -97,7 +103,7 @@ def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], mod
     for name in needed_teachers(config, routes):
         want = recipe(config, name)
         scratch = config.teachers[name].init == "scratch"
-        holds_text = scratch or name == "anchor"
+        holds_text = saved_with_text(name, config.teachers[name])
         like = {"backbone": init_backbone, **({"text": init_text} if holds_text else {})}
         here = workdir / "teachers" / name
 
