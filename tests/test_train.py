@@ -359,19 +359,19 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
 
 
-@pytest.mark.parametrize("name", ["t2i_edit", "t2i_edit_budget", "cfg_absorption"])
+@pytest.mark.parametrize("name", ["t2i_edit", "t2i_edit_budget", "cfg_absorption",
+                                  "omni_family"])
 def test_default_configs_reuse_the_shipped_teachers(name):
     """The README's main job must not silently train a teacher for an hour: every teacher the
     config routes (and what it starts from) is shipped with exactly the config's recipe."""
     from danceopd_jax.config import routes_of
-    from danceopd_jax.train.teachers import SHIPPED_DIR, needed_teachers, recipe
+    from danceopd_jax.train.teachers import find_shipped, needed_teachers, recipe, shipped_dir
 
     config = load_config(name)
     for teacher in needed_teachers(config, routes_of(config)):
-        shipped = json.loads((SHIPPED_DIR / teacher / "recipe.json").read_text())["key"]
-        assert shipped == recipe(config, teacher), (
-            f"the shipped {teacher} teacher was made with another recipe than configs/{name}.py "
-            "asks for: retrain and ship it (docs/teachers.md)")
+        assert find_shipped(shipped_dir(config), teacher, recipe(config, teacher)), (
+            f"no shipped {teacher} teacher was made with the recipe configs/{name}.py asks for: "
+            "retrain and ship it (docs/teachers.md)")
 
 
 @pytest.mark.slow
