@@ -154,3 +154,17 @@ def claims_table(results: Mapping, claims: Sequence[Claim]) -> str:
     return markdown_table(["claim (METHOD.md 9)", "paper", "ours (mean ± std over seeds)",
                            "ours, relative", "95% CI of the difference", "verdict", "why"],
                           [claim_row(results, c) for c in claims])
+
+
+def claims_section(results: Mapping, claims: Sequence[Claim]) -> str:
+    """The report's section: how to read the verdicts, then the table."""
+    return "\n\n".join([
+        "## The paper's claims, tested",
+        f"{results['seeds']} training seeds per arm, {results['sample_steps'][0]} sampling "
+        "steps. Welch's 95% interval of the difference of the means (ours minus the "
+        "comparison); a gain is confirmed when the interval lies above 0 and refuted when it "
+        "lies below; an equivalence (\"within\") is confirmed when the interval's lower end is "
+        "above minus the margin; a cost is a gain on seconds per step, lower being better. "
+        "Only directions are tested: the paper's percentages are on other benchmarks. The "
+        "rules: danceopd_jax/eval/claims.py.",
+        claims_table(results, claims)])
