@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
+from danceopd_jax.core.errors import CheckpointError
 from danceopd_jax.data.shapes.dataset import Splits
 from danceopd_jax.data.shapes.prompts import CATEGORIES
 from danceopd_jax.data.shapes.world import COLORS, PALETTE, Obj, Scene, cell_size, render
@@ -23,7 +24,7 @@ from danceopd_jax.eval.frechet import frechet_distance, frechet_distance_gaussia
 from danceopd_jax.eval.shapes import judge
 from danceopd_jax.eval.shapesbench import EDIT_NAMES, Job, eval_set, gedit, geneval, mean_std
 from danceopd_jax.jobs import distill
-from danceopd_jax.jobs.evaluate import parse_model
+from danceopd_jax.jobs.evaluate import evaluate_workdir, parse_model
 from danceopd_jax.train.loop import every
 from danceopd_jax.worlds.shapes import score_jobs
 
@@ -285,11 +286,29 @@ def test_evaluate_cli_writes_json_and_markdown(trained, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_evaluate_scores_the_teachers_of_a_workdir_without_a_student(trained,
+                                                                      tmp_path: Path) -> None:
+    """Teachers are scored as soon as they are trained: only "student" needs a checkpoint."""
+    workdir, _ = trained
+    fresh = tmp_path / "fresh"  # the workdir before its student's first checkpoint
+    fresh.mkdir()
+    shutil.copy(workdir / "config.json", fresh)
+    for sub in ("teachers", "data"):
+        (fresh / sub).symlink_to(workdir / sub)
+    sizes = dict(models=["anchor"], seeds=(0,), sample_steps=2, num=1, fd=False)
+    def anchor_scores(run: Path) -> dict:
+        scores = evaluate_workdir(run, **sizes)[0]["models"]["anchor"]
+        return {k: v for k, v in scores.items() if k != "wall_time_s"}
+
+    assert anchor_scores(fresh) == anchor_scores(workdir)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        evaluate_workdir(fresh, **{**sizes, "models": ["anchor", "student"]})
+
+
+@pytest.mark.slow
 def test_bench_frechet_distance_and_training_curve(trained, tmp_path: Path) -> None:
     """FD is reported per task (0 for the exact targets themselves); a run with
     eval.curve_every writes held-out scores at step 0 and every curve_every steps."""
-    from danceopd_jax.jobs.evaluate import evaluate_workdir
-
     workdir, _ = trained
     report, path = evaluate_workdir(workdir, models=["student"], seeds=(0,), sample_steps=2,
                                     num=2, fd=True, cache_dir=tmp_path / "fd",

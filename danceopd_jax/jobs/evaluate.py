@@ -16,14 +16,14 @@ from danceopd_jax.config import routes_of, teacher_buckets
 from danceopd_jax.data.store import key_of
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
-from danceopd_jax.jobs.workdir import Student, load_student, load_teacher
+from danceopd_jax.jobs.workdir import Workdir, load_student, load_teacher, open_workdir
 
 CFG_TAG = "@cfg"
 
 
-def default_models(student: Student) -> list[str]:
-    """The student, the anchor and every routed teacher."""
-    routed = [r.teacher for r in routes_of(student.config)]
+def default_models(config) -> list[str]:
+    """The student, the anchor and every routed teacher of a run's config."""
+    routed = [r.teacher for r in routes_of(config)]
     return ["student", *dict.fromkeys(["anchor", *routed])]
 
 
@@ -39,16 +39,17 @@ def parse_model(spec: str) -> tuple[str, float | None]:
                          f"'student' or 'anchor{CFG_TAG}3.5'.") from None
 
 
-def workdir_jobs(workdir: str | Path, student: Student, specs: Sequence[str]) -> list[Job]:
-    """One Job per model spec (see the module docstring)."""
-    route_alpha = {r.teacher: r.cfg_alpha for r in routes_of(student.config)}
+def workdir_jobs(workdir: str | Path, run: Workdir, specs: Sequence[str]) -> list[Job]:
+    """One Job per model spec (see the module docstring); "student" needs `run` to be the
+    workdir's Student (load_student), a teacher only its Workdir (open_workdir)."""
+    route_alpha = {r.teacher: r.cfg_alpha for r in routes_of(run.config)}
     jobs = []
     for spec in specs:
         name, alpha = parse_model(spec)
         if name == "student":
-            jobs.append(Job(spec, student.params, alpha or 1.0))
+            jobs.append(Job(spec, run.params, alpha or 1.0))
             continue
-        params, recipe = load_teacher(workdir, student, name)
+        params, recipe = load_teacher(workdir, run, name)
         jobs.append(Job(spec, params, alpha or route_alpha.get(name, 1.0),
                         teacher_tasks(list(teacher_buckets(key_of(recipe)["teacher"])))))
     return jobs
@@ -70,16 +71,18 @@ def evaluate_workdir(workdir: str | Path, *, models: Sequence[str] | None = None
     ``<workdir>/data/fd_classifier``); batch_size defaults to the workdir's
     config.eval.batch_size. Returns (report, JSON path)."""
     workdir = Path(workdir).absolute()
-    student = load_student(workdir)
-    config = student.config
+    run = open_workdir(workdir)
+    specs = list(models or default_models(run.config))
+    if any(parse_model(spec)[0] == "student" for spec in specs):
+        run = load_student(workdir, run)  # only the student needs a checkpoint
+    config = run.config
     features = scene_features(config.world.image_size, config.world.seed,
                               cache_dir or workdir / "data" / "fd_classifier",
                               recipe) if fd else None
-    bench = ShapesBench(config, student.models, student.world.splits, split=split,
+    bench = ShapesBench(config, run.models, run.world.splits, split=split,
                         sample_steps=sample_steps, num=num,
                         batch_size=batch_size or config.eval.batch_size, features=features)
-    jobs = workdir_jobs(workdir, student, models or default_models(student))
-    report = bench.evaluate(student.text, jobs, seeds)
+    report = bench.evaluate(run.text, workdir_jobs(workdir, run, specs), seeds)
     report["workdir"] = str(workdir)
     path = report_path(workdir, split, sample_steps)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from danceopd_jax.eval.shapes import generate_bucket
 from danceopd_jax.eval.shapesbench import EDIT_NAMES, T2I_NAMES, Job, ShapesBench
 from danceopd_jax.jobs import distill
 from danceopd_jax.jobs.evaluate import default_models, workdir_jobs
-from danceopd_jax.jobs.workdir import load_student
+from danceopd_jax.jobs.workdir import Workdir, load_student, open_workdir
 
 log = logging.getLogger(__name__)
 
@@ -295,29 +295,29 @@ class Reproduction:
         edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in config.routes.values())
         return ("t2i", "edit") if edits else ("t2i",)
 
-    def benches(self, e: Experiment, student) -> dict[int, ShapesBench]:
+    def benches(self, e: Experiment, run: Workdir) -> dict[int, ShapesBench]:
         """One ShapesBench per sampling setting and world (the samplers compile once)."""
-        key = json.dumps(student.config.world.to_dict(), sort_keys=True)
+        key = json.dumps(run.config.world.to_dict(), sort_keys=True)
         if key not in self._benches:
-            features = scene_features(student.config.world.image_size,
-                                      student.config.world.seed, self.out / "fd_classifier",
+            features = scene_features(run.config.world.image_size,
+                                      run.config.world.seed, self.out / "fd_classifier",
                                       self.preset.fd_recipe)
             self._benches[key] = {
-                n: ShapesBench(student.config, student.models, student.world.splits, sample_steps=n,
-                               num=self.preset.num, batch_size=student.config.eval.batch_size,
+                n: ShapesBench(run.config, run.models, run.world.splits, sample_steps=n,
+                               num=self.preset.num, batch_size=run.config.eval.batch_size,
                                features=features)
                 for n in self.preset.sample_steps}
         return self._benches[key]
 
-    def gallery_images(self, e: Experiment, student, job: Job) -> dict[str, np.ndarray]:
+    def gallery_images(self, e: Experiment, run: Workdir, job: Job) -> dict[str, np.ndarray]:
         """The first prompt / edit of every category, sampled with 16 (or the preset's
         first) steps and seed 0: the gallery's columns."""
-        bench = self.benches(e, student)[self.preset.sample_steps[0]]
+        bench = self.benches(e, run)[self.preset.sample_steps[0]]
         out = {}
         for task in job.tasks:
             data = gallery_rows(bench.sets[task], self.preset.num)
             out[task] = generate_bucket(bench.generators(job.cfg_alpha), job.params,
-                                        student.text, data, 0, len(data["target"]))
+                                        run.text, data, 0, len(data["target"]))
         return out
 
     def reference(self, e: Experiment) -> dict:
@@ -327,26 +327,26 @@ class Reproduction:
         done = self.shared(e) / f"reference_{self.preset.name}.json"
         if done.is_file():
             return json.loads(done.read_text())
-        student = load_student(self.workdir(e, config))  # any run of e: it has the teachers
-        specs = default_models(student)[1:]
+        run = open_workdir(self.workdir(e, config))  # any run of e: it has the teachers
+        specs = default_models(run.config)[1:]
         if e.name == "cfg_absorption":  # the anchor with each teacher guidance scale
             specs = [f"anchor@cfg{a.overrides['routes.t2i.cfg_alpha']:g}" for a in e.arms]
-        jobs = workdir_jobs(self.workdir(e, config), student, specs)
+        jobs = workdir_jobs(self.workdir(e, config), run, specs)
         seeds = tuple(range(self.preset.seeds))
         report = {"models": {}, "gallery": {}, "captions": {}}
-        self.save_truth(e, student, report)
-        for n, bench in self.benches(e, student).items():
-            report["models"][str(n)] = bench.evaluate(student.text, jobs, seeds)["models"]
+        self.save_truth(e, run, report)
+        for n, bench in self.benches(e, run).items():
+            report["models"][str(n)] = bench.evaluate(run.text, jobs, seeds)["models"]
         for job in jobs:
             path = self.shared(e) / f"gallery_{self.preset.name}_{_safe(job.name)}.npz"
-            np.savez_compressed(path, **self.gallery_images(e, student, job))
+            np.savez_compressed(path, **self.gallery_images(e, run, job))
             report["gallery"][job.name] = str(path)
         done.write_text(json.dumps(report, indent=2))
         return report
 
-    def save_truth(self, e: Experiment, student, report: dict) -> None:
+    def save_truth(self, e: Experiment, run: Workdir, report: dict) -> None:
         """The gallery rows' ground truth (T2I targets; edit sources and targets) and prompts."""
-        bench = self.benches(e, student)[self.preset.sample_steps[0]]
+        bench = self.benches(e, run)[self.preset.sample_steps[0]]
         truth = {}
         for task, data in bench.sets.items():
             rows = gallery_rows(data, self.preset.num)

@@ -4,7 +4,7 @@ sample, evaluate, reproduce and export commands read."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +29,26 @@ Params = Any
 
 
 @dataclass(frozen=True)
-class Student:
-    """A workdir's trained student and what running or exporting it needs."""
+class Workdir:
+    """A main-job workdir's config, world and frozen models: what scoring its teachers needs,
+    before (or without) a trained student."""
 
     config: ml_collections.ConfigDict
     world: World
     models: Models
-    params: Params  # the student's backbone params (a LoRA student's merged onto its base)
     text: Params  # the frozen text encoder
-    anchor: Params  # the frozen anchor teacher's backbone
+    teachers: dict[str, Params]  # the backbones loaded so far: always the anchor
+
+    @property
+    def anchor(self) -> Params:  # the frozen anchor teacher's backbone
+        return self.teachers["anchor"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Student(Workdir):
+    """A workdir's trained student and what running or exporting it needs."""
+
+    params: Params  # the student's backbone params (a LoRA student's merged onto its base)
     lora: Params | None  # the trained LoRA tree; None for full fine-tuning
     lora_alpha: float
     full: Params | None = None  # the base params a LoRA student trained in full
@@ -47,37 +58,44 @@ class Student:
         return nnx.merge(self.models.backbone, self.params).config
 
 
-def load_student(workdir: str | Path) -> Student:
-    """The student of a ``danceopd_jax.main`` workdir at its latest checkpoint (from
-    ``config.json``, ``checkpoints/`` and the teachers under ``teachers/``): its moving
-    average when it kept one (training.ema_decay > 0)."""
+def open_workdir(workdir: str | Path) -> Workdir:
+    """A ``danceopd_jax.main`` workdir's config (``config.json``), world, text encoder and
+    anchor, without its student."""
     workdir = Path(workdir).absolute()
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{workdir} has no config.json; is it a danceopd_jax.main workdir?")
     config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
     world = build(config, workdir)
-    tc = config.training
+    loaded, text = world.load_teachers([])
+    return Workdir(config, world, world.models, text, loaded)
+
+
+def load_student(workdir: str | Path, run: Workdir | None = None) -> Student:
+    """The student of a ``danceopd_jax.main`` workdir at its latest checkpoint (from
+    ``config.json``, ``checkpoints/`` and the teachers under ``teachers/``): its moving
+    average when it kept one (training.ema_decay > 0). `run`: the workdir, if already open."""
+    workdir = Path(workdir).absolute()
+    run = run or open_workdir(workdir)
+    config, tc = run.config, run.config.training
     if tc.lora_rank > 0:  # a LoRA student's base: the weights it started from
-        teachers, text = world.load_teachers(init_sources(config, world.routes))
-        init = student_init(config, world.routes, teachers)
+        loaded, _ = run.world.load_teachers(init_sources(config, run.world.routes))
+        run = replace(run, teachers=loaded)
+        init = student_init(config, run.world.routes, run.teachers)
     else:  # the checkpoint holds the whole student; the anchor gives its shapes
-        teachers, text = world.load_teachers([])
-        init = teachers["anchor"]
-    optimizer = student_optimizer(tc)
-    like = TrainState.create(initial_trainable(config, init, world.models.lora_targets),
-                             optimizer, tc.seed)
+        init = run.anchor
+    like = TrainState.create(initial_trainable(config, init, run.models.lora_targets),
+                             student_optimizer(tc), tc.seed)
     checkpoints = RunCheckpoints(workdir / "checkpoints")
     state, _ = checkpoints.restore(like)
     checkpoints.close()
     alpha = tc.lora_alpha or float(tc.lora_rank)
     trainable = state.eval_trainable()
-    params = student_params_fn(alpha)(trainable, {"init": init})
-    return Student(config, world, world.models, params, text, teachers["anchor"],
-                   trainable.get("lora"), alpha, trainable.get("full"))
+    return Student(**vars(run), params=student_params_fn(alpha)(trainable, {"init": init}),
+                   lora=trainable.get("lora"), lora_alpha=alpha, full=trainable.get("full"))
 
 
-def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Params, dict]:
+def load_teacher(workdir: str | Path, run: Workdir, name: str) -> tuple[Params, dict]:
     """Teacher `name`'s backbone params from ``<workdir>/teachers/<name>/`` and its recipe
     (``data.store.key_of(recipe)["teacher"]`` is its config entry)."""
     teachers = Path(workdir).absolute() / "teachers"
@@ -85,7 +103,7 @@ def load_teacher(workdir: str | Path, student: Student, name: str) -> tuple[Para
         have = sorted(p.name for p in teachers.glob("*") if (p / "recipe.json").is_file())
         raise CheckpointError(f"{teachers} has no teacher {name!r}; it has {have}.")
     entry = key_of(json.loads((teachers / name / "recipe.json").read_text()))["teacher"]
-    like = {"backbone": student.anchor,
-            **({"text": student.text} if saved_with_text(name, entry) else {})}
+    like = {"backbone": run.anchor,
+            **({"text": run.text} if saved_with_text(name, entry) else {})}
     params, recipe = load_params(teachers / name, like)
     return params["backbone"], recipe
