@@ -152,8 +152,8 @@ def diffusers_teacher(kind: str, path: str, lora_base: str = "") -> ml_collectio
 
 
 def world_kind(config: ml_collections.ConfigDict) -> str:
-    # The shapes configs carry no world.kind: their world dict is part of the shipped
-    # teachers' recipes (train/teachers.py), which a new field would invalidate.
+    # The shapes configs carry no world.kind, nor do their workdirs' config.json files: a world
+    # without one is the shapes world (a teacher's recipe holds only train.teachers.WORLD_FIELDS).
     return config.world.get("kind", "shapes")
 
 
