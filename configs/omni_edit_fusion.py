@@ -8,6 +8,7 @@ from danceopd_jax.config import base_config, omni_family, paper_student, route, 
 
 def get_config():
     c = omni_family(paper_student(base_config()))
+    c.training.lr = 2e-4  # the paper's rate, as configs/omni_family.py (measured there)
     c.routes.local = route("local_edit", "local_edit", 0.5)
     c.routes["global"] = route("global_edit", "global_edit", 0.5)
     c.eval.targets.local = target("edit_local", "local_edit", "ratio", 0.9)

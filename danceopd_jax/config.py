@@ -68,7 +68,7 @@ def target(score: str, reference: str, rule: str, value: float) -> ml_collection
 # anchor) that knows T2I and source-conditioned generation in the edit layout, so its edit
 # pathway works but is weaker than the edit teachers', and a joint-, a local- and a global-edit
 # teacher fine-tuned from it. The base is the shipped T2I anchor (`t2i_anchor`, reused from the
-# shapes family by its recipe) trained further on a mix of 70% T2I and 30% joint edits: sized
+# shapes family by its recipe) trained further on an even mix of T2I and joint edits: sized
 # for 2 CPU cores (1.3-1.5 steps/s at batch 64), since training a base from scratch takes
 # 12,000 x 256 steps (2.7 minutes on an H200, about 18 hours here). The base's edit share is
 # the knob that keeps its edits below the teachers'.
@@ -81,7 +81,7 @@ def omni_family(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.teachers = ml_collections.ConfigDict()
     c.teachers.t2i_anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.teachers.anchor = teacher("t2i", MIX, "t2i_anchor", steps=OMNI_BASE_STEPS, lr=5e-4,
-                                batch_size=64, mix={"t2i": 0.7, "joint_edit": 0.3})
+                                batch_size=64, mix={"t2i": 0.5, "joint_edit": 0.5})
     for bucket in ("joint_edit", "local_edit", "global_edit"):
         c.teachers[bucket] = teacher("edit", bucket, "anchor", steps=OMNI_EDIT_STEPS, lr=1e-3,
                                      batch_size=64)
