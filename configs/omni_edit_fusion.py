@@ -1,7 +1,7 @@
 """Local + global edit fusion on the omni teacher family (configs/omni_family.py): the paper's
-DanceOPD recipe with the default's budget (as configs/edit_fusion.py). The local- and
-global-edit teachers are not shipped yet: a first run trains them (about an hour each on 2 CPU
-cores; resumable) and reuses them afterwards."""
+DanceOPD recipe with the default's budget (as configs/edit_fusion.py), at the paper's
+learning rate 2e-4. The local- and global-edit teachers are not shipped yet: a first run trains
+them (about an hour each on 2 CPU cores; resumable) and reuses them afterwards."""
 
 from danceopd_jax.config import base_config, omni_family, paper_student, route, target
 

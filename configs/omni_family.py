@@ -4,7 +4,7 @@ joint-, local- and global-edit teachers fine-tuned from it (config.omni_family),
 danceopd_jax/assets/omni_teachers/ (`bash launch/make_teachers.sh omni` makes them).
 
 As a main-job config: T2I + edit fusion on the omni base, the paper's DanceOPD recipe with the
-default's budget (as configs/t2i_edit.py)."""
+default's budget (as configs/t2i_edit.py), at the paper's learning rate 2e-4."""
 
 from danceopd_jax.config import base_config, omni_family, paper_student, route, target
 

@@ -12,6 +12,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import ml_collections
+
 from danceopd_jax.config import routes_of, teacher_buckets
 from danceopd_jax.data.store import key_of
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
@@ -21,7 +23,7 @@ from danceopd_jax.jobs.workdir import Workdir, load_student, load_teacher, open_
 CFG_TAG = "@cfg"
 
 
-def default_models(config) -> list[str]:
+def default_models(config: ml_collections.ConfigDict) -> list[str]:
     """The student, the anchor and every routed teacher of a run's config."""
     routed = [r.teacher for r in routes_of(config)]
     return ["student", *dict.fromkeys(["anchor", *routed])]
