@@ -2,10 +2,9 @@
 # Reproduces shipped teachers with their recipes and seeds (config.teachers.*).
 #
 #   bash launch/make_teachers.sh [shapes]   the teachers in danceopd_jax/assets/shapes_teachers/:
-#       the anchor and joint-edit teacher of configs/t2i_edit.py, then the local- and
-#       global-edit teachers of configs/edit_fusion.py (the anchor is reused). Made on one GPU
+#       the T2I anchor and joint-edit teacher of configs/t2i_edit_budget.py. Made on one GPU
 #       and this CPU (see docs/teachers.md); on 2 CPU cores it takes many hours.
-#   bash launch/make_teachers.sh omni       the omni teacher family of configs/omni_family.py
+#   bash launch/make_teachers.sh omni       the omni teacher family of configs/t2i_edit.py
 #       (an omni base fine-tuned from the shipped T2I anchor, then joint-, local- and
 #       global-edit teachers fine-tuned from it) into danceopd_jax/assets/omni_teachers/, scored
 #       with ShapesBench. Sized for 2 CPU cores: about 40 minutes for the base and an hour for
@@ -23,11 +22,10 @@ fi
 teachers() { python3 -m danceopd_jax.teachers --ship "$@"; }
 case "$FAMILY" in
   shapes)
-    teachers --config=configs/t2i_edit.py --workdir="$WORKDIR" "$@"
-    teachers --config=configs/edit_fusion.py --workdir="$WORKDIR" "$@" ;;
+    teachers --config=configs/t2i_edit_budget.py --workdir="$WORKDIR" "$@" ;;
   omni)
     start=$SECONDS
-    teachers --config=configs/omni_family.py --workdir="$WORKDIR/omni" "$@"
+    teachers --config=configs/t2i_edit.py --workdir="$WORKDIR/omni" "$@"
     echo "omni family trained, scored and shipped in $((SECONDS - start)) s" ;;
   *)
     echo "unknown family '$FAMILY': use shapes or omni" >&2; exit 2 ;;

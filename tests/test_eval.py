@@ -210,24 +210,23 @@ def test_targets_verdicts_and_the_printed_table() -> None:
 def test_score_jobs_follow_routes_recipes_and_targets() -> None:
     """The final scores' models: the anchor, each routed teacher at its CFG scale, the
     student; each on what its recipe trains and what a target compares it on."""
-    from danceopd_jax.config import routes_of, teacher, validate
+    from danceopd_jax.config import routes_of, validate
 
     def jobs(config) -> dict[str, tuple]:
         teachers = {name: {} for name in config.teachers}
         return {j.name: (j.cfg_alpha, j.tasks)
                 for j in score_jobs(config, routes_of(config), teachers, {})}
 
+    # The omni base (the anchor) trains on T2I and edits, so it is scored on both.
     assert jobs(tiny_config("edit_fusion")) == {
-        "anchor": (1.0, ("t2i",)), "local_edit": (1.0, ("edit",)),
+        "anchor": (1.0, ("t2i", "edit")), "local_edit": (1.0, ("edit",)),
         "global_edit": (1.0, ("edit",)), "student": (1.0, ("t2i", "edit"))}
     assert jobs(tiny_config("cfg_absorption")) == {
         "anchor": (1.0, ("t2i",)), "anchor@cfg3.5": (3.5, ("t2i",)), "student": (1.0, ("t2i",))}
-    config = tiny_config()
-    config.teachers.anchor = teacher("t2i", "mix", "scratch", 3, 1e-3,
-                                     mix={"t2i": 1.0, "joint_edit": 1.0})
+    config = tiny_config("t2i_edit_budget")  # the T2I-only anchor of the shapes family
+    assert jobs(config)["anchor"] == (1.0, ("t2i",))
     config.eval.targets.t2i.reference = "joint_edit"  # compared on T2I: scored on it too
-    assert jobs(config) == {"anchor": (1.0, ("t2i", "edit")),
-                            "joint_edit": (1.0, ("t2i", "edit")),
+    assert jobs(config) == {"anchor": (1.0, ("t2i",)), "joint_edit": (1.0, ("t2i", "edit")),
                             "student": (1.0, ("t2i", "edit"))}
     for field, value, match in (("score", "fid", "score='fid'"), ("rule", "above", "rule"),
                                 ("reference", "nobody", "not a teacher")):
@@ -239,7 +238,7 @@ def test_score_jobs_follow_routes_recipes_and_targets() -> None:
         bad = tiny_config("cfg_absorption")
         bad.eval.targets.t2i.score = "edit"
         validate(bad)
-    bad = tiny_config()
+    bad = tiny_config("t2i_edit_budget")
     bad.teachers.anchor.bucket = "mix"
     with pytest.raises(ValueError, match="with no mix"):
         validate(bad)
@@ -271,7 +270,8 @@ def test_evaluate_cli_writes_json_and_markdown(trained, tmp_path: Path) -> None:
     assert report["seeds"] == [0, 1] and report["classifier"] is None
     models = report["models"]
     assert set(models["student"]) >= {"t2i", "edit", "per_seed"}
-    assert "edit" not in models["anchor"] and "t2i" not in models["joint_edit@cfg2"]
+    assert {"t2i", "edit"} <= set(models["anchor"])  # the omni base: trained on both
+    assert "t2i" not in models["joint_edit@cfg2"]
     assert models["joint_edit@cfg2"]["cfg_alpha"] == 2.0
     student = models["student"]
     assert set(student["t2i"]) == {*CATEGORIES, "mean"}
