@@ -1,9 +1,9 @@
 """python -m danceopd_jax.teachers --config=configs/t2i_edit.py --workdir=DIR [--ship]
 
 Trains (or reuses) every teacher a config defines, exactly as the main job would, and with
---ship copies them into the package (danceopd_jax/assets/shapes_teachers/) so that the main job
-reuses them whenever its recipe matches. This is how the shipped teachers were made
-(launch/make_teachers.sh).
+--ship copies them into the package (danceopd_jax/assets/<config.shipped_teachers>/, the
+default's omni family in omni_teachers/) so that the main job reuses them whenever its recipe
+matches. This is how the shipped teachers were made (launch/make_teachers.sh).
 """
 
 from __future__ import annotations
