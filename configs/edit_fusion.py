@@ -2,8 +2,8 @@
 teachers (fine-tuned from the omni base, config.omni_family), with the paper's DanceOPD recipe
 and the default's budget (config.paper_student), as configs/t2i_edit.py.
 
-The global-edit teacher is shipped; the local-edit one not yet: a first run trains it (3,000
-steps, about 35 minutes on 2 CPU cores; resumable) and reuses it afterwards."""
+Both teachers are shipped (danceopd_jax/assets/omni_teachers/; docs/teachers.md has their
+scores)."""
 
 from danceopd_jax.config import base_config, omni_family, paper_student, route, target
 

@@ -361,7 +361,7 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
 
 
-@pytest.mark.parametrize("name", ["t2i_edit", "t2i_edit_budget", "cfg_absorption"])
+@pytest.mark.parametrize("name", ["t2i_edit", "edit_fusion", "t2i_edit_budget", "cfg_absorption"])
 def test_default_configs_reuse_the_shipped_teachers(name):
     """The README's main job must not silently train a teacher for an hour: every teacher the
     config routes (and what it starts from) is shipped with exactly the config's recipe."""
