@@ -168,7 +168,10 @@ PRESETS = {
         "eval.curve_every": 200, "eval.curve_num": 8, "eval.final_scores": False}),
     # What fits 2 CPU cores in about an hour: N = 8 rollout steps, 60 steps x 8 samples, small
     # evaluation sets, the shipped teachers. Too small to tell the methods apart: its students
-    # stay near their start (issue 15's note has the arithmetic of what would fit).
+    # stay near their start. Reaching 80% of the main job's edits takes DanceOPD about 1,000 x
+    # 16 samples (docs/teachers.md's curve); at that budget per arm the arms cost about 61
+    # DanceOPD runs per seed (the dense and Flow-OPD arms 5-6 each, docs/performance.md), some
+    # 20 hours for 3 seeds on 2 cores at 0.4 s per step.
     "cpu": Preset(
         "cpu", seeds=3, num=8,
         overrides={"danceopd.num_steps": 8, "training.steps": 60, "training.batch_size": 8,
