@@ -436,9 +436,10 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
                                    world.init_text, world.train, make_mesh(), tmp_path, None)
     base, edit = teachers["anchor"], teachers["joint_edit"]
     assert np.any(np.asarray(base["source_embed"]))  # the base saw source images
-    assert not np.any(np.asarray(teachers["t2i_anchor"]["source_embed"]))
+    assert "t2i_anchor" not in teachers  # a parent: needed only to train the base
     like = {"backbone": world.init_backbone, "text": world.init_text}
     saved = {n: load_params(tmp_path / "teachers" / n, like)[0] for n in ("t2i_anchor", "anchor")}
+    assert not np.any(np.asarray(saved["t2i_anchor"]["backbone"]["source_embed"]))
     leaves = {n: jax.tree.leaves(t) for n, t in (("base", saved["anchor"]["text"]),
                                                   ("t2i", saved["t2i_anchor"]["text"]),
                                                   ("init", world.init_text))}
@@ -451,3 +452,11 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     assert recipes["anchor"]["teacher"]["mix"] == {"t2i": 0.5, "joint_edit": 0.5}
     assert recipes["joint_edit"]["init"] == recipes["anchor"]
     assert "mix" not in recipes["joint_edit"]["teacher"]
+    # A main job whose base and edit teacher are shipped never loads what the base started from.
+    again, text = prepare_teachers(config, routes_of(config), world.models, world.init_backbone,
+                                   world.init_text, world.train, make_mesh(), tmp_path / "again",
+                                   tmp_path / "teachers")
+    assert sorted(again) == ["anchor", "joint_edit"]
+    assert sorted(p.name for p in (tmp_path / "again" / "teachers").iterdir()) == sorted(again)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(text), leaves["base"],
+                                                     strict=True))

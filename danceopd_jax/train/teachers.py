@@ -75,62 +75,62 @@ def saved_with_text(name: str, teacher: ml_collections.ConfigDict | dict) -> boo
 
 
 def needed_teachers(config: ml_collections.ConfigDict, routes: list[Route]) -> list[str]:
-    """The anchor, every routed teacher, the one the student starts from (training.init) and
-    what they start from, parents first."""
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        init = config.teachers[name].init
-        if init != "scratch":
-            visit(init)
-        if name not in order:
-            order.append(name)
-
-    for name in ["anchor", *(r.teacher for r in routes), init_teacher(config) or "anchor"]:
-        visit(name)
-    return order
+    """The anchor, every routed teacher and the one the student starts from (training.init).
+    What they are fine-tuned from is needed only to train them (prepare_teachers)."""
+    return list(dict.fromkeys(["anchor", *(r.teacher for r in routes),
+                               init_teacher(config) or "anchor"]))
 
 
 def prepare_teachers(config: ml_collections.ConfigDict, routes: list[Route], models: Models,
                      init_backbone: Params, init_text: Params,
                      bucket: Callable[[str], Bucket], mesh: Mesh, workdir: Path,
                      shipped_dir: Path | None = SHIPPED_DIR) -> tuple[dict[str, Params], Params]:
-    """Return ({teacher name: backbone params}, frozen text-encoder params).
+    """Return ({teacher name: backbone params}, the anchor's frozen text-encoder params) for
+    needed_teachers. A teacher is loaded from the workdir or the shipped checkpoints; only one
+    that must be trained loads (or trains) what it is fine-tuned from, parents first.
 
     shipped_dir=None never reuses shipped teachers (to reproduce them from scratch)."""
-    teachers: dict[str, Params] = {}
-    text = init_text
-    for name in needed_teachers(config, routes):
-        want = recipe(config, name)
-        scratch = config.teachers[name].init == "scratch"
-        holds_text = saved_with_text(name, config.teachers[name])
-        like = {"backbone": init_backbone, **({"text": init_text} if holds_text else {})}
-        here = workdir / "teachers" / name
+    made: dict[str, Params] = {}  # name -> {"backbone": ..., and "text" if saved with it}
 
-        def make(name: str = name, want: dict = want, scratch: bool = scratch,
-                 holds_text: bool = holds_text, like: Params = like,
-                 text: Params = text) -> tuple[Params, dict]:
+    def get(name: str) -> Params:
+        if name in made:
+            return made[name]
+        t = config.teachers[name]
+        want = recipe(config, name)
+        holds_text = saved_with_text(name, t)
+        like = {"backbone": init_backbone, **({"text": init_text} if holds_text else {})}
+
+        def make() -> tuple[Params, dict]:
             shipped = find_shipped(shipped_dir, name, want)
             if shipped:
                 log.info("teacher %-12s reused (shipped with the package: %s)", name, shipped)
                 params, _ = load_params(shipped, like)
                 return params, {"made": "shipped"}
-            init = {"backbone": init_backbone, "text": init_text} if scratch else {
-                "backbone": teachers[config.teachers[name].init]}
+            if t.init == "scratch":
+                init, text = {"backbone": init_backbone, "text": init_text}, init_text
+            else:
+                init, text = {"backbone": get(t.init)["backbone"]}, text_of(t.init)
             params = train_teacher(config, name, models, init, text, bucket, mesh, workdir)
             shutil.rmtree(workdir / "teachers" / "_runs" / name, ignore_errors=True)
-            log.info("teacher %-12s trained (%d steps)", name, config.teachers[name].steps)
+            log.info("teacher %-12s trained (%d steps)", name, t.steps)
             # A fine-tuned anchor (the omni base) is saved with the frozen text encoder too.
             return {"text": text, **params} if holds_text else params, {"made": "trained"}
 
         # Saved in the workdir either way, so it alone serves sampling, export and later runs.
-        params, _, made = cached(here, want, like, make, f"teacher {name!r}")
-        if not made:
-            log.info("teacher %-12s reused from %s", name, here)
-        teachers[name] = params["backbone"]
-        if holds_text:
-            text = params["text"]
-    return teachers, text
+        params, _, fresh = cached(workdir / "teachers" / name, want, like, make,
+                                  f"teacher {name!r}")
+        if not fresh:
+            log.info("teacher %-12s reused from %s", name, workdir / "teachers" / name)
+        made[name] = params
+        return params
+
+    def text_of(name: str) -> Params:
+        """The text encoder teacher `name` was trained with: its own, or its parent's."""
+        params = get(name)
+        return params["text"] if "text" in params else text_of(config.teachers[name].init)
+
+    teachers = {name: get(name)["backbone"] for name in needed_teachers(config, routes)}
+    return teachers, text_of("anchor")
 
 
 def find_shipped(shipped_dir: Path | None, name: str, want: dict) -> Path | None:
