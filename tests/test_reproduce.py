@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
 from danceopd_jax.config import apply_overrides, validate
+from danceopd_jax.core.methods import dsigma_weights
+from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.eval import report
 from danceopd_jax.jobs import reproduce as ex
 
@@ -52,6 +55,25 @@ def test_run_config_keeps_teachers_and_sets_the_training_seed():
         for arm in experiment.arms:
             for preset in ex.PRESETS.values():
                 validate(ex.run_config(experiment, arm, preset, 0, ROOT / "configs"))
+
+
+def test_the_dsigma_experiment_runs_every_arm_on_a_shifted_schedule(tmp_path):
+    """DiffusionOPD's two weightings are one objective on the world's uniform schedule; the
+    dsigma experiment rolls out (and samples) every arm on SD3.5's shift, where they differ,
+    and scores its reference rows on that schedule too (its own shared directory)."""
+    dsigma = next(e for e in ex.EXPERIMENTS if e.name == "dsigma")
+    configs = [ex.run_config(dsigma, a, ex.PRESETS["cpu"], 0, ROOT / "configs")
+               for a in dsigma.arms]
+    assert [c.danceopd.shift for c in configs] == [ex.SHIFTED] * 3 and ex.SHIFTED != 1.0
+    assert [c.method for c in configs] == ["danceopd", "diffusion_opd", "diffusion_opd"]
+    assert sorted(c.baselines.dsigma for c in configs[1:]) == ["true", "uniform"]
+    sigmas = make_sigmas(configs[1].danceopd.num_steps, ex.SHIFTED)
+    assert not np.allclose(dsigma_weights(sigmas, "true"), dsigma_weights(sigmas, "uniform"))
+    flat = make_sigmas(configs[1].danceopd.num_steps, 1.0)
+    np.testing.assert_allclose(dsigma_weights(flat, "true"), dsigma_weights(flat, "uniform"))
+    reproduction = ex.Reproduction(ex.PRESETS["cpu"], tmp_path, ROOT / "configs")
+    shared = {e.name: reproduction.shared(e) for e in ex.EXPERIMENTS}
+    assert shared["query"] == shared["t2i_edit"] != shared["dsigma"]
 
 
 @pytest.mark.slow
