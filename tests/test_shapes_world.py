@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -345,6 +347,22 @@ def test_heldout_split_and_load_split(tok: PreTrainedTokenizerFast, tmp_path: Pa
         np.testing.assert_array_equal(loaded[key], value)
         np.testing.assert_array_equal(reloaded[key], value)
 
+
+
+def test_splits_loads_each_bucket_once_and_frees_it_with_itself(tmp_path: Path) -> None:
+    """A process that runs many jobs (the reproduce command runs every arm in one) keeps no
+    run's buckets once the run's Splits is gone: a cache on the class held them all, some
+    200 MB per run, until the reproduce command ran out of memory."""
+    from conftest import tiny_config
+
+    splits = dataset.Splits(tiny_config(), tmp_path)
+    image = splits.train("t2i")["target"]
+    assert splits.train("t2i")["target"] is image  # loaded once
+    assert splits.heldout("t2i", 4) is splits.heldout("t2i", 4)
+    gone = weakref.ref(image)
+    del splits, image
+    gc.collect()
+    assert gone() is None
 
 def test_bad_split_arguments_raise(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match="unknown split 'test'"):

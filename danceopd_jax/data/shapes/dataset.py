@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import os
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -214,20 +213,25 @@ def load_split(
 
 
 class Splits:
-    """The shapes world's splits for one config, built once and cached in the workdir."""
+    """The shapes world's splits for one config, built once and cached in the workdir, and
+    held in memory by this object only (a process that runs many jobs, like the reproduce
+    command, frees each run's buckets with its Splits)."""
 
     def __init__(self, config: ml_collections.ConfigDict, cache_dir: Path):
         self.config, self.cache_dir = config, cache_dir
         self.tokenizer = shapes_tokenizer.load_tokenizer()
+        self._loaded: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
 
-    @cache  # noqa: B019 - one Splits per run; buckets are large and immutable
+    def _load(self, split: str, bucket: str, num: int) -> dict[str, np.ndarray]:
+        key = (split, bucket, num)
+        if key not in self._loaded:
+            w = self.config.world
+            self._loaded[key] = load_split(split, bucket, num, w.seed, w.image_size,
+                                           self.cache_dir, self.tokenizer)
+        return self._loaded[key]
+
     def train(self, bucket: str) -> dict[str, np.ndarray]:
-        w = self.config.world
-        return load_split("train", bucket, w.train_size, w.seed, w.image_size, self.cache_dir,
-                          self.tokenizer)
+        return self._load("train", bucket, self.config.world.train_size)
 
-    @cache  # noqa: B019
     def heldout(self, bucket: str, num: int) -> dict[str, np.ndarray]:
-        w = self.config.world
-        return load_split("heldout", bucket, num, w.seed, w.image_size, self.cache_dir,
-                          self.tokenizer)
+        return self._load("heldout", bucket, num)
