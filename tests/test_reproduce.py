@@ -114,6 +114,7 @@ def test_reproduction_runs_scores_reports_and_resumes(trained, tmp_path, monkeyp
                  "t2i_edit_curve_edit.png"):
         assert (tmp_path / "docs" / "fig" / name).stat().st_size > 0
     assert "](fig/t2i_edit_gallery.png)" in text
+    assert json.loads((tmp_path / "docs" / "fig" / "results_smoke.json").read_text()) == results
     # The claims table, at the top, from the same per-run numbers (the anchor's are its
     # sampling seeds'); claims of experiments that were not run say so.
     assert text.index("## The paper's claims, tested") < text.index("## T2I + Edit")

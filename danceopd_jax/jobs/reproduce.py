@@ -108,9 +108,9 @@ EXPERIMENTS = (
     Experiment("cfg_absorption", "CFG absorption (student sampled without CFG)",
                "cfg_absorption", CFG_ARMS),
     Experiment("query", "Query ablations (T2I + Edit fusion)", "t2i_edit", QUERY_ARMS),
-    Experiment("dsigma", f"DiffusionOPD's dsigma weightings on a shift-{SHIFTED:g} schedule "
-               "(T2I + Edit fusion; every arm rolls out and is sampled on it)", "t2i_edit",
-               DSIGMA_ARMS, {"danceopd.shift": SHIFTED}),
+    # Every arm rolls out, trains and is sampled on the shifted schedule.
+    Experiment("dsigma", f"DiffusionOPD's dsigma weightings, shift {SHIFTED:g} (T2I + Edit)",
+               "t2i_edit", DSIGMA_ARMS, {"danceopd.shift": SHIFTED}),
 )
 # docs/teachers.md's budget recipes of the T2I + Edit student (runs 6, 7, 10, 11 and the budget
 # default), as overrides of configs/t2i_edit_budget.py. Not part of the paper's comparisons:
@@ -374,7 +374,8 @@ class Reproduction:
 
     def write_report(self, results: dict, markdown_path: Path, figures_dir: Path,
                      intro: str) -> Path:
-        """docs/results.md and its figures (bars per category, curves, a gallery each)."""
+        """docs/results.md, its figures (bars per category, curves, a gallery each) and, beside
+        them, the results it was made from (results_<preset>.json: every per-seed number)."""
         first = str(self.preset.sample_steps[0])
         figures: dict[str, dict[str, Path]] = {}
         for name, exp in results["experiments"].items():
@@ -395,6 +396,9 @@ class Reproduction:
                                       ref["captions"])
             figures[name] = {k: os.path.relpath(p, markdown_path.parent)
                              for k, p in figs.items() if p is not None}
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        (figures_dir / f"results_{results['preset']}.json").write_text(
+            json.dumps(results, indent=2) + "\n")
         markdown_path.parent.mkdir(parents=True, exist_ok=True)
         markdown_path.write_text(results_markdown(results, figures, T2I_NAMES, EDIT_NAMES,
                                                   intro, claims_section(results, CLAIMS)))
