@@ -348,11 +348,10 @@ def test_heldout_split_and_load_split(tok: PreTrainedTokenizerFast, tmp_path: Pa
         np.testing.assert_array_equal(reloaded[key], value)
 
 
-
 def test_splits_loads_each_bucket_once_and_frees_it_with_itself(tmp_path: Path) -> None:
     """A process that runs many jobs (the reproduce command runs every arm in one) keeps no
-    run's buckets once the run's Splits is gone: a cache on the class held them all, some
-    200 MB per run, until the reproduce command ran out of memory."""
+    run's buckets once the run's Splits is gone: a cache on the class held every run's, until
+    the reproduce command ran out of memory."""
     from conftest import tiny_config
 
     splits = dataset.Splits(tiny_config(), tmp_path)
@@ -363,6 +362,7 @@ def test_splits_loads_each_bucket_once_and_frees_it_with_itself(tmp_path: Path) 
     del splits, image
     gc.collect()
     assert gone() is None
+
 
 def test_bad_split_arguments_raise(tok: PreTrainedTokenizerFast) -> None:
     with pytest.raises(ValueError, match="unknown split 'test'"):
