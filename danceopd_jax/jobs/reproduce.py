@@ -6,8 +6,7 @@ seed), so an arm that two experiments share (DanceOPD with its default query app
 fusion table and in the query ablation) is trained once, and a rerun of the command skips every
 run that already has its report (`report.json`). Teachers, the world's data and the reference
 scores live in one directory per experiment config and preset, shared by the runs of the
-experiments on that config (one with overrides for all its arms, such as a shifted schedule,
-has its own).
+experiments on that config.
 """
 
 from __future__ import annotations
@@ -57,9 +56,6 @@ class Experiment:
     title: str
     config: str  # file under configs/
     arms: tuple[Arm, ...]
-    # Applied to every arm, before the arm's own. An experiment with any has its own shared
-    # directory: its reference rows are scored with its own settings (e.g. its schedule).
-    overrides: Overrides = field(default_factory=dict)
 
 
 def _num_steps(c: ml_collections.ConfigDict) -> int:
@@ -97,10 +93,6 @@ FLOW_LOG_RATIO = Arm("Flow-OPD (log-ratio advantage)", {
     **next(a.overrides for a in METHODS if a.label == "Flow-OPD"),
     "baselines.advantage": "log_ratio"})
 FUSION_ARMS = (*METHODS, FLOW_LOG_RATIO)
-# The shapes world's schedule is uniform (shift 1), where DiffusionOPD's "uniform" and "true"
-# dsigma weightings are one objective; SD3.5's shift 3 at 1024^2 makes them differ.
-SHIFTED = 3.0
-DSIGMA_ARMS = (DANCEOPD, *(a for a in METHODS if a.overrides.get("method") == "diffusion_opd"))
 EXPERIMENTS = (
     Experiment("t2i_edit", "T2I + Edit fusion (anchor + joint-edit teacher)", "t2i_edit",
                FUSION_ARMS),
@@ -108,9 +100,6 @@ EXPERIMENTS = (
     Experiment("cfg_absorption", "CFG absorption (student sampled without CFG)",
                "cfg_absorption", CFG_ARMS),
     Experiment("query", "Query ablations (T2I + Edit fusion)", "t2i_edit", QUERY_ARMS),
-    # Every arm rolls out, trains and is sampled on the shifted schedule.
-    Experiment("dsigma", f"DiffusionOPD's dsigma weightings, shift {SHIFTED:g} (T2I + Edit)",
-               "t2i_edit", DSIGMA_ARMS, {"danceopd.shift": SHIFTED}),
 )
 # docs/teachers.md's budget recipes of the T2I + Edit student (runs 6, 7, 10, 11 and the budget
 # default), as overrides of configs/t2i_edit_budget.py. Not part of the paper's comparisons:
@@ -226,7 +215,6 @@ def run_config(experiment: Experiment, arm: Arm, preset: Preset, seed: int,
     apply_overrides(config, preset.overrides)
     for t in config.teachers.values():
         apply_overrides(t, preset.teachers)
-    apply_overrides(config, experiment.overrides)
     apply_overrides(config, arm.overrides)
     config.training.seed = seed  # the teachers (config.seed) stay the same for every seed
     return config
@@ -247,10 +235,9 @@ class Reproduction:
         self._benches: dict[str, dict[int, ShapesBench]] = {}
 
     def shared(self, experiment: Experiment) -> Path:
-        """Teachers, world data and reference scores of one experiment config (shared by its
-        runs, and by the experiments of that config without overrides of their own)."""
-        e = experiment
-        return self.out / "shared" / (f"{e.config}-{e.name}" if e.overrides else e.config)
+        """Teachers, world data and reference scores of one experiment config (shared by the
+        runs of every experiment on it)."""
+        return self.out / "shared" / experiment.config
 
     def workdir(self, experiment: Experiment, config: ml_collections.ConfigDict) -> Path:
         return self.out / "runs" / experiment.config / run_id(config)
