@@ -13,7 +13,9 @@ def get_config():
     c = omni_family(paper_student(base_config()))
     # T2I is kept the way the default keeps it, by a route to the anchor (3 of 16 samples):
     # trained on the two edit routes alone, the student's GenEval-style mean fell from the
-    # anchor's 0.509 to 0.347 (docs/teachers.md). The rest is split evenly between the edits.
+    # anchor's 0.509 to 0.347 (docs/teachers.md). The rest is split evenly between the edits,
+    # and so is the merge the student starts from: the anchor plus 13/32 of each edit teacher's
+    # delta (it edits at 0.05: the two deltas interfere; the student separates them).
     c.routes.t2i = route("anchor", "t2i", 0.1875)
     c.routes.local = route("local_edit", "local_edit", 0.40625)
     c.routes["global"] = route("global_edit", "global_edit", 0.40625)

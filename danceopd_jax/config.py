@@ -106,6 +106,14 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     schedule: the rollouts and ShapesBench's samplers alike (the teachers are trained on
     uniform sigmas, so no teacher changes).
 
+    The student starts from the routed teachers' weight merge (training.init = "merge": the
+    anchor plus each teacher's delta times its route share), which METHOD.md 6 names with the
+    base as the natural init (the paper leaves it unstated; the reference's Flow-OPD starts
+    from a merge): its edit pathway exists from step 0, and distillation restores what the
+    merge loses, its T2I. From the base the default's student kept T2I but reached 44% of the
+    edit teacher in this budget; from the merge, 94% of it, T2I 0.025 below the anchor
+    (docs/teachers.md, "Where the student starts").
+
     Budget knobs: 1,400 steps x 16, the rate cooled down linearly to zero over the last
     quarter, full fine-tuning; the main job with its final ShapesBench scores fits 30 minutes
     on 2 CPU cores (README, docs/teachers.md). Batch 32 ran at 0.47 steps/s where batch 16 ran
@@ -113,7 +121,7 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     1e-3 the omni family's student first collapsed (T2I 0.44 -> 0.13 in 200 steps)."""
     c.danceopd.update(num_steps=16, shift=3.0, query_k=1, query_bias="low", shared_query=False)
     c.training.update(routing="per_sample", steps=1400, batch_size=16, lr=2e-4,
-                      cooldown_fraction=0.25, lora_rank=0)
+                      cooldown_fraction=0.25, lora_rank=0, init="merge")
     c.eval.sample_steps = 16  # the student's own rollout length
     return c
 

@@ -44,7 +44,10 @@ def test_run_config_keeps_teachers_and_sets_the_training_seed():
     assert a.teachers.to_dict() == b.teachers.to_dict()  # so both reuse the shipped teachers
     # Flow-OPD rolls each prompt out G times: B / G prompts keep the rollouts per step equal.
     assert b.training.batch_size * b.baselines.group == a.training.batch_size
-    assert (a.training.init, b.training.init) == ("anchor", "merge")  # as the reference's
+    # The paper's student (config.paper_student) and Flow-OPD, as the reference's, start from
+    # the teachers' merge; Flow-OPD does so on any config.
+    assert (a.training.init, b.training.init) == ("merge", "merge")
+    assert flow.overrides["training.init"] == "merge"
     assert ex.run_id(a) != ex.run_id(b)
     fusion = next(e for e in ex.EXPERIMENTS if e.name == "edit_fusion")
     c = ex.run_config(fusion, fusion.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")

@@ -117,7 +117,7 @@ def experiment_rows(exp: Mapping, steps: str) -> dict[str, list[Mapping]]:
     (over sampling seeds), then every arm (over training seeds)."""
     rows: dict[str, list[Mapping]] = {}
     for name, m in exp["reference"]["models"][steps].items():
-        label = f"{name} (teacher)" if name != "anchor" else "anchor (student init)"
+        label = f"{name} (teacher)" if name != "anchor" else "anchor"
         rows[label] = list(m["per_seed"].values())
     for label, runs in exp["arms"].items():
         rows[label] = [r["scores"][steps] for r in runs.values()]
