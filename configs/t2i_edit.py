@@ -16,7 +16,7 @@ def get_config():
     # 4 T2I + 12 edit samples of 16. The shares also make the student's init, the merge: the
     # anchor plus 3/4 of the teacher's delta, which edits (0.54 on a quick score) but has lost
     # T2I (0.06) until the anchor's route restores it. With 3 + 13 (the merge at 13/16) the
-    # student kept more edits (0.859) and restored less T2I (0.460, 0.045 short of the anchor;
+    # student kept more edits (0.859) and restored less T2I (0.459, 0.046 short of the anchor;
     # docs/teachers.md).
     c.routes.t2i = route("anchor", "t2i", 0.25)
     c.routes.edit = route("joint_edit", "joint_edit", 0.75)

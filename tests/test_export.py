@@ -276,11 +276,20 @@ def test_export_cli_full_fine_tuned_student(trained, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_export_cli_lora_student(trained, tmp_path: Path) -> None:
     full, _ = trained
+    one_step = {"training.lora_rank": 2, "training.steps": 1, "training.checkpoint_every": 1,
+                "training.warmup_steps": 0}
+    # From the teachers' merge (the default's init) the LoRA has no checkpoint to sit on: the
+    # export says so and names the format that works, without a traceback.
+    merged = tmp_path / "merged"
+    shutil.copytree(full / "teachers", merged / "teachers")
+    distill.run(tiny_config(**one_step), merged)
+    out = _export(f"--workdir={merged}", f"--out={tmp_path / 'no_lora'}", "--format=lora")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "training.init=merge" in out.stderr and "--format=diffusers" in out.stderr
+    # From the anchor it is a diffusers LoRA on the anchor's checkpoint.
     workdir = tmp_path / "run"
     shutil.copytree(full / "teachers", workdir / "teachers")
-    distill.run(tiny_config(**{"training.lora_rank": 2, "training.steps": 1,
-                               "training.checkpoint_every": 1, "training.warmup_steps": 0}),
-                workdir)
+    distill.run(tiny_config(**one_step, **{"training.init": "anchor"}), workdir)
     out = _export(f"--workdir={workdir}", f"--out={tmp_path / 'lora'}", "--format=lora")
     assert out.returncode == 0, out.stderr[-2000:]
     student = load_student(workdir)
