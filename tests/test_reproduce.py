@@ -45,9 +45,11 @@ def test_run_config_keeps_teachers_and_sets_the_training_seed():
     # Flow-OPD rolls each prompt out G times: B / G prompts keep the rollouts per step equal.
     assert b.training.batch_size * b.baselines.group == a.training.batch_size
     # The paper's student (config.paper_student) and Flow-OPD, as the reference's, start from
-    # the teachers' merge; Flow-OPD does so on any config.
+    # the teachers' merge; Flow-OPD does so on a config whose student starts from the anchor too.
     assert (a.training.init, b.training.init) == ("merge", "merge")
-    assert flow.overrides["training.init"] == "merge"
+    budget = ex.load_config_file(ROOT / "configs" / "t2i_edit_budget.py")
+    assert budget.training.init == "anchor"
+    assert apply_overrides(budget, flow.overrides).training.init == "merge"
     assert ex.run_id(a) != ex.run_id(b)
     fusion = next(e for e in ex.EXPERIMENTS if e.name == "edit_fusion")
     c = ex.run_config(fusion, fusion.arms[0], ex.PRESETS["cpu"], 0, ROOT / "configs")
