@@ -218,11 +218,14 @@ def base_config() -> ml_collections.ConfigDict:
     # ema_decay > 0 keeps a moving average of the student's weights, which then samples,
     # scores and exports it (0: the weights themselves). lora_full: the base params a LoRA
     # student (lora_rank > 0) trains in full beside its factors (a regex over param paths).
+    # steps_per_call: how many consecutive steps one jitted call runs (train/step.consecutive;
+    # the same steps, fewer calls: on a CPU each call maps and zeroes its temporaries afresh,
+    # docs/performance.md "CPU round 7"). Teachers' training uses it too.
     c.training = dict(
         seed=0, steps=1200, batch_size=32, lr=3e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=20, cooldown_fraction=0.0, lora_rank=0, lora_alpha=0.0, routing="per_sample",
         checkpoint_every=100, log_every=10, sample_every=200, max_to_keep=2, init="anchor",
-        ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0)
+        ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0, steps_per_call=10)
     # final_scores: score the anchor, the routed teachers and the student at the end of the run
     # with ShapesBench (eval/shapesbench.py): `num` held-out prompts / edits per category,
     # sampled with `sample_steps` Euler steps for each of `seeds` (the issue's benchmark
@@ -260,11 +263,13 @@ def prepared_config() -> ml_collections.ConfigDict:
     c.danceopd = shapes.danceopd  # as in the shapes world, with SD3.5's shift at 1024^2
     c.danceopd.shift = 3.0
     c.baselines = shapes.baselines
+    # One step per call: a real model's step takes seconds, so a call's fixed costs are small.
     c.training = dict(
         seed=0, steps=3000, batch_size=8, lr=2e-4, weight_decay=0.0, grad_clip=1.0,
         warmup_steps=0, cooldown_fraction=0.0, lora_rank=128, lora_alpha=128.0,
         routing="per_sample", checkpoint_every=250, log_every=10, sample_every=500, max_to_keep=2,
-        init="anchor", ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0)
+        init="anchor", ema_decay=0.0, lora_full=LORA_FULL, max_param_growth=4.0,
+        steps_per_call=1)
     # Student samples (PNG grids and latents) of the first rows of each routed bucket, at
     # sample_every.
     # (No scorer for real images: no training curve; final_scores only logs that it skips.)
@@ -342,6 +347,9 @@ def _validate(config: ml_collections.ConfigDict) -> None:
     if config.method != "weight_merge" and not config.training.steps >= 1:
         raise ValueError(f"training.steps={config.training.steps}: train for at least 1 step "
                          "(--config.training.steps=N).")
+    if config.training.steps_per_call < 1:
+        raise ValueError(f"training.steps_per_call={config.training.steps_per_call}: a jitted "
+                         "call runs at least 1 step (1: one step per call).")
     if config.training.lora_rank < 0:
         raise ValueError(f"training.lora_rank={config.training.lora_rank}: use 0 for full "
                          "fine-tuning or a positive LoRA rank.")

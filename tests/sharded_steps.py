@@ -61,11 +61,11 @@ def main(workdir: Path) -> None:
         losses, hlo = [], ""
         for s in range(STEPS):
             slots, batch = batcher(s)
-            batch = put(batch, sh.batch)
+            batch = put(jax.tree.map(lambda x: x[None], batch), sh.batches)  # one step a call
             if s == 0:
                 hlo = step.lower(state, placed, batch, slots).compile().as_text()
             state, m = step(state, placed, batch, slots)
-            losses.append(float(m["loss"]))
+            losses.append(float(m["loss"][0]))
         kernel = state.trainable["backbone"]
         moment = state.opt_state[1][0].mu["backbone"]
         for k in KERNEL:

@@ -34,6 +34,11 @@ SLOTS = (Slot(0, 0, 1), Slot(1, 1, 2))  # sample 0 -> teacher 0, sample 1 -> tea
 COND = np.array([0.1, -0.2])  # a per-sample offset every field adds: the "prompt"
 
 
+def one_call(batch):
+    """One step's batch as a call's stack of batches (train/step.consecutive)."""
+    return jax.tree.map(lambda x: x[None], batch)
+
+
 def field(params, z, sigma, cond):
     """v = a*z + b*sigma + d + c: linear in everything, so every expected value is plain numpy."""
     shape = (-1,) + (1,) * (z.ndim - 1)
@@ -421,8 +426,9 @@ def test_every_training_method_takes_a_step(tiny_run, method):
     before = np.asarray(state.trainable["backbone"]["proj_out"]["kernel"])
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                                 "per_sample", 4, config.seed)(0)
-    state, metrics = update(state, put(batch, shardings.batch), slots)
-    assert bool(metrics["finite"]) and float(metrics["loss"]) > 0
+    state, metrics = update(state, put(one_call(batch), shardings.batches), slots)
+    assert metrics["loss"].shape == (1,)  # one step per call
+    assert bool(metrics["finite"][0]) and float(metrics["loss"][0]) > 0
     assert METRICS[method] <= set(metrics)
     assert int(state.step) == 1
     assert not np.array_equal(state.trainable["backbone"]["proj_out"]["kernel"], before)
@@ -463,8 +469,8 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
                                    world.bucket_has_source)
     slots, batch = RouteBatcher({r.bucket: world.train(r.bucket) for r in routes}, routes,
                                 "per_sample", 4, config.seed)(0)
-    state, metrics = update(state, put(batch, shardings.batch), slots)
-    assert int(metrics["one_queries"]) == 1 and float(metrics["loss"]) > 0
+    state, metrics = update(state, put(one_call(batch), shardings.batches), slots)
+    assert int(metrics["one_queries"][0]) == 1 and float(metrics["loss"][0]) > 0
     assert int(state.step) == 1
 
 

@@ -178,7 +178,8 @@ def test_two_processes_match_one_process_survive_sigterm_and_restore_in_one(trai
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(trained, tmp_path, monkeypatch):
     """SIGTERM arrives while step 3 is prepared: the run saves step 3 and stops; the next start
-    resumes there, and every loss equals the uninterrupted run's."""
+    resumes there, and every loss equals the uninterrupted run's. (One step per call, so that
+    step 3 ends a call: a run notices the signal when a call ends.)"""
     workdir = workdir_with_teachers(trained, tmp_path / "run")
     real_update = distill.method_update
 
@@ -194,7 +195,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes_exactly(trained, tmp_pat
     with monkeypatch.context() as patch:
         patch.setattr(distill, "method_update", preempt_at_step_3)
         with pytest.raises(Preempted, match="step 3"):
-            distill.run(tiny_config(), workdir)
+            distill.run(tiny_config(**{"training.steps_per_call": 1}), workdir)
     assert RunCheckpoints(workdir / "checkpoints").latest_step() == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is removed
     distill.run(tiny_config(), workdir)

@@ -23,6 +23,7 @@ from danceopd_jax.core.routing import Route, Slot, per_step_route
 from danceopd_jax.data.batches import RouteBatcher
 from danceopd_jax.data.store import cached, digest, load_params, save_params
 from danceopd_jax.jobs import distill
+from danceopd_jax.jobs.workdir import load_student, open_workdir
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.loop import NonFiniteLossError
 
@@ -344,13 +345,15 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
     def recording(*args, **kwargs):
         update = real_update(*args, **kwargs)
 
-        def record(state, batch, slots):
-            seen.append((slots, np.asarray(batch["has_source"])))
-            return update(state, batch, slots)
+        def record(state, batches, slots):  # one call: its steps' batches stacked
+            seen.extend((slots, has) for has in np.asarray(batches["has_source"]))
+            return update(state, batches, slots)
         return record
 
     monkeypatch.setattr(distill, "method_update", recording)
-    config = tiny_config(**{"training.steps": 4, "training.routing": "per_step"})
+    # No checkpoint or sample grid inside the run: calls end only where the slots change.
+    config = tiny_config(**{"training.steps": 4, "training.routing": "per_step",
+                            "training.checkpoint_every": 4, "training.sample_every": 4})
     distill.run(config, tmp_path)
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
     routes = routes_of(config)
@@ -359,6 +362,29 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         route = per_step_route(config.training.seed, step, [r.weight for r in routes])
         assert slots == (Slot(route, 0, batch),)
         assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
+    assert len(seen) == 4
+
+
+@pytest.mark.slow
+def test_steps_per_call_runs_the_same_steps(trained, tmp_path):
+    """Four steps in one jitted call (train/step.consecutive) are the four steps of four calls:
+    the same losses and the same student."""
+    full, _ = trained
+    runs = {}
+    for per_call in (1, 4):
+        workdir = tmp_path / f"per_call_{per_call}"
+        shutil.copytree(full / "teachers", workdir / "teachers")
+        distill.run(tiny_config(**{"training.steps_per_call": per_call,
+                                   "training.checkpoint_every": 4,
+                                   "training.sample_every": 4}), workdir)
+        runs[per_call] = (losses(workdir), load_student(workdir, open_workdir(workdir)))
+    (one, student_one), (four, student_four) = runs[1], runs[4]
+    assert sorted(one) == sorted(four) == [1, 2, 3, 4]
+    np.testing.assert_allclose([four[s] for s in sorted(four)], [one[s] for s in sorted(one)],
+                               rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(student_one.params), jax.tree.leaves(student_four.params),
+                    strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["t2i_edit", "edit_fusion", "t2i_edit_budget", "cfg_absorption"])

@@ -11,6 +11,7 @@ rolled out G times each, so a sample is one rollout in every row).
 from __future__ import annotations
 
 import dataclasses
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -192,6 +193,10 @@ class Result:
     mfu: float | None
     memory_gib: float | None  # the compiled step's arguments + temporaries, per device
     rollout_forwards: float
+    steps_per_call: int = 1
+    user_ms: float | None = None  # the process's user CPU time per timed step (getrusage)
+    system_ms: float | None = None  # and its kernel CPU time
+    minor_faults: float | None = None  # the process's minor page faults per timed step
 
 
 def _random_cond(key: jax.Array, work: Workload) -> dict[str, jax.Array]:
@@ -227,9 +232,11 @@ def variant_objective(v: Variant, work: Workload, field_fn: Any,
 
 def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
                    which: list[Variant] | None = None,
-                   log: Callable[[str], None] = print) -> list[Result]:
+                   log: Callable[[str], None] = print, per_call: int = 1) -> list[Result]:
     """Every variant's step on one device, random weights (student = anchor; the edit
-    teacher shares the anchor's weights, which changes no cost)."""
+    teacher shares the anchor's weights, which changes no cost). Each call runs `per_call`
+    steps (train/step.consecutive) on the same batch; `steps` and `warmup` count calls, and
+    the times are per step."""
     graph, params = nnx.split(_build(work.model))
     axes = nnx.to_pure_dict(nnx.get_partition_spec(params))
     params = nnx.to_pure_dict(params)
@@ -257,7 +264,8 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
         prompts = work.batch // v.group
         slots = ((Slot(0, 0, prompts),) if v.routing == "per_step" or prompts == 1
                  else per_sample_slots([w for _, w in work.routes], prompts))
-        placed = put({k: x[:prompts] for k, x in batch.items()}, shardings.batch)
+        placed = put({k: jnp.repeat(x[None, :prompts], per_call, axis=0)
+                      for k, x in batch.items()}, shardings.batches)
         rollouts = dataclasses.replace(work.shape(), batch=prompts * v.group)
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, placed, slots).compile()
@@ -265,17 +273,24 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
         memory = _memory_gib(compiled)
         times, forwards = [], []
         for i in range(warmup + steps):
+            if i == warmup:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             state, metrics = compiled(state, frozen, placed)
-            n = int(metrics["rollout_forwards"])  # waits for the step
+            n = [int(f) for f in metrics["rollout_forwards"]]  # waits for the call
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                forwards.append(n)
+                times.append((time.perf_counter() - t0) / per_call)
+                forwards += n
+        end = resource.getrusage(resource.RUSAGE_SELF)
+        timed = steps * per_call
         flops = [danceopd_step_flops(work.model, rollouts, n, v.query_k).total for n in forwards]
         tflops = sum(flops) / sum(times) / 1e12
         step_s = statistics.median(times)
         r = Result(v.name, compile_s, step_s, rollouts.batch / step_s, float(np.mean(flops)),
-                   tflops, tflops / peak if peak else None, memory, float(np.mean(forwards)))
+                   tflops, tflops / peak if peak else None, memory, float(np.mean(forwards)),
+                   per_call, 1e3 * (end.ru_utime - usage.ru_utime) / timed,
+                   1e3 * (end.ru_stime - usage.ru_stime) / timed,
+                   (end.ru_minflt - usage.ru_minflt) / timed)
         log(f"  {r.variant}: {r.step_s * 1e3:.1f} ms/step, compile {r.compile_s:.1f} s")
         results.append(r)
         del state, frozen, compiled
@@ -384,8 +399,9 @@ def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
             waited = batches.wait_s
             slots, batch = batches.get(i)
             waited = batches.wait_s - waited
-            state, metrics = step_fn(state, frozen, put(batch, shardings.batch), slots)
-            int(metrics["rollout_forwards"])  # waits for the step
+            stacked = {k: x[None] for k, x in batch.items()}  # one step per call
+            state, metrics = step_fn(state, frozen, put(stacked, shardings.batches), slots)
+            int(metrics["rollout_forwards"][0])  # waits for the step
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 waits.append(waited)

@@ -179,7 +179,8 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, events: Events | None
                     metrics=MetricsWriter(workdir / "metrics.jsonl", student_rate(tc), events),
                     log_every=tc.log_every,
                     on_interval=on_interval, interval_every=interval_every,
-                    max_param_growth=tc.get("max_param_growth", 0.0))
+                    max_param_growth=tc.get("max_param_growth", 0.0),
+                    steps_per_call=tc.get("steps_per_call", 1))
     checkpoints.close()
     t_student = time.perf_counter() - t1
 

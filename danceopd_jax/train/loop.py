@@ -1,9 +1,11 @@
 """The training loop shared by teacher training and distillation.
 
-It owns everything around the jitted step: batches (each process builds its own shards'
+It owns everything around the jitted steps: batches (each process builds its own shards'
 rows), placement on the mesh, checkpoints (periodic, final, on preemption, and exact resume),
-non-finite detection, metrics (JSONL) and a progress bar. The device is never waited on except
-to read one step's scalars, one step late.
+non-finite detection, metrics (JSONL) and a progress bar. Each call runs up to
+`steps_per_call` consecutive steps (train/step.consecutive), cut short where a checkpoint, a
+hook or a change of routing slots falls. The device is never waited on except to read one
+call's scalars, one call late.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ from danceopd_jax.core.errors import NonFiniteLossError, Preempted
 from danceopd_jax.data.batches import Prefetcher
 from danceopd_jax.train.checkpoint import RunCheckpoints
 from danceopd_jax.train.events import Events
-from danceopd_jax.train.mesh import local_shards, put_batch
+from danceopd_jax.train.mesh import local_shards, put_batches
 from danceopd_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-Update = Callable[[TrainState, Any, tuple], tuple[TrainState, dict]]  # (state, batch, slots)
+# (state, the steps' batches stacked, slots) -> (state, metrics stacked over the steps)
+Update = Callable[[TrainState, Any, tuple], tuple[TrainState, dict]]
 Batcher = Callable[[int, range], tuple[tuple, dict]]  # (step, this process's shards)
 
 
@@ -142,16 +145,20 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         meta: dict | None = None, metrics: MetricsWriter | None = None, log_every: int = 10,
         on_interval: Callable[[TrainState, int], None] | None = None,
         interval_every: int = 0, max_param_growth: float = 0.0,
-        prefetch: int = 2) -> TrainState:
+        prefetch: int = 2, steps_per_call: int = 1) -> TrainState:
     """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
     and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
-    Batches are built `prefetch` steps ahead on a background thread.
+    Each call of `update` runs up to `steps_per_call` steps: consecutive steps with the same
+    routing slots that cross no checkpoint or hook. Batches are built `prefetch` steps ahead on
+    a background thread.
     On SIGTERM it saves a checkpoint and raises Preempted (the next start resumes there).
     Metrics and the progress bar come from process 0 only; every process runs on_interval.
     Only sound weights are saved (`unsound`, against the start state and then each save): at
     the first non-finite loss or unsound state it raises NonFiniteLossError, so the newest
     checkpoint is always the last sound one and rotation never deletes it.
     """
+    if steps_per_call < 1:
+        raise ValueError(f"steps_per_call={steps_per_call}: a call runs at least one step.")
     start = int(state.step)
     lead = jax.process_index() == 0
     shards = local_shards(mesh)
@@ -173,37 +180,62 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
             f"{name}: {what}; nothing was saved after it: {resume}. Lower the learning rate "
             "(--config.training.lr) or check the data, then rerun to resume.")
 
-    def settle(step: int, m: dict) -> None:
-        """Read step `step`'s scalars; stop on a non-finite loss."""
+    def settle(first: int, stacked: dict) -> None:
+        """Read the scalars of the call whose first step is `first`; stop on a non-finite
+        loss."""
         nonlocal tick
-        m = {k: float(np.asarray(v)) for k, v in jax.device_get(m).items()}
-        if not m["finite"]:
-            raise diverged(f"the loss became non-finite at step {step + 1} (loss={m['loss']}, "
-                           f"grad_norm={m['grad_norm']}); that update was not applied")
-        window.append(m)
-        bar.update(1)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            now = time.perf_counter()
-            record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-            record.update(step=step + 1, steps_per_sec=len(window) / (now - tick), phase=name)
-            record.pop("finite")
-            bar.set_postfix(loss=f"{record['loss']:.4g}", sps=f"{record['steps_per_sec']:.2f}")
-            if metrics and lead:
-                metrics.write(record)
-            window.clear()
-            tick = now
+        stacked = {k: np.asarray(v) for k, v in jax.device_get(stacked).items()}
+        for i in range(len(stacked["loss"])):
+            step = first + i
+            m = {k: float(v[i]) for k, v in stacked.items()}
+            if not m["finite"]:
+                raise diverged(f"the loss became non-finite at step {step + 1} (loss="
+                               f"{m['loss']}, grad_norm={m['grad_norm']}); that update was not "
+                               "applied")
+            window.append(m)
+            bar.update(1)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                now = time.perf_counter()
+                record = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
+                record.update(step=step + 1, steps_per_sec=len(window) / (now - tick), phase=name)
+                record.pop("finite")
+                bar.set_postfix(loss=f"{record['loss']:.4g}",
+                                sps=f"{record['steps_per_sec']:.2f}")
+                if metrics and lead:
+                    metrics.write(record)
+                window.clear()
+                tick = now
 
-    # The host builds the next batches while the device runs this step (data/batches.py).
+    def call_end(step: int) -> int:
+        """Where the call starting at `step` stops at the latest: steps_per_call on, and never
+        past a checkpoint or a hook."""
+        end = min(steps, step + steps_per_call)
+        for every_n in (checkpoint_every if checkpoints else 0,
+                        interval_every if on_interval else 0):
+            if every_n:
+                end = min(end, (step // every_n + 1) * every_n)
+        return end
+
+    # The host builds the next batches while the device runs this call (data/batches.py).
     batches = Prefetcher(batcher, range(start, steps), shards, depth=prefetch)
+    held: tuple[tuple, dict] | None = None  # a step whose slots differ from its call's
+    step, calls = start, start
     try:
-        for step in range(start, steps):
-            slots, batch = batches.get(step)
-            state, m = update(state, put_batch(batch, mesh), slots)
+        while step < steps:
+            slots, batch = held or batches.get(step)
+            held, rows, done = None, [batch], call_end(step)
+            for later in range(step + 1, done):
+                item = batches.get(later)
+                if item[0] != slots:  # another slot layout: another program, another call
+                    held, done = item, later
+                    break
+                rows.append(item[1])
+            state, m = update(state, put_batches(rows, mesh), slots)
             if pending:
                 settle(*pending)
-            pending = (step, m)
-            done = step + 1
-            preempted = watch.reached(done)
+            pending, step = (step, m), done
+            calls += 1  # the preemption sync point counts calls, the same on every process
+            preempted = watch.reached(calls)
             save = checkpoints and (done == steps or preempted or (
                 checkpoint_every and done % checkpoint_every == 0))
             if save or (on_interval and interval_every and done % interval_every == 0):

@@ -16,7 +16,7 @@ and no step ever gathers the batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +84,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batches_sharding(mesh: Mesh) -> NamedSharding:
+    """Consecutive steps' batches stacked on a leading (step) axis: each step's rows split as
+    batch_sharding's."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+
 def logical_sharding(mesh: Mesh, logical: PartitionSpec, shape: tuple[int, ...]) -> NamedSharding:
     """The rules table applied to one parameter. A dimension stays replicated when its mesh
     axis does not divide it (e.g. a 3-channel patch kernel on an 8-way fsdp axis) or already
@@ -120,11 +126,12 @@ def state_shardings(mesh: Mesh, state: Any, trainable: Any,
 
 @dataclass(frozen=True)
 class StepShardings:
-    """Where a train step's (state, frozen, batch) inputs and (state, metrics) outputs live."""
+    """Where a train call's (state, frozen, batches) inputs and (state, metrics) outputs live
+    (batches and metrics stacked over the call's steps, train/step.consecutive)."""
 
     state: Any
     frozen: Any
-    batch: NamedSharding
+    batches: NamedSharding
     metrics: NamedSharding
 
     @classmethod
@@ -133,10 +140,10 @@ class StepShardings:
         trainable = param_shardings(mesh, trainable_axes, state.trainable)
         return cls(state=state_shardings(mesh, state, trainable, optimizer),
                    frozen=param_shardings(mesh, frozen_axes, frozen),
-                   batch=batch_sharding(mesh), metrics=replicated(mesh))
+                   batches=batches_sharding(mesh), metrics=replicated(mesh))
 
     def jit_kwargs(self) -> dict:
-        return {"in_shardings": (self.state, self.frozen, self.batch),
+        return {"in_shardings": (self.state, self.frozen, self.batches),
                 "out_shardings": (self.state, self.metrics)}
 
 
@@ -180,19 +187,22 @@ def local_shards(mesh: Mesh) -> range:
     return range(starts[0], starts[-1] + 1)
 
 
-def put_batch(local: Any, mesh: Mesh) -> Any:
-    """Assemble the global batch from this process's rows (those of local_shards(mesh))."""
+def put_batches(local: Sequence[Any], mesh: Mesh) -> Any:
+    """Assemble consecutive steps' global batches, stacked on a leading step axis, from this
+    process's rows of each (those of local_shards(mesh))."""
     n, mine = batch_shards(mesh), len(local_shards(mesh))
-    sharding = batch_sharding(mesh)
+    sharding = batches_sharding(mesh)
 
-    def place(x: np.ndarray) -> jax.Array:
-        if x.shape[0] % mine:
-            raise ValueError(f"a local batch of {x.shape[0]} rows does not split over this "
+    def place(*steps: np.ndarray) -> jax.Array:
+        rows = steps[0].shape[0]
+        if rows % mine:
+            raise ValueError(f"a local batch of {rows} rows does not split over this "
                              f"process's {mine} batch shards; make the batch size a multiple "
                              f"of the mesh's data x fsdp size ({n}).")
-        return jax.make_array_from_process_local_data(sharding, x,
-                                                      (x.shape[0] // mine * n,) + x.shape[1:])
-    return jax.tree.map(place, local)
+        x = np.stack(steps)
+        return jax.make_array_from_process_local_data(
+            sharding, x, (len(steps), rows // mine * n) + x.shape[2:])
+    return jax.tree.map(place, *local)
 
 
 def to_host(tree: Any) -> Any:

@@ -3,8 +3,10 @@ METHOD.md 7), flow matching for the teachers and the data-mixing SFT baseline.
 
 Each is one pure function (state, frozen, batch[, slots]) -> (state, metrics): randomness comes
 from the state's key folded with its step, routing slots are static (one compiled program per
-slot layout), and the state is donated so parameters are updated in place. Given StepShardings
-(train/mesh.py) the step is compiled with them as explicit in/out shardings; the math never
+slot layout), and the state is donated so parameters are updated in place. It is compiled as
+`consecutive` steps: one call runs as many steps as its batches stack (a `lax.scan`), so the
+fixed costs of a call are paid once per call rather than once per step. Given StepShardings
+(train/mesh.py) the steps are compiled with them as explicit in/out shardings; the math never
 depends on the mesh. A distillation method is an Objective (built by its record in the method
 registry, core/methods.py) plugged into the one make_distill_step, so every method shares the
 optimizer, the routing and the random streams.
@@ -31,13 +33,29 @@ Conditioner = Callable[[Any, Batch, jax.Array], dict]
 StudentParams = Callable[[Any, Any], Any]
 
 
+def consecutive(step: Callable) -> Callable:
+    """`step` (state, frozen, batch, *static) -> (state, metrics) as a call that runs one step
+    per batch of `batches` (the steps' batches stacked on a leading axis), in order: (state,
+    frozen, batches, *static) -> (state, metrics stacked the same way).
+
+    A call of j steps is one program: on a CPU its temporaries (about 120 MB for the default's
+    step, which the allocator maps fresh and the kernel zeroes on every call) are paid once per
+    j steps (training.steps_per_call, docs/performance.md). Each step still derives its
+    randomness from its own state.step, so the steps are those of j separate calls."""
+    def steps(state: TrainState, frozen: Any, batches: Batch, *static: Any):
+        return jax.lax.scan(lambda s, batch: step(s, frozen, batch, *static), state, batches)
+
+    return steps
+
+
 def make_distill_step(objective: Objective, student_params: StudentParams,
                       route_teachers: Sequence[str], conditioner: Conditioner,
                       optimizer: optax.GradientTransformation,
                       shardings: StepShardings | None = None) -> Callable:
     """frozen = {"teachers": {name: params}, ...}; route m uses teachers[route_teachers[m]].
 
-    The batch is `shards` blocks, each tiled by the slots (train/mesh.py)."""
+    Each step's batch is `shards` blocks, each tiled by the slots (train/mesh.py); the call
+    takes the batches of its steps stacked (`consecutive`)."""
     def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
         k_noise, k_query, k_cond = jax.random.split(state.step_key(), 3)
         cond = conditioner(frozen, batch, k_cond)
@@ -51,7 +69,7 @@ def make_distill_step(objective: Objective, student_params: StudentParams,
         state, finite = apply_if_finite(state, grads, loss, optimizer)
         return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(step, static_argnames=("slots",), donate_argnums=(0,),
+    return jax.jit(consecutive(step), static_argnums=(3,), donate_argnums=(0,),
                    **(shardings.jit_kwargs() if shardings else {}))
 
 
@@ -94,4 +112,5 @@ def make_flow_matching_step(field: Field, field_params: StudentParams, condition
         state, finite = apply_if_finite(state, grads, loss, optimizer)
         return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(step, donate_argnums=(0,), **(shardings.jit_kwargs() if shardings else {}))
+    return jax.jit(consecutive(step), donate_argnums=(0,),
+                   **(shardings.jit_kwargs() if shardings else {}))

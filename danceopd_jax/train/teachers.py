@@ -181,6 +181,7 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
                 name=f"teacher:{name}", checkpoints=runs,
                 checkpoint_every=max(100, t.steps // 8), log_every=100,
-                metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"))
+                metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"),
+                steps_per_call=config.training.get("steps_per_call", 1))
     runs.close()
     return to_host(state.trainable)
