@@ -104,6 +104,28 @@ def test_bench_command_compares_the_variants(tmp_path):
     assert work["student_fwd_bwd"]["tflops"] > 0
 
 
+def test_steps_per_call_benchmark_runs_the_same_steps_per_setting(tmp_path):
+    """benchmarks/steps_per_call.py times the same steps at each setting (so the same rollout
+    lengths) and reports the kernel's share per step; a setting that does not divide the steps
+    is refused."""
+    out = tmp_path / "spc.json"
+    flags = ["--config", "configs/t2i_edit.py", *tiny_flags(), "--steps=4", "--warmup=2",
+             "--rounds=1"]
+    run = subprocess.run([sys.executable, "benchmarks/steps_per_call.py", *flags,
+                          "--per_call=1,2", f"--json={out}"], cwd=ROOT, env=pythonpath_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one, two = json.loads(out.read_text())["rows"]
+    assert (one["steps_per_call"], two["steps_per_call"]) == (1, 2)
+    assert one["rollout_forwards"] == two["rollout_forwards"]
+    assert all(r["step_s"] > 0 and r["user_ms"] > 0 and r["system_ms"] >= 0
+               and r["minor_faults"] >= 0 for r in (one, two))
+    bad = subprocess.run([sys.executable, "benchmarks/steps_per_call.py", *flags,
+                          "--per_call=1,3"], cwd=ROOT, env=pythonpath_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "--per_call=[3]" in bad.stderr + bad.stdout
+
+
 @pytest.mark.slow
 def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
     """The peer reads the workload from the same config and draws our step's query indices;
