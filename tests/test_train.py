@@ -3,6 +3,7 @@ main job end to end (teachers included) at a tiny size."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,7 +26,8 @@ from danceopd_jax.data.store import cached, digest, load_params, save_params
 from danceopd_jax.jobs import distill
 from danceopd_jax.jobs.workdir import load_student, open_workdir
 from danceopd_jax.train.checkpoint import RunCheckpoints
-from danceopd_jax.train.loop import NonFiniteLossError
+from danceopd_jax.train.loop import NonFiniteLossError, fit
+from danceopd_jax.train.mesh import make_mesh
 
 # --- batches --------------------------------------------------------------------------------
 
@@ -351,7 +353,7 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         return record
 
     monkeypatch.setattr(distill, "method_update", recording)
-    # No checkpoint or sample grid inside the run: calls end only where the slots change.
+    # No checkpoint or sample grid inside the run: only the slots decide the calls' lengths.
     config = tiny_config(**{"training.steps": 4, "training.routing": "per_step",
                             "training.checkpoint_every": 4, "training.sample_every": 4})
     distill.run(config, tmp_path)
@@ -363,6 +365,42 @@ def test_per_step_routing_routes_each_whole_batch_to_one_route(trained, tmp_path
         assert slots == (Slot(route, 0, batch),)
         assert has_source.all() == (routes[route].bucket != "t2i") == has_source.any()
     assert len(seen) == 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Counted:
+    """A stand-in train state: how many steps have run."""
+    step: int
+
+
+def test_calls_are_steps_per_call_long_or_one_step():
+    """fit runs steps_per_call steps in a call, or a single step where a hook falls inside the
+    span or the slots change in it: every step once, in order, in at most two call lengths (two
+    programs per slot layout), and hooks see the state after their step."""
+    calls, hooked = [], []
+
+    def batcher(step, shards=None):  # slot layout "b" on steps 6 and 7, "a" elsewhere
+        return ("b",) if step in (6, 7) else ("a",), {"x": np.full((2, 1), step, np.float32)}
+
+    def update(state, batches, slots):
+        steps = [int(x) for x in np.asarray(batches["x"])[:, 0, 0]]
+        calls.append((slots, steps))
+        n = len(steps)
+        return Counted(state.step + n), {"loss": jnp.ones(n), "finite": jnp.ones(n, bool),
+                           "grad_norm": jnp.ones(n)}
+
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+    end = fit(update, Counted(0), batcher, mesh, steps=14, name="t", steps_per_call=3,
+              on_interval=lambda state, step: hooked.append((state.step, step)),
+              interval_every=5)
+    assert end.step == 14 and hooked == [(5, 5), (10, 10)]
+    assert [s for _, steps in calls for s in steps] == list(range(14))
+    assert {len(steps) for _, steps in calls} == {1, 3}
+    assert all(set(slots) == {"b" if s in (6, 7) else "a" for s in steps}
+               for slots, steps in calls)
+    # 0-2; 3-5 would pass the hook at 5: 3, 4; 5-7 changes slots: 5, 6; 7-9 changes: 7;
+    # 8-10 passes 10: 8, 9; 10-12; 13 (the end).
+    assert [len(steps) for _, steps in calls] == [3, 1, 1, 1, 1, 1, 1, 1, 3, 1]
 
 
 @pytest.mark.slow

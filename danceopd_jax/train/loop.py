@@ -2,14 +2,16 @@
 
 It owns everything around the jitted steps: batches (each process builds its own shards'
 rows), placement on the mesh, checkpoints (periodic, final, on preemption, and exact resume),
-non-finite detection, metrics (JSONL) and a progress bar. Each call runs up to
-`steps_per_call` consecutive steps (train/step.consecutive), cut short where a checkpoint, a
-hook or a change of routing slots falls. The device is never waited on except to read one
+non-finite detection, metrics (JSONL) and a progress bar. Each call runs `steps_per_call`
+consecutive steps (train/step.consecutive), or one step where a checkpoint, a hook or a change
+of routing slots falls inside that span. The device is never waited on except to read one
 call's scalars, one call late.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import math
@@ -148,8 +150,8 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
         prefetch: int = 2, steps_per_call: int = 1) -> TrainState:
     """Run `update` from state.step up to `steps`, checkpointing every `checkpoint_every` steps
     and at the end; `on_interval(state, step)` runs every `interval_every` steps (sample grids).
-    Each call of `update` runs up to `steps_per_call` steps: consecutive steps with the same
-    routing slots that cross no checkpoint or hook. Batches are built `prefetch` steps ahead on
+    Each call of `update` runs `steps_per_call` consecutive steps with the same routing slots
+    that cross no checkpoint or hook, or else one step. Batches are built `prefetch` steps ahead on
     a background thread.
     On SIGTERM it saves a checkpoint and raises Preempted (the next start resumes there).
     Metrics and the progress bar come from process 0 only; every process runs on_interval.
@@ -216,20 +218,26 @@ def fit(update: Update, state: TrainState, batcher: Batcher, mesh: Mesh, *, step
                 end = min(end, (step // every_n + 1) * every_n)
         return end
 
+    def next_call(step: int) -> tuple[tuple, list[dict]]:
+        """(slots, rows) of the call starting at `step`: steps_per_call steps when they reach
+        no checkpoint or hook before their end and share one slot layout, else one step. So
+        calls come in two lengths, and compile to at most two programs per slot layout."""
+        whole = call_end(step) - step == steps_per_call
+        while len(ahead) < (steps_per_call if whole else 1):
+            ahead.append(batches.get(step + len(ahead)))
+        slots = ahead[0][0]
+        if whole and all(s == slots for s, _ in itertools.islice(ahead, steps_per_call)):
+            return slots, [ahead.popleft()[1] for _ in range(steps_per_call)]
+        return slots, [ahead.popleft()[1]]
+
     # The host builds the next batches while the device runs this call (data/batches.py).
     batches = Prefetcher(batcher, range(start, steps), shards, depth=prefetch)
-    held: tuple[tuple, dict] | None = None  # a step whose slots differ from its call's
+    ahead: collections.deque[tuple[tuple, dict]] = collections.deque()  # fetched, not yet run
     step, calls = start, start
     try:
         while step < steps:
-            slots, batch = held or batches.get(step)
-            held, rows, done = None, [batch], call_end(step)
-            for later in range(step + 1, done):
-                item = batches.get(later)
-                if item[0] != slots:  # another slot layout: another program, another call
-                    held, done = item, later
-                    break
-                rows.append(item[1])
+            slots, rows = next_call(step)
+            done = step + len(rows)
             state, m = update(state, put_batches(rows, mesh), slots)
             if pending:
                 settle(*pending)
