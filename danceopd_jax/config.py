@@ -107,20 +107,23 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     uniform sigmas, so no teacher changes).
 
     The student starts from the routed teachers' weight merge (training.init = "merge": the
-    anchor plus each teacher's delta times its route share), which METHOD.md 6 names with the
-    base as the natural init (the paper leaves it unstated; the reference's Flow-OPD starts
-    from a merge): its edit pathway exists from step 0, and distillation restores what the
-    merge loses, its T2I. From the base the default's student kept T2I but reached 44% of the
-    edit teacher in this budget; from the merge, 94% of it, T2I 0.025 below the anchor
-    (docs/teachers.md, "Where the student starts").
+    anchor plus each teacher's delta times its route share, or the config's own scale with
+    baselines.merge = "task_arithmetic"), which METHOD.md 6 names with the base as the natural
+    init (the paper leaves it unstated; the reference's Flow-OPD starts from a merge): its edit
+    pathway exists from step 0, and distillation restores what the merge loses, its T2I. From
+    the base the default's student kept T2I but reached 44% of the edit teacher in 1,400 steps;
+    from the merge, 94% of it, T2I 0.025 below the anchor (docs/teachers.md, "Where the student
+    starts").
 
-    Budget knobs: 1,400 steps x 16, the rate cooled down linearly to zero over the last
-    quarter, full fine-tuning; the main job with its final ShapesBench scores fits 30 minutes
-    on 2 CPU cores (README, docs/teachers.md). Batch 32 ran at 0.47 steps/s where batch 16 ran
-    at 1.15-1.4 (each step's rollout runs to the largest of its samples' query indices). At lr
+    Budget knobs: 2,800 steps x 16, the rate cooled down linearly to zero over the last
+    quarter, full fine-tuning; the main job with its final ShapesBench scores takes about 12
+    minutes on 2 CPU cores (README, docs/teachers.md). Twice the 1,400 steps of stops 19-23
+    carried the edits further without costing T2I (configs/t2i_edit.py and edit_fusion.py's
+    three training seeds). In stop 16, batch 32 ran at 0.47 steps/s where batch 16 ran at
+    1.15-1.4 (each step's rollout runs to the largest of its samples' query indices). At lr
     1e-3 the omni family's student first collapsed (T2I 0.44 -> 0.13 in 200 steps)."""
     c.danceopd.update(num_steps=16, shift=3.0, query_k=1, query_bias="low", shared_query=False)
-    c.training.update(routing="per_sample", steps=1400, batch_size=16, lr=2e-4,
+    c.training.update(routing="per_sample", steps=2800, batch_size=16, lr=2e-4,
                       cooldown_fraction=0.25, lora_rank=0, init="merge")
     c.eval.sample_steps = 16  # the student's own rollout length
     return c

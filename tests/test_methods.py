@@ -477,10 +477,12 @@ def test_adding_a_method_is_one_record(tiny_run, monkeypatch):
 @pytest.mark.slow
 def test_weight_merge_skips_training_and_saves_the_merged_student(trained, tmp_path):
     """No optimisation: checkpoint step 0 holds anchor + 0.75 (joint_edit - anchor) for the
-    0.25 / 0.75 routes, load_student restores it, and the student is scored."""
+    0.25 / 0.75 routes (the route-weighted merge), load_student restores it, and the student
+    is scored."""
     shutil.copytree(trained[0] / "teachers", tmp_path / "teachers")
     config = tiny_config(method="weight_merge",
-                         **{"routes.t2i.weight": 0.25, "routes.edit.weight": 0.75})
+                         **{"baselines.merge": "average", "routes.t2i.weight": 0.25,
+                            "routes.edit.weight": 0.75})
     scores = distill.run(config, tmp_path)
     assert RunCheckpoints(tmp_path / "checkpoints").latest_step() == 0
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -144,7 +144,8 @@ def _assert_tree_equal(a, b) -> None:
 def test_student_starts_from_its_init(world, init, lora_rank):
     world, teachers = world
     config = tiny_config(**{"training.init": init, "training.lora_rank": lora_rank,
-                            "routes.t2i.weight": 0.25, "routes.edit.weight": 0.75})
+                            "baselines.merge": "average", "routes.t2i.weight": 0.25,
+                            "routes.edit.weight": 0.75})
     validate(config)
     # the route-weighted average of the teachers: anchor + 0.75 (joint_edit - anchor)
     merge = methods.merge_weights(teachers["anchor"], [teachers["joint_edit"]], [0.75])
@@ -160,6 +161,23 @@ def test_student_starts_from_its_init(world, init, lora_rank):
         assert trainable["full"]["source_embed"] is not want["source_embed"]  # never aliased
     else:
         assert set(trainable) == {"backbone"}
+
+
+def test_merge_init_takes_the_merge_setting(world):
+    """configs/t2i_edit.py's init: a task-arithmetic merge at its own scale (the anchor plus
+    1/2 of the teacher's delta), not the routes' shares."""
+    world, teachers = world
+    config = tiny_config(**{"training.init": "merge", "baselines.merge": "task_arithmetic",
+                            "baselines.merge_scale": 0.5, "routes.t2i.weight": 0.25,
+                            "routes.edit.weight": 0.75})
+    validate(config)
+    got = student_init(config, routes_of(config), teachers)
+    half = jax.tree.map(lambda a, t: a + 0.5 * (t - a), teachers["anchor"],
+                        teachers["joint_edit"])
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(half), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    three_quarters = methods.merge_weights(teachers["anchor"], [teachers["joint_edit"]], [0.75])
+    assert not np.allclose(jax.tree.leaves(got)[0], jax.tree.leaves(three_quarters)[0])
 
 
 def test_bad_student_options_fail_validation():
