@@ -17,10 +17,10 @@ def get_config():
     # and so is the merge the student starts from: the anchor plus 13/32 of each edit teacher's
     # delta (it edits at 0.05: the two deltas interfere; the student separates them).
     c.routes.t2i = route("anchor", "t2i", 0.1875)
-    c.routes.local = route("local_edit", "local_edit", 0.40625)
-    c.routes["global"] = route("global_edit", "global_edit", 0.40625)
+    c.routes.local_edit = route("local_edit", "local_edit", 0.40625)
+    c.routes.global_edit = route("global_edit", "global_edit", 0.40625)
     # Each teacher's capability kept: >= 0.90 x the local teacher on the local categories and
     # x the global teacher on the global ones (T2I within 0.02 of the anchor: the base's).
-    c.eval.targets.local = target("edit_local", "local_edit", "ratio", 0.9)
-    c.eval.targets["global"] = target("edit_global", "global_edit", "ratio", 0.9)
+    c.eval.targets.local_edit = target("edit_local", "local_edit", "ratio", 0.9)
+    c.eval.targets.global_edit = target("edit_global", "global_edit", "ratio", 0.9)
     return c

@@ -21,7 +21,7 @@ def get_config():
     c.teachers.global_edit = diffusers_teacher("edit", required(
         "the global-edit teacher: a Z-Image transformer folder, or a LoRA file with "
         "lora_base='anchor'"))
-    c.routes.local = route("local_edit", "local_edit", 0.5, cfg_alpha=3.5)
-    c.routes["global"] = route("global_edit", "global_edit", 0.5, cfg_alpha=3.5)
+    c.routes.local_edit = route("local_edit", "local_edit", 0.5, cfg_alpha=3.5)
+    c.routes.global_edit = route("global_edit", "global_edit", 0.5, cfg_alpha=3.5)
     c.training.lora_full = ""  # Z-Image reads source images natively: no source embedding
     return c

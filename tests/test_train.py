@@ -181,6 +181,11 @@ def test_bad_routes_fail_fast(tmp_path):
     del config.eval.targets["edit"]  # no edit route left to hold it to
     with pytest.raises(ValueError, match="no source images"):
         worlds.build(config, tmp_path)
+    config = tiny_config()
+    config.routes["global"] = config.routes.edit.copy_and_resolve_references()
+    with pytest.raises(ValueError, match=r"config.routes has the key 'global', which a command "
+                                         r"line cannot name.*rename it"):
+        worlds.build(config, tmp_path)
 
 
 def run_main(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -201,6 +206,25 @@ def test_unknown_or_ill_typed_override_fails_before_compiling(tmp_path, flag, ma
 # --- the main job, end to end ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
+def test_every_route_and_target_of_a_config_can_be_overridden(name):
+    """--config.routes.<name>.weight=... names every route and target of every config file
+    (edit_fusion's global route was once keyed "global", a keyword no command line can name)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config = load_config(name)
+    targets = config.eval.get("targets", {})
+    argv = ["main", f"--config={ROOT / 'configs' / name}.py",
+            *(f"--config.routes.{r}.weight=0.125" for r in config.routes),
+            *(f"--config.eval.targets.{t}.value=0.5" for t in targets)]
+    values = flags.FlagValues()
+    parsed = config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+    values(argv)
+    assert {r.weight for r in parsed.value.routes.values()} == {0.125}
+    assert {t.value for t in parsed.value.eval.get("targets", {}).values()} <= {0.5}
+
+
 def test_main_job_trains_checkpoints_samples_and_scores(trained):
     workdir, scores = trained
     assert (workdir / "teachers" / "anchor" / "recipe.json").is_file()
