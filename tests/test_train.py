@@ -206,6 +206,7 @@ def test_unknown_or_ill_typed_override_fails_before_compiling(tmp_path, flag, ma
 # --- the main job, end to end ---------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections'
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
 def test_every_route_and_target_of_a_config_can_be_overridden(name):
     """--config.routes.<name>.weight=... names every route and target of every config file
