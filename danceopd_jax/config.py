@@ -9,7 +9,6 @@ here, so every value is overridable from the command line (`--config.training.st
 
 from __future__ import annotations
 
-import keyword
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -340,11 +339,6 @@ def _validate(config: ml_collections.ConfigDict) -> None:
                          f"{ROUTING_MODES}.")
     if "anchor" not in config.teachers:
         raise ValueError("config.teachers has no 'anchor' (the T2I base the student starts from).")
-    sections = {"teachers": config.teachers, "routes": config.routes,
-                "eval.targets": config.eval.get("targets", {})}
-    for section, entries in sections.items():
-        for name in entries:
-            validate_key(section, name)
     for name, t in config.teachers.items():
         if t.kind not in TEACHER_KINDS:
             raise ValueError(f"teacher {name!r} has kind {t.kind!r}; use one of "
@@ -429,15 +423,6 @@ def _validate_shapes(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"teachers.{name}.mix={t.mix.to_dict()}: give at least one bucket, "
                              "each with a weight > 0.")
     validate_targets(config)
-
-
-def validate_key(section: str, name: str) -> None:
-    """A name under config.<section> must be a plain identifier: --config.<section>.<name>.x=...
-    parses the path as Python, so a keyword there ("global") could never be overridden."""
-    if not name.isidentifier() or keyword.iskeyword(name):
-        raise ValueError(f"config.{section} has the key {name!r}, which a command line cannot "
-                         f"name (--config.{section}.{name}.<field>=... must parse as Python); "
-                         f"rename it in the config file, e.g. to {name + '_'!r}.")
 
 
 def validate_targets(config: ml_collections.ConfigDict) -> None:
