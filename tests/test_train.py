@@ -198,9 +198,6 @@ def test_unknown_or_ill_typed_override_fails_before_compiling(tmp_path, flag, ma
     assert not (tmp_path / "teachers").exists()
 
 
-# --- the main job, end to end ---------------------------------------------------------------
-
-@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections'
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
 def test_every_route_and_target_of_a_config_can_be_overridden(name):
@@ -221,6 +218,9 @@ def test_every_route_and_target_of_a_config_can_be_overridden(name):
     assert {t.value for t in parsed.value.eval.get("targets", {}).values()} <= {0.5}
 
 
+# --- the main job, end to end ---------------------------------------------------------------
+
+@pytest.mark.slow
 def test_main_job_trains_checkpoints_samples_and_scores(trained):
     workdir, scores = trained
     assert (workdir / "teachers" / "anchor" / "recipe.json").is_file()
