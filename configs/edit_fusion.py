@@ -13,9 +13,10 @@ def get_config():
     c = omni_family(paper_student(base_config()))
     # T2I is kept the way the default keeps it, by a route to the anchor (3 of 16 samples):
     # trained on the two edit routes alone, the student's GenEval-style mean fell from the
-    # anchor's 0.509 to 0.347 (docs/teachers.md). The rest is split evenly between the edits,
-    # and so is the merge the student starts from: the anchor plus 13/32 of each edit teacher's
-    # delta (it edits at 0.05: the two deltas interfere; the student separates them).
+    # anchor's 0.509 to 0.347 (docs/teachers.md). The rest is split evenly between the edits.
+    # The student starts from paper_student's merge, the anchor plus 1/2 of each edit teacher's
+    # delta: from 13/32 of each (the routes' shares) it kept T2I but missed the local target by
+    # 0.003 over three training seeds (docs/teachers.md, "Local + global fusion").
     c.routes.t2i = route("anchor", "t2i", 0.1875)
     c.routes.local_edit = route("local_edit", "local_edit", 0.40625)
     c.routes.global_edit = route("global_edit", "global_edit", 0.40625)

@@ -13,16 +13,14 @@ from danceopd_jax.config import base_config, omni_family, paper_student, route, 
 
 def get_config():
     c = omni_family(paper_student(base_config()))
-    # 4 T2I + 12 edit samples of 16. The student starts from the anchor plus 1/2 of the
-    # teacher's delta (a task-arithmetic merge, as the weight_merge baseline makes it), less
-    # than the edit route's 3/4 share: the merge at 3/4 edits more from step 0 but has lost
-    # more T2I, which the anchor's route restored only to 0.025 below the anchor; from 1/2 the
-    # student keeps the anchor's T2I (three training seeds each at 1,400 steps; at
-    # paper_student's 2,800 steps it kept T2I and reached 95% of the teacher's edits:
+    # 4 T2I + 12 edit samples of 16. The student starts from paper_student's merge, the anchor
+    # plus 1/2 of the teacher's delta, less than the edit route's 3/4 share: the merge at 3/4
+    # edits more from step 0 but has lost more T2I, which the anchor's route restored only to
+    # 0.025 below the anchor; from 1/2 the student keeps the anchor's T2I (three training seeds
+    # each at 1,400 steps; at 2,800 steps it kept T2I and reached 95% of the teacher's edits:
     # docs/teachers.md).
     c.routes.t2i = route("anchor", "t2i", 0.25)
     c.routes.edit = route("joint_edit", "joint_edit", 0.75)
-    c.baselines.update(merge="task_arithmetic", merge_scale=0.5)
     # The targets: the student's edits at least 0.90 x the edit teacher's (and T2I
     # within 0.02 of the anchor's: the base config's).
     c.eval.targets.edit = target("edit", "joint_edit", "ratio", 0.9)

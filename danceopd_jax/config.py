@@ -106,14 +106,17 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     schedule: the rollouts and ShapesBench's samplers alike (the teachers are trained on
     uniform sigmas, so no teacher changes).
 
-    The student starts from the routed teachers' weight merge (training.init = "merge": the
-    anchor plus each teacher's delta times its route share, or the config's own scale with
-    baselines.merge = "task_arithmetic"), which METHOD.md 6 names with the base as the natural
-    init (the paper leaves it unstated; the reference's Flow-OPD starts from a merge): its edit
-    pathway exists from step 0, and distillation restores what the merge loses, its T2I. From
-    the base the default's student kept T2I but reached 44% of the edit teacher in 1,400 steps;
-    from the merge, 94% of it, T2I 0.025 below the anchor (docs/teachers.md, "Where the student
-    starts").
+    The student starts from the routed teachers' weight merge (training.init = "merge"), which
+    METHOD.md 6 names with the base as the natural init (the paper leaves it unstated; the
+    reference's Flow-OPD starts from a merge): its edit pathway exists from step 0, and
+    distillation restores what the merge loses, its T2I. The merge is the anchor plus 1/2 of
+    each routed teacher's delta (baselines.merge = "task_arithmetic", merge_scale = 0.5; the
+    weight_merge baseline of these configs is therefore the student's start). From the base the
+    default's student kept T2I but reached 44% of the edit teacher in 1,400 steps; from the
+    merge at the routes' shares (3/4 of the delta) it reached 94% but stayed 0.025 below the
+    anchor's T2I; at 1/2 it kept T2I, in both student configs, on three training seeds each,
+    where edit_fusion's even split of the routes' shares (13/32 of each delta) had missed its
+    local target (docs/teachers.md, "Where the student starts", "Local + global fusion").
 
     Budget knobs: 2,800 steps x 16, the rate cooled down linearly to zero over the last
     quarter, full fine-tuning; the main job with its final ShapesBench scores takes about 12
@@ -125,6 +128,7 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.danceopd.update(num_steps=16, shift=3.0, query_k=1, query_bias="low", shared_query=False)
     c.training.update(routing="per_sample", steps=2800, batch_size=16, lr=2e-4,
                       cooldown_fraction=0.25, lora_rank=0, init="merge")
+    c.baselines.update(merge="task_arithmetic", merge_scale=0.5)
     c.eval.sample_steps = 16  # the student's own rollout length
     return c
 
