@@ -164,8 +164,8 @@ def test_student_starts_from_its_init(world, init, lora_rank):
 
 
 def test_merge_init_takes_the_merge_setting(world):
-    """configs/t2i_edit.py's init: a task-arithmetic merge at its own scale (the anchor plus
-    1/2 of the teacher's delta), not the routes' shares."""
+    """The student configs' init (config.paper_student): a task-arithmetic merge at its own
+    scale (the anchor plus 1/2 of the teacher's delta), not the routes' shares."""
     world, teachers = world
     config = tiny_config(**{"training.init": "merge", "baselines.merge": "task_arithmetic",
                             "baselines.merge_scale": 0.5, "routes.t2i.weight": 0.25,
