@@ -506,7 +506,7 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     """The omni family's recipe, tiny: the base (anchor) is fine-tuned from a T2I anchor on a
     mix of T2I and edit buckets, so its source pathway learns (source_embed leaves zero), and
     is saved with the T2I anchor's text encoder, frozen; the joint-edit teacher is fine-tuned
-    from the base; each recipe.json carries the mix and its init chain."""
+    from the base in two stages; each recipe.json carries the mix and its init chain."""
     from danceopd_jax.config import routes_of
     from danceopd_jax.train.mesh import make_mesh
     from danceopd_jax.train.teachers import prepare_teachers, shipped_dir
@@ -531,10 +531,14 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     assert not all(np.array_equal(a, b) for a, b in zip(leaves["t2i"], leaves["init"], strict=True))
     assert not np.array_equal(base["source_embed"], edit["source_embed"])
     recipes = {n: json.loads((tmp_path / "teachers" / n / "recipe.json").read_text())["key"]
-               for n in ("anchor", "joint_edit")}
+               for n in ("anchor", "joint_edit_stage1", "joint_edit")}
     assert recipes["anchor"]["teacher"]["bucket"] == "mix"
     assert recipes["anchor"]["teacher"]["mix"] == {"t2i": 0.5, "joint_edit": 0.5}
-    assert recipes["joint_edit"]["init"] == recipes["anchor"]
+    # The joint-edit teacher: a warm restart from its first stage, itself fine-tuned from the
+    # base; each key nests its parent's.
+    assert recipes["joint_edit_stage1"]["init"] == recipes["anchor"]
+    assert recipes["joint_edit"]["init"] == recipes["joint_edit_stage1"]
+    assert recipes["joint_edit"]["teacher"]["init"] == "joint_edit_stage1"
     assert "mix" not in recipes["joint_edit"]["teacher"]
     # A main job whose base and edit teacher are shipped never loads what the base started from.
     again, text = prepare_teachers(config, routes_of(config), world.models, world.init_backbone,
