@@ -90,10 +90,14 @@ def test_geneval_scores_ground_truth_fully_and_catches_corruptions(t2i) -> None:
 
 def test_gedit_scores_ground_truth_fully_and_separates_changed_from_preserved(edit) -> None:
     perfect = gedit(judge(edit["target"], edit))
-    assert set(perfect) == {*EDIT_NAMES, "mean", "local", "global"}
-    assert all(r == {"changed": 1.0, "preserved": 1.0, "correct": 1.0} for r in perfect.values())
+    assert set(perfect) == {*EDIT_NAMES, "mean", "local", "global", "by_style"}
+    styles = {json.loads(str(s))["style"] for s in edit["spec"]} - {None}
+    assert set(perfect["by_style"]) == styles and len(styles) > 1
+    rows = [*perfect.pop("by_style").values(), *perfect.values()]
+    assert all(r == {"changed": 1.0, "preserved": 1.0, "correct": 1.0} for r in rows)
     source = gedit(judge(edit["source"], edit))  # returning the source: nothing changed
-    assert all(r == {"changed": 0.0, "preserved": 1.0, "correct": 0.0} for r in source.values())
+    rows = [*source.pop("by_style").values(), *source.values()]
+    assert all(r == {"changed": 0.0, "preserved": 1.0, "correct": 0.0} for r in rows)
     targets = _scenes(edit, "target")
     recolored = gedit(judge(np.stack([_recolored(s) for s in targets]), edit))
     for kind in ("add", "replace", "recolor", "background"):  # wrong colours, wherever they are
@@ -107,6 +111,20 @@ def test_gedit_scores_ground_truth_fully_and_separates_changed_from_preserved(ed
         assert local[kind] == {"changed": 1.0, "preserved": 0.0, "correct": 0.0}, kind
     # 4 local categories at 0 and 2 global ones: the plain mean is a third of the global one
     assert local["mean"]["correct"] == pytest.approx(local["global"]["correct"] / 3)
+
+
+def test_gedit_breaks_style_changes_down_by_style(edit) -> None:
+    """Inverting nothing but drawing every other style right: the breakdown puts the whole
+    loss on inversion, and the style-change score is the other styles' share of its rows."""
+    styles = [json.loads(str(s))["style"] for s in edit["spec"]]
+    inverted = np.array([s == "invert" for s in styles])
+    images = np.where(inverted[:, None, None, None], edit["source"], edit["target"])
+    scores = gedit(judge(images, edit))
+    assert scores["by_style"]["invert"] == {"changed": 0.0, "preserved": 1.0, "correct": 0.0}
+    assert all(r["correct"] == 1.0 for style, r in scores["by_style"].items() if style != "invert")
+    styled = [s for s in styles if s]
+    assert 0 < styled.count("invert") < len(styled)
+    assert scores["style"]["correct"] == pytest.approx(1 - styled.count("invert") / len(styled))
 
 
 def test_mean_std_over_seeds() -> None:

@@ -79,13 +79,15 @@ def generate_bucket(generate: Callable, params: Params, text_params: Params, buc
 def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
     """The parser's verdict on each row: its "task" (T2I category or edit kind) and "correct"
     (T2I: every attribute the prompt asked; edits: the instructed change made AND the rest
-    preserved); edit rows also carry "changed" and "preserved"."""
+    preserved); edit rows also carry "changed" and "preserved", and style changes their
+    "style" (invert, grayscale, outline)."""
     verdicts = []
     for image, spec_json, task in zip(images, bucket["spec"], bucket["task"], strict=True):
         spec = json.loads(str(spec_json))
         task = str(task)
         if "source" in spec:  # edits carry their source scene
-            verdicts.append({"task": task, **score_edit(image, spec)})
+            style = {"style": spec["style"]} if spec.get("style") else {}
+            verdicts.append({"task": task, **style, **score_edit(image, spec)})
         else:
             verdicts.append({"task": task, "correct": score_t2i(image, spec)["all"]})
     return verdicts

@@ -9,7 +9,7 @@
   remove) and the global (background, style) categories, which the local- and global-edit
   teachers are trained on. Each edit is judged against its exact target: "changed" (the
   instructed change happened), "preserved" (everything else kept) and "correct" (both; the
-  combined score).
+  combined score). Style changes are also broken down by style (invert, grayscale, outline).
 - Image quality: the Frechet distance between the generated images and the exact targets of
   the same prompts / edits, in the embedding of a classifier trained on the world
   (eval/features.py), for T2I and for edits separately. FD shrinks with the sample count, so
@@ -104,9 +104,10 @@ def geneval(verdicts: Sequence[Verdict]) -> dict[str, float]:
     return {**scores, "mean": float(np.mean(list(scores.values())))}
 
 
-def gedit(verdicts: Sequence[Verdict]) -> dict[str, dict[str, float]]:
+def gedit(verdicts: Sequence[Verdict]) -> dict[str, dict]:
     """changed / preserved / correct per edit category, and their plain means: over all
-    categories ("mean") and over each of EDIT_GROUPS ("local", "global")."""
+    categories ("mean") and over each of EDIT_GROUPS ("local", "global"); "by_style" breaks
+    the style changes down by style ({style: changed / preserved / correct})."""
     per = rates(verdicts, "task", EDIT_KEYS)
     scores = {k: per[k] for k in EDIT_NAMES}
 
@@ -114,7 +115,8 @@ def gedit(verdicts: Sequence[Verdict]) -> dict[str, dict[str, float]]:
         return {key: float(np.mean([scores[c][key] for c in categories])) for key in EDIT_KEYS}
 
     return {**scores, "mean": mean(list(EDIT_NAMES)),
-            **{group: mean(kinds) for group, kinds in EDIT_GROUPS.items()}}
+            **{group: mean(kinds) for group, kinds in EDIT_GROUPS.items()},
+            "by_style": rates([v for v in verdicts if "style" in v], "style", EDIT_KEYS)}
 
 
 def teacher_tasks(buckets: Sequence[str]) -> tuple[str, ...]:
@@ -204,7 +206,8 @@ def _row(cells: Sequence[str]) -> str:
 
 def markdown(report: dict) -> str:
     """The report as markdown tables: T2I per category, edits' combined score per category,
-    and edits' changed / preserved per category (means only; the JSON has the stds)."""
+    edits' changed / preserved per category (means only; the JSON has the stds), and the style
+    changes by style."""
     seeds, models = report["seeds"], report["models"]
     spread = len(seeds) > 1
     has_fd = report["classifier"] is not None
@@ -239,4 +242,12 @@ def markdown(report: dict) -> str:
           [[name, *(f"{m['edit'][c]['changed']['mean']:.2f} / "
                     f"{m['edit'][c]['preserved']['mean']:.2f}" for c in [*EDIT_NAMES, "mean"])]
            for name, m in models.items() if "edit" in m])
+    edits = {name: m["edit"]["by_style"] for name, m in models.items() if "edit" in m}
+    styles = sorted({s for by_style in edits.values() for s in by_style})
+    table(f"{EDIT_NAMES['style']} by style: correct (changed / preserved)",
+          ["model", *styles],
+          [[name, *(f"{_stat(by_style[s]['correct'], 3, spread)} "
+                    f"({by_style[s]['changed']['mean']:.2f} / "
+                    f"{by_style[s]['preserved']['mean']:.2f})" for s in styles)]
+           for name, by_style in edits.items()])
     return "\n".join(lines) + "\n"
