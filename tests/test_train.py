@@ -235,9 +235,11 @@ def test_main_job_trains_checkpoints_samples_and_scores(trained):
     # The omni base is scored on what its recipe trains (T2I and edits), the edit teacher on edits.
     assert {"t2i", "edit"} <= set(models["anchor"]) and "t2i" not in models["joint_edit"]
     assert {"t2i", "edit", "per_seed", "wall_time_s"} <= set(models["student"])
-    edits = models["student"]["edit"]
+    edits = dict(models["student"]["edit"])
+    by_style = edits.pop("by_style")  # style changes by style: the same rates
+    assert set(by_style) <= {"invert", "grayscale", "outline"} and by_style
     assert all(r["correct"]["mean"] <= min(r["changed"]["mean"], r["preserved"]["mean"])
-               for r in edits.values())
+               for r in [*edits.values(), *by_style.values()])
     assert set(scores["targets"]) == {"t2i", "edit"}
     assert all(isinstance(v["met"], bool) for v in scores["targets"].values())
     assert set(scores["wall_time_s"]) == {"teachers", "distill", "scores", "total"}
