@@ -1,9 +1,10 @@
 """python -m danceopd_jax.teachers --config=configs/t2i_edit.py --workdir=DIR [--ship]
 
 Trains (or reuses) every teacher a config defines, exactly as the main job would, and with
---ship copies them into the package (danceopd_jax/assets/<config.shipped_teachers>/, the
-default's omni family in omni_teachers/) so that the main job reuses them whenever its recipe
-matches. This is how the shipped teachers were made (launch/make_teachers.sh).
+--ship copies those it trained into the package (danceopd_jax/assets/<config.shipped_teachers>/,
+the default's omni family in omni_teachers/) so that the main job reuses them whenever its
+recipe matches; one it reused from the package is already there. This is how the shipped
+teachers were made (launch/make_teachers.sh).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ _EVALUATE = flags.DEFINE_bool("evaluate", True, "Score every teacher with Shapes
                               "what its recipe trains: T2I, edits or both.")
 _REUSE = flags.DEFINE_bool("reuse_shipped", False,
                            "Reuse shipped teachers whose recipe matches instead of retraining.")
-_SHIP = flags.DEFINE_bool("ship", False, f"Copy the finished teachers into {ASSETS_DIR}/"
-                          "<config.shipped_teachers>/.")
+_SHIP = flags.DEFINE_bool("ship", False, f"Copy the teachers this run trained into {ASSETS_DIR}/"
+                          "<config.shipped_teachers>/ (not those it reused from there).")
 
 
 def main() -> None:

@@ -487,6 +487,25 @@ def test_shipped_teachers_are_reused_only_on_a_matching_recipe(trained, tmp_path
             "proj_out"]["kernel"])
 
 
+def test_ship_copies_only_the_teachers_the_workdir_trained(tmp_path, monkeypatch):
+    """--ship puts what the run trained into the package; a teacher it reused from the package
+    (maybe another family's, under another name) is already there and is not copied again."""
+    import danceopd_jax.train.teachers as teachers_module
+    from danceopd_jax.jobs.teachers import ship_teachers
+
+    monkeypatch.setattr(teachers_module, "ASSETS_DIR", tmp_path / "assets")
+    config = tiny_config()
+    workdir = tmp_path / "run"
+    params = {"w": np.arange(3.0)}
+    save_params(workdir / "teachers" / "t2i_anchor", params, {"made": "shipped", "key": {"k": 0}})
+    save_params(workdir / "teachers" / "anchor", params, {"made": "trained", "key": {"k": 1}})
+    assert ship_teachers(config, workdir) == ["anchor"]
+    family = tmp_path / "assets" / config.shipped_teachers
+    assert sorted(p.name for p in family.iterdir()) == ["anchor"]
+    assert json.loads((family / "anchor" / "recipe.json").read_text())["key"] == {"k": 1}
+    np.testing.assert_array_equal(load_params(family / "anchor", params)[0]["w"], params["w"])
+
+
 def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
     """The omni base starts from the shapes family's T2I anchor: a teacher's key lists what
     makes its weights, not its name, so `t2i_anchor` finds the shipped `anchor` in the other

@@ -16,6 +16,7 @@ import ml_collections
 from danceopd_jax.config import teacher_buckets, world_kind
 from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.routing import Route
+from danceopd_jax.data.store import has_params
 from danceopd_jax.eval.shapesbench import Job, ShapesBench, markdown, teacher_tasks
 from danceopd_jax.train.mesh import make_mesh
 from danceopd_jax.train.teachers import ASSETS_DIR, prepare_teachers, shipped_dir
@@ -48,12 +49,27 @@ def make_teachers(config: ml_collections.ConfigDict, workdir: str | Path, evalua
         scores = bench.evaluate(text, jobs, tuple(e.seeds))
         (workdir / "teacher_scores.json").write_text(json.dumps(scores, indent=2))
         table = markdown(scores)
-    if ship:  # what this run trained (a reused shipped teacher is already there)
-        for name in config.teachers:
-            if not (workdir / "teachers" / name).is_dir():
-                continue
-            dest = shipped_dir(config) / name
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(workdir / "teachers" / name, dest)
-            logging.info("shipped teacher %s -> %s", name, dest)
+    if ship:
+        ship_teachers(config, workdir)
     return table
+
+
+def ship_teachers(config: ml_collections.ConfigDict, workdir: Path) -> list[str]:
+    """Copy the teachers `workdir` trained into the package (shipped_dir(config)/<name>) and
+    return their names. One it reused from the package (its recipe says "made": "shipped") is
+    left alone: it is already there, maybe under another family's folder and name (the omni
+    family's t2i_anchor is the shapes family's anchor), and a copy would ship it twice."""
+    shipped = []
+    for name in config.teachers:
+        source = workdir / "teachers" / name
+        if not has_params(source):
+            continue
+        if json.loads((source / "recipe.json").read_text()).get("made") == "shipped":
+            logging.info("teacher %s was reused from the package; not shipped again", name)
+            continue
+        dest = shipped_dir(config) / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(source, dest)
+        logging.info("shipped teacher %s -> %s", name, dest)
+        shipped.append(name)
+    return shipped
