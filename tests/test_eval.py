@@ -78,10 +78,15 @@ def test_eval_sets_are_balanced_fixed_and_held_out(world, t2i, edit) -> None:
 
 def test_geneval_scores_ground_truth_fully_and_catches_corruptions(t2i) -> None:
     scenes = _scenes(t2i, "scene")
-    assert geneval(judge(t2i["target"], t2i)) == {**{c: 1.0 for c in CATEGORIES}, "mean": 1.0}
+    perfect = {c: 1.0 for c in CATEGORIES}
+    assert geneval(judge(t2i["target"], t2i)) == {**perfect, "mean": 1.0,
+                                                  "object_count": perfect}
     wrong_color = geneval(judge(np.stack([_recolored(s) for s in scenes]), t2i))
     missing = geneval(judge(np.stack([_empty(s) for s in scenes]), t2i))
     assert wrong_color["mean"] == missing["mean"] == 0.0
+    # Wrong colours, the right number of objects; no objects, never the right number.
+    assert wrong_color["object_count"] == perfect
+    assert missing["object_count"] == {c: 0.0 for c in CATEGORIES}
     # One cell to the right (wrapping around): every object is somewhere it was not asked to be.
     moved = geneval(judge(np.roll(t2i["target"], cell_size(SIZE), axis=2), t2i))
     assert moved["single_object"] == moved["two_objects"] == 0.0
@@ -292,11 +297,12 @@ def test_evaluate_cli_writes_json_and_markdown(trained, tmp_path: Path) -> None:
     assert "t2i" not in models["joint_edit@cfg2"]
     assert models["joint_edit@cfg2"]["cfg_alpha"] == 2.0
     student = models["student"]
-    assert set(student["t2i"]) == {*CATEGORIES, "mean"}
+    assert set(student["t2i"]) == {*CATEGORIES, "mean", "object_count"}
     assert student["t2i"]["mean"]["mean"] == pytest.approx(np.mean(
         [student["per_seed"][s]["t2i"]["mean"] for s in ("0", "1")]))
     table = path.with_suffix(".md").read_text()
     assert "| student | 1 |" in table and "subject-remove" in table and table in out.stdout
+    assert "exactly as many objects as asked for" in table
     bad = subprocess.run(
         [sys.executable, "-m", "danceopd_jax.evaluate", f"--workdir={workdir}",
          "--models=nobody", "--nofd"], cwd=ROOT, capture_output=True, text=True, timeout=600)

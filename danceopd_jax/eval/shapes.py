@@ -79,8 +79,9 @@ def generate_bucket(generate: Callable, params: Params, text_params: Params, buc
 def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
     """The parser's verdict on each row: its "task" (T2I category or edit kind) and "correct"
     (T2I: every attribute the prompt asked; edits: the instructed change made AND the rest
-    preserved); edit rows also carry "changed" and "preserved", and style changes their
-    "style" (invert, grayscale, outline)."""
+    preserved); T2I rows also carry "object_count" (exactly as many objects as the prompt
+    asks for, whatever they look like), edit rows "changed" and "preserved", and style
+    changes their "style" (invert, grayscale, outline)."""
     verdicts = []
     for image, spec_json, task in zip(images, bucket["spec"], bucket["task"], strict=True):
         spec = json.loads(str(spec_json))
@@ -89,7 +90,10 @@ def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
             style = {"style": spec["style"]} if spec.get("style") else {}
             verdicts.append({"task": task, **style, **score_edit(image, spec)})
         else:
-            verdicts.append({"task": task, "correct": score_t2i(image, spec)["all"]})
+            result = score_t2i(image, spec)
+            # A counting prompt's "count" counts the matching objects, "no_extra" all of them.
+            drawn = result["no_extra"] if "no_extra" in result else result["count"]
+            verdicts.append({"task": task, "correct": result["all"], "object_count": drawn})
     return verdicts
 
 

@@ -9,7 +9,8 @@
   remove) and the global (background, style) categories, which the local- and global-edit
   teachers are trained on. Each edit is judged against its exact target: "changed" (the
   instructed change happened), "preserved" (everything else kept) and "correct" (both; the
-  combined score). Style changes are also broken down by style (invert, grayscale, outline).
+  combined score). Style changes are also broken down by style (invert, grayscale, outline),
+  and T2I images by whether they hold as many objects as the prompt asks for.
 - Image quality: the Frechet distance between the generated images and the exact targets of
   the same prompts / edits, in the embedding of a classifier trained on the world
   (eval/features.py), for T2I and for edits separately. FD shrinks with the sample count, so
@@ -97,11 +98,14 @@ def eval_set(splits: Splits, split: str, bucket: str, tasks: Sequence[str], num:
         size *= 2
 
 
-def geneval(verdicts: Sequence[Verdict]) -> dict[str, float]:
-    """Fraction correct per T2I category, and their plain mean."""
-    per = {c: r["correct"] for c, r in rates(verdicts, "task", ("correct",)).items()}
-    scores = {c: per[c] for c in CATEGORIES}
-    return {**scores, "mean": float(np.mean(list(scores.values())))}
+def geneval(verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """Fraction correct per T2I category, and their plain mean; "object_count" gives per
+    category the fraction of images with exactly as many objects as asked for (a category
+    that leaves the objects' cells free fails mostly there)."""
+    per = rates(verdicts, "task", ("correct", "object_count"))
+    scores = {c: per[c]["correct"] for c in CATEGORIES}
+    return {**scores, "mean": float(np.mean(list(scores.values()))),
+            "object_count": {c: per[c]["object_count"] for c in CATEGORIES}}
 
 
 def gedit(verdicts: Sequence[Verdict]) -> dict[str, dict]:
@@ -206,8 +210,8 @@ def _row(cells: Sequence[str]) -> str:
 
 def markdown(report: dict) -> str:
     """The report as markdown tables: T2I per category, edits' combined score per category,
-    edits' changed / preserved per category (means only; the JSON has the stds), and the style
-    changes by style."""
+    T2I's object counts per category, edits' changed / preserved per category (means only;
+    the JSON has the stds), and the style changes by style."""
     seeds, models = report["seeds"], report["models"]
     spread = len(seeds) > 1
     has_fd = report["classifier"] is not None
@@ -238,6 +242,10 @@ def markdown(report: dict) -> str:
                              *([_stat(m["fd"][task], 2, spread)] if has_fd else [])])
         table(title, ["model", "CFG", *names.values(), "mean", *(["FD"] if has_fd else [])],
               rows)
+    table("Text to image: fraction with exactly as many objects as asked for",
+          ["model", *T2I_NAMES.values()],
+          [[name, *(_stat(m["t2i"]["object_count"][c], 3, spread) for c in T2I_NAMES)]
+           for name, m in models.items() if "t2i" in m])
     table("Editing: changed / preserved", ["model", *EDIT_NAMES.values(), "mean"],
           [[name, *(f"{m['edit'][c]['changed']['mean']:.2f} / "
                     f"{m['edit'][c]['preserved']['mean']:.2f}" for c in [*EDIT_NAMES, "mean"])]
