@@ -87,20 +87,15 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
 
 def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,
                             optimizer: optax.GradientTransformation,
-                            sigma_sampling: str = "uniform",
                             shardings: StepShardings | None = None) -> Callable:
-    """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline)."""
-    if sigma_sampling not in ("uniform", "logit_normal"):
-        raise ValueError(f"sigma_sampling {sigma_sampling!r}: use 'uniform' or 'logit_normal'.")
+    """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline), at
+    noise levels drawn uniformly."""
 
     def step(state: TrainState, frozen: Any, batch: Batch):
         k_noise, k_sigma, k_cond = jax.random.split(state.step_key(), 3)
         x0 = batch["target"]
         eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        if sigma_sampling == "uniform":
-            sigma = jax.random.uniform(k_sigma, (x0.shape[0],))
-        else:  # SD3's logit-normal(0, 1)
-            sigma = jax.nn.sigmoid(jax.random.normal(k_sigma, (x0.shape[0],)))
+        sigma = jax.random.uniform(k_sigma, (x0.shape[0],))
 
         def loss_fn(trainable):
             # The text encoder may be trainable (anchor), so condition inside the loss.
