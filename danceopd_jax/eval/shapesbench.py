@@ -100,8 +100,8 @@ def eval_set(splits: Splits, split: str, bucket: str, tasks: Sequence[str], num:
 
 def geneval(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     """Fraction correct per T2I category, and their plain mean; "object_count" gives per
-    category the fraction of images with exactly as many objects as asked for (a category
-    that leaves the objects' cells free fails mostly there)."""
+    category the fraction of images with exactly as many objects as asked for, whatever they
+    look like."""
     per = rates(verdicts, "task", ("correct", "object_count"))
     scores = {c: per[c]["correct"] for c in CATEGORIES}
     return {**scores, "mean": float(np.mean(list(scores.values()))),
