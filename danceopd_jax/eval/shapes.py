@@ -92,7 +92,7 @@ def judge(images: np.ndarray, bucket: Bucket) -> list[Verdict]:
         else:
             result = score_t2i(image, spec)
             # A counting prompt's "count" counts the matching objects, "no_extra" all of them.
-            drawn = result["no_extra"] if "no_extra" in result else result["count"]
+            drawn = result["no_extra" if spec["category"] == "counting" else "count"]
             verdicts.append({"task": task, "correct": result["all"], "object_count": drawn})
     return verdicts
 
