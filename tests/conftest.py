@@ -39,10 +39,11 @@ from danceopd_jax.config import apply_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# The same backbone family as the default, shrunk: 12 px images (3x3 patches of 4 px).
+# The same backbone family as the default, shrunk: 12 px images (3x3 patches of 4 px; a
+# token as wide as its 4x4x3 pixel values).
 TINY = {
     "world.image_size": 12, "world.train_size": 64,
-    "model.width": 32, "model.depth": 2, "model.heads": 2, "model.text_width": 16,
+    "model.width": 48, "model.depth": 2, "model.heads": 2, "model.text_width": 16,
     "model.text_layers": 1, "model.text_heads": 2,
     "danceopd.num_steps": 4,
     "training.steps": 4, "training.batch_size": 4, "training.checkpoint_every": 2,

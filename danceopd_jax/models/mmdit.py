@@ -210,6 +210,15 @@ def tiny_config(
     """A small pixel-space config for the toy world."""
     if width % heads:
         raise ValueError(f"width={width} must be divisible by heads={heads}.")
+    # The output token is a linear map of the hidden one, so a patch holding more values than
+    # the width cannot carry the velocity's per-pixel noise (docs/teachers.md: a patch-8 model
+    # at width 128 never learned to draw).
+    values = patch_size * patch_size * channels
+    if values > width:
+        raise ValueError(
+            f"patch_size={patch_size} gives tokens of {patch_size}x{patch_size}x{channels} = "
+            f"{values} pixel values, more than width={width}: a velocity field cannot carry its "
+            f"noise through a narrower token. Use a width >= {values} or a smaller patch size.")
     return MMDiTConfig(
         sample_size=image_size,
         patch_size=patch_size,
