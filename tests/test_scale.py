@@ -108,7 +108,7 @@ def test_sharded_steps_equal_the_one_device_step(tmp_path):
         assert r["moment_spec"] == r["kernel_spec"], name
     assert report["8x1"]["kernel_spec"] == "P(None, None)"
     assert report["2x4"]["kernel_spec"] == report["1x8"]["kernel_spec"] == "P('fsdp', None)"
-    assert report["1x8"]["kernel_shard_shape"] == [4, 32]
+    assert report["1x8"]["kernel_shard_shape"] == [6, 48]  # [48, 48] query kernel, rows over 8
     assert report["2x2x2"]["kernel_spec"] == "P('fsdp', 'tensor')"
     latents = 16 * 12 * 12 * 3  # the batch's images: never gathered
     assert max(report["8x1"]["all_gathers"], default=0) < latents

@@ -182,7 +182,7 @@ PRESETS = {
     # Seconds per run (the CI test): a tiny world and model, teachers trained for 3 steps.
     "smoke": Preset(
         "smoke", seeds=2, num=2, sample_steps=(4, 2),
-        overrides={"world.image_size": 12, "world.train_size": 64, "model.width": 32,
+        overrides={"world.image_size": 12, "world.train_size": 64, "model.width": 48,
                    "model.depth": 2, "model.heads": 2, "model.text_width": 16,
                    "model.text_layers": 1, "model.text_heads": 2, "danceopd.num_steps": 4,
                    "training.steps": 2, "training.batch_size": 4,
