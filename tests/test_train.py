@@ -129,7 +129,7 @@ def test_run_checkpoint_missing_and_corrupt(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     ({"world.image_size": 15}, "not divisible by model.patch_size=4"),
-    ({"model.width": 32, "model.heads": 2}, r"4x4x3 = 48 pixel values, more than width=32"),
+    ({"model.width": 32, "model.heads": 2}, r"4x4x3 = 48 values, more than the width 32"),
     ({"danceopd.query_k": 0}, "K=0"),
     ({"training.routing": "sometimes"}, "training.routing"),
     ({"training.cooldown_fraction": 1.5}, r"cooldown_fraction=1.5.*\[0, 1\]"),

@@ -111,6 +111,15 @@ class MMDiTConfig:
                 f"inner width {inner} must be divisible by 4 for the 2D sincos "
                 "position embedding; change attention_head_dim or num_attention_heads."
             )
+        # The output token is a linear map of the hidden one, so a patch holding more values
+        # than the width cannot carry the velocity's per-pixel noise (docs/teachers.md: a
+        # patch-8 model at width 128 never learned to draw).
+        p, out = self.patch_size, self.out_channels
+        if p * p * out > inner:
+            raise ValueError(
+                f"patch_size={p} gives tokens of {p}x{p}x{out} = {p * p * out} values, more "
+                f"than the width {inner}: a velocity field cannot carry its noise through a "
+                f"narrower token. Use a width >= {p * p * out} or a smaller patch size.")
         if self.pos_embed_max_size < self.sample_size // self.patch_size:
             raise ValueError(
                 f"pos_embed_max_size={self.pos_embed_max_size} is smaller than the "
@@ -210,15 +219,6 @@ def tiny_config(
     """A small pixel-space config for the toy world."""
     if width % heads:
         raise ValueError(f"width={width} must be divisible by heads={heads}.")
-    # The output token is a linear map of the hidden one, so a patch holding more values than
-    # the width cannot carry the velocity's per-pixel noise (docs/teachers.md: a patch-8 model
-    # at width 128 never learned to draw).
-    values = patch_size * patch_size * channels
-    if values > width:
-        raise ValueError(
-            f"patch_size={patch_size} gives tokens of {patch_size}x{patch_size}x{channels} = "
-            f"{values} pixel values, more than width={width}: a velocity field cannot carry its "
-            f"noise through a narrower token. Use a width >= {values} or a smaller patch size.")
     return MMDiTConfig(
         sample_size=image_size,
         patch_size=patch_size,
