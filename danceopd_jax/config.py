@@ -70,8 +70,8 @@ def target(score: str, reference: str, rule: str, value: float) -> ml_collection
 # teacher fine-tuned from it. The base is the shipped T2I anchor (`t2i_anchor`, reused from the
 # shapes family by its recipe) trained further on an even mix of T2I and joint edits: sized
 # for 2 CPU cores (1.3-1.5 steps/s at batch 64), since training a base from scratch takes
-# 12,000 x 256 steps (2.7 minutes on an H200, about 2 hours here: 1.7-1.8 steps/s in stop 29). The base's edit share is
-# the knob that keeps its edits below the teachers'.
+# 12,000 x 256 steps (2.7 minutes on an H200, about 2 hours here: 1.7-1.8 steps/s in stop
+# 29). The base's edit share is the knob that keeps its edits below the teachers'.
 OMNI_BASE_STEPS = 3000
 OMNI_EDIT_STEPS = 5000
 # The joint-edit teacher is fine-tuned in two stages: OMNI_EDIT_STEPS at 1e-3 from the base
