@@ -9,8 +9,8 @@
 #       global-edit teachers fine-tuned from it) into danceopd_jax/assets/omni_teachers/, scored
 #       with ShapesBench. Sized for 2 CPU cores: about 40 minutes for the base, an hour for the
 #       joint-edit teacher's first stage and 35 minutes for its second, 35 minutes each for the
-#       local and global ones, on stop 17's cores (docs/teachers.md); resumable (rerun the same
-#       command).
+#       local one and each of the global one's two stages, on stop 17's cores (docs/teachers.md);
+#       resumable (rerun the same command).
 # Extra arguments go to every `python -m danceopd_jax.teachers` call. On the device machine
 # (no ml_collections there: its wheel in .whl/) the wheels are installed first.
 set -euo pipefail

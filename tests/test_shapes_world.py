@@ -312,6 +312,18 @@ def test_splits_are_deterministic(
     assert not np.array_equal(other["target"], again["target"][:20])
 
 
+def test_invert_bucket_holds_only_inversions(tok: PreTrainedTokenizerFast) -> None:
+    data = dataset.build_split("train", "invert", 40, 7, SIZE, tok)
+    assert set(data["task"]) == {"style"} and data["has_source"].all()
+    assert {json.loads(str(s))["style"] for s in data["spec"]} == {"invert"}
+    np.testing.assert_array_equal(data["target"], 255 - data["source"])
+    # A bucket's position seeds its stream: new buckets go last, so the earlier ones (and the
+    # evaluation sets cut from them) keep their data.
+    assert list(dataset.BUCKETS)[:4] == ["t2i", "local_edit", "global_edit", "joint_edit"]
+    with pytest.raises(ValueError, match="use a non-empty subset of"):
+        edits.sample_edit(np.random.default_rng(0), "style", styles=("sepia",))
+
+
 def test_splits_are_disjoint(splits: dict[tuple[str, str], dict[str, np.ndarray]]) -> None:
     pairs = dataset.heldout_pairs(7)
     assert len(pairs) == 9 and len({c for _, c in pairs}) == 9

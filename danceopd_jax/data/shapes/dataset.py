@@ -51,7 +51,13 @@ BUCKETS: dict[str, dict[str, float]] = {
         **{k: _LOCAL_SHARE for k in edits.LOCAL_EDITS},
         **{k: 0.5 / len(edits.GLOBAL_EDITS) for k in edits.GLOBAL_EDITS},
     },
+    # Style changes that invert the colours only: the global-edit teacher's recipe mixes it in
+    # (config.omni_family). Buckets are appended, never inserted: a bucket's position seeds its
+    # stream, so inserting one would change every later bucket's data.
+    "invert": {"style": 1.0},
 }
+# The styles a bucket's style edits draw from, where not all of them.
+BUCKET_STYLES: dict[str, tuple[str, ...]] = {"invert": ("invert",)}
 HELDOUT_PAIR_FRACTION = 0.15
 RESERVED_SCENE_MODULUS = 4  # 1 in 4 scene keys is reserved for the held-out side
 NOVEL_FRACTION = 0.5
@@ -93,9 +99,15 @@ def is_heldout_scene(scene: Scene, seed: int) -> bool:
 
 
 def _draw(
-    rng: np.random.Generator, split: str, task: str, seed: int, pairs: frozenset[tuple[str, str]]
+    rng: np.random.Generator,
+    split: str,
+    task: str,
+    seed: int,
+    pairs: frozenset[tuple[str, str]],
+    styles: tuple[str, ...],
 ) -> tuple[Scene | None, str, Scene, dict[str, Any]]:
-    """One (source or None, text, target, spec) whose scenes all lie on `split`'s side."""
+    """One (source or None, text, target, spec) whose scenes all lie on `split`'s side; a
+    style edit's style is one of `styles`."""
     is_edit = task in edits.EDIT_KINDS
     novel = split == "heldout" and rng.random() < NOVEL_FRACTION
 
@@ -105,7 +117,7 @@ def _draw(
     allowed: PairFilter | None = None if novel else train_only
     for _ in range(MAX_ATTEMPTS):
         if is_edit:
-            source, text, target, spec = edits.sample_edit(rng, task, allowed)
+            source, text, target, spec = edits.sample_edit(rng, task, allowed, styles)
             scenes: tuple[Scene, ...] = (source, target)
         else:
             source = None
@@ -141,13 +153,14 @@ def _build(
     rng = np.random.default_rng([seed, SPLITS.index(split), list(BUCKETS).index(bucket), stream])
     tasks, weights = list(BUCKETS[bucket]), np.array(list(BUCKETS[bucket].values()))
     pairs = heldout_pairs(seed)
+    styles = BUCKET_STYLES.get(bucket, tuple(edits.STYLE_INSTRUCTIONS))
     target = np.zeros((num, size, size, 3), np.uint8)
     source = np.zeros((num, size, size, 3), np.uint8)
     has_source = np.zeros(num, bool)
     texts, task_names, specs = [], [], []
     for i in range(num):
         task = tasks[int(rng.choice(len(tasks), p=weights))]
-        src, text, tgt, spec = _draw(rng, split, task, seed, pairs)
+        src, text, tgt, spec = _draw(rng, split, task, seed, pairs, styles)
         target[i] = render(tgt, size)
         if src is not None:
             source[i] = render(src, size)

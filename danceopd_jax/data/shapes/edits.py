@@ -80,16 +80,22 @@ def _without(scene: Scene, obj: Obj) -> tuple[Obj, ...]:
 
 
 def sample_edit(
-    rng: np.random.Generator, kind: str, allowed: PairFilter | None = None
+    rng: np.random.Generator,
+    kind: str,
+    allowed: PairFilter | None = None,
+    styles: tuple[str, ...] = tuple(STYLE_INSTRUCTIONS),
 ) -> tuple[Scene, str, Scene, dict[str, Any]]:
     """Sample (source, instruction, target, spec) for one edit kind.
 
     `allowed(shape, colour)` restricts every object combination in both source
-    and target. spec holds "kind", "cell" (the edited cell for local edits,
-    else None), "style" (for style edits, else None) and both scenes as dicts.
+    and target; `styles` the styles a style edit draws from. spec holds "kind",
+    "cell" (the edited cell for local edits, else None), "style" (for style
+    edits, else None) and both scenes as dicts.
     """
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; use one of {EDIT_KINDS}")
+    if not styles or set(styles) - set(STYLE_INSTRUCTIONS):
+        raise ValueError(f"styles={styles!r}; use a non-empty subset of {tuple(STYLE_INSTRUCTIONS)}")
     # remove needs a survivor; add needs room for a fourth object at most.
     low = 2 if kind == "remove" else 1
     source = sample_source(rng, int(rng.integers(low, MAX_SOURCE_OBJECTS + 1)), allowed)
@@ -139,7 +145,7 @@ def sample_edit(
     else:
         # Grayscale leaves all-neutral scenes unchanged; never emit no-op edits.
         has_hue = any(not _is_neutral(c) for c in (bg, *(o.color for o in objects)))
-        style = pick(rng, [s for s in STYLE_INSTRUCTIONS if s != "grayscale" or has_hue], "style")
+        style = pick(rng, [s for s in styles if s != "grayscale" or has_hue], "style")
         instruction = STYLE_INSTRUCTIONS[style]
         target = Scene(bg, objects, style)
     spec = {
