@@ -95,7 +95,9 @@ def sample_edit(
     if kind not in EDIT_KINDS:
         raise ValueError(f"unknown edit kind {kind!r}; use one of {EDIT_KINDS}")
     if not styles or set(styles) - set(STYLE_INSTRUCTIONS):
-        raise ValueError(f"styles={styles!r}; use a non-empty subset of {tuple(STYLE_INSTRUCTIONS)}")
+        raise ValueError(
+            f"styles={styles!r}; use a non-empty subset of {tuple(STYLE_INSTRUCTIONS)}"
+        )
     # remove needs a survivor; add needs room for a fourth object at most.
     low = 2 if kind == "remove" else 1
     source = sample_source(rng, int(rng.integers(low, MAX_SOURCE_OBJECTS + 1)), allowed)
