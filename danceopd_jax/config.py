@@ -83,7 +83,7 @@ OMNI_EDIT_RESTART_STEPS = 3000
 # global), at 60% of its cost.
 OMNI_PART_STEPS = 3000
 # The global-edit teacher is fine-tuned in two stages too: OMNI_PART_STEPS on its bucket
-# (`global_edit_stage1`: backgrounds and two of the three styles, but it inverted 1 scene in 6),
+# (`global_edit_stage1`: backgrounds and two of the three styles, but 1 colour inversion in 6),
 # then as many again on an even mix of that bucket and colour inversions, the one thing the
 # first stage had not learned (docs/teachers.md, "The global teacher learns inversion").
 OMNI_INVERT_MIX = {"global_edit": 0.5, "invert": 0.5}
