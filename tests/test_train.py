@@ -507,6 +507,30 @@ def test_ship_copies_only_the_teachers_the_workdir_trained(tmp_path, monkeypatch
     np.testing.assert_array_equal(load_params(family / "anchor", params)[0]["w"], params["w"])
 
 
+def test_teachers_command_trains_only_the_named_teachers(tmp_path, monkeypatch):
+    """--teachers=anchor trains the anchor alone (the edit teacher is neither trained nor
+    shipped); a name the config does not define is refused, naming it and the choices."""
+    import danceopd_jax.train.teachers as teachers_module
+    from danceopd_jax.core.errors import ConfigError
+    from danceopd_jax.jobs.teachers import make_teachers, ship_teachers
+
+    monkeypatch.setattr(teachers_module, "ASSETS_DIR", tmp_path / "assets")
+    config = tiny_config("t2i_edit_budget")
+    assert sorted(config.teachers) == ["anchor", "joint_edit"]
+    with pytest.raises(ConfigError,
+                       match=r"\['teacher_b'\].*choose from \['anchor', 'joint_edit'\]"):
+        make_teachers(config, tmp_path, evaluate=False, only=["teacher_b"])
+    assert make_teachers(config, tmp_path, evaluate=False, only=["anchor"]) is None
+    assert sorted(p.name for p in (tmp_path / "teachers").iterdir()
+                  if p.is_dir() and not p.name.startswith("_")) == ["anchor"]
+    recipe = json.loads((tmp_path / "teachers" / "anchor" / "recipe.json").read_text())
+    assert recipe["made"] == "trained" and recipe["key"]["teacher"]["steps"] == 3
+    save_params(tmp_path / "teachers" / "joint_edit", {"w": np.zeros(2)},
+                {"made": "trained", "key": {"k": 1}})
+    assert ship_teachers(config, tmp_path, ["anchor"]) == ["anchor"]
+    assert ship_teachers(config, tmp_path) == ["anchor", "joint_edit"]  # default: all
+
+
 def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
     """The omni base starts from the shapes family's T2I anchor: a teacher's key lists what
     makes its weights, not its name, so `t2i_anchor` finds the shipped `anchor` in the other

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Candidate T2I anchors (issue 14: the base's GenEval-style mean >= 0.85, every category >= 0.60),
+# each trained from scratch with the shipped T2I anchor's recipe (configs/t2i_edit_budget.py's
+# anchor: 12,000 steps x 256, AdamW 1e-3) and one model change, then scored by ShapesBench on the
+# held-out split (config.eval: 32 per category, 3 sampling seeds, 16 steps) on the student
+# configs' shift-3 schedule, beside the shipped anchor scored in the same run. Sized for one GPU
+# (the shipped anchor took 2.7 minutes on an H200); on 2 CPU cores each candidate takes hours.
+#
+#   bash launch/anchor_sweep.sh [VARIANT ...]
+#       VARIANT: comma-separated config overrides, e.g. model.width=256,model.depth=8
+#       (default: model.width=256 and model.width=256,model.depth=8)
+#
+# Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
+# scores are teacher_scores.json there; the table of all of them goes to $WORKDIR/sweep.md (and
+# to $OUT/ when OUT is set, as on the device machine). $EXTRA is added to every command (e.g.
+# "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
+# tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
+# --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
+# and this script installs them there.
+set -euo pipefail
+WORKDIR=${WORKDIR:-runs/anchor_sweep}
+if [ $# -eq 0 ]; then set -- model.width=256 model.width=256,model.depth=8; fi
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
+  python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
+    --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
+}
+mkdir -p "$WORKDIR"
+start=$SECONDS
+anchor "$WORKDIR/shipped" --reuse_shipped
+for variant in "$@"; do
+  overrides=()
+  IFS=',' read -ra pairs <<< "$variant"
+  for pair in "${pairs[@]}"; do overrides+=("--config.$pair"); done
+  t0=$SECONDS
+  anchor "$WORKDIR/${variant//[=,]/_}" "${overrides[@]}"
+  echo "$variant: trained and scored in $((SECONDS - t0)) s"
+done
+python3 - "$WORKDIR" shipped "$@" <<'PY' | tee "$WORKDIR/sweep.md"
+import json, sys
+from pathlib import Path
+root, names = Path(sys.argv[1]), sys.argv[2:]
+cats = ["single_object", "two_objects", "counting", "colors", "position", "color_attr", "mean"]
+print("| anchor | " + " | ".join(cats) + " | min category |")
+print("| --- |" + " --- |" * (len(cats) + 1))
+for name in names:
+    t2i = json.loads((root / name.replace("=", "_").replace(",", "_") / "teacher_scores.json")
+                     .read_text())["models"]["anchor"]["t2i"]
+    cells = [f"{t2i[c]['mean']:.3f} ± {t2i[c]['std']:.3f}" for c in cats]
+    print(f"| {name} | " + " | ".join(cells) + f" | {min(t2i[c]['mean'] for c in cats[:-1]):.3f} |")
+PY
+echo "sweep done in $((SECONDS - start)) s"
+if [ -n "${OUT:-}" ]; then
+  cp "$WORKDIR/sweep.md" "$OUT/"
+  for d in "$WORKDIR"/*/; do cp "$d/teacher_scores.json" "$OUT/$(basename "$d").json"; done
+fi
