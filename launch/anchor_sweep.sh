@@ -11,8 +11,9 @@
 #       (default: model.width=256 and model.width=256,model.depth=8)
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
-# scores are teacher_scores.json there; the table of all of them goes to $WORKDIR/sweep.md (and
-# to $OUT/ when OUT is set, as on the device machine). $EXTRA is added to every command (e.g.
+# scores are teacher_scores.json there. After each anchor is scored, the table of those scored so
+# far goes to $WORKDIR/sweep.md, and it and their scores to $OUT/ when OUT is set (as on the
+# device machine), so a call cut off by its time limit still returns the candidates it finished. $EXTRA is added to every command (e.g.
 # "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
@@ -28,18 +29,8 @@ anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alo
   python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
     --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
 }
-mkdir -p "$WORKDIR"
-start=$SECONDS
-anchor "$WORKDIR/shipped" --reuse_shipped
-for variant in "$@"; do
-  overrides=()
-  IFS=',' read -ra pairs <<< "$variant"
-  for pair in "${pairs[@]}"; do overrides+=("--config.$pair"); done
-  t0=$SECONDS
-  anchor "$WORKDIR/${variant//[=,]/_}" "${overrides[@]}"
-  echo "$variant: trained and scored in $((SECONDS - t0)) s"
-done
-python3 - "$WORKDIR" shipped "$@" <<'PY' | tee "$WORKDIR/sweep.md"
+report() {  # report NAME...: the table of the anchors scored so far, to sweep.md (and $OUT)
+  python3 - "$WORKDIR" "$@" > "$WORKDIR/sweep.md" <<'PY'
 import json, sys
 from pathlib import Path
 root, names = Path(sys.argv[1]), sys.argv[2:]
@@ -52,8 +43,27 @@ for name in names:
     cells = [f"{t2i[c]['mean']:.3f} ± {t2i[c]['std']:.3f}" for c in cats]
     print(f"| {name} | " + " | ".join(cells) + f" | {min(t2i[c]['mean'] for c in cats[:-1]):.3f} |")
 PY
+  if [ -n "${OUT:-}" ]; then
+    cp "$WORKDIR/sweep.md" "$OUT/"
+    for name in "$@"; do
+      cp "$WORKDIR/${name//[=,]/_}/teacher_scores.json" "$OUT/${name//[=,]/_}.json"
+    done
+  fi
+}
+mkdir -p "$WORKDIR"
+start=$SECONDS
+anchor "$WORKDIR/shipped" --reuse_shipped
+done_names=(shipped)
+report "${done_names[@]}"
+for variant in "$@"; do
+  overrides=()
+  IFS=',' read -ra pairs <<< "$variant"
+  for pair in "${pairs[@]}"; do overrides+=("--config.$pair"); done
+  t0=$SECONDS
+  anchor "$WORKDIR/${variant//[=,]/_}" "${overrides[@]}"
+  echo "$variant: trained and scored in $((SECONDS - t0)) s"
+  done_names+=("$variant")
+  report "${done_names[@]}"
+done
+cat "$WORKDIR/sweep.md"
 echo "sweep done in $((SECONDS - start)) s"
-if [ -n "${OUT:-}" ]; then
-  cp "$WORKDIR/sweep.md" "$OUT/"
-  for d in "$WORKDIR"/*/; do cp "$d/teacher_scores.json" "$OUT/$(basename "$d").json"; done
-fi
