@@ -13,8 +13,8 @@
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
 # scores are teacher_scores.json there. After each anchor is scored, the table of those scored so
 # far goes to $WORKDIR/sweep.md, and it and their scores to $OUT/ when OUT is set (as on the
-# device machine), so a call cut off by its time limit still returns the candidates it finished. $EXTRA is added to every command (e.g.
-# "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
+# device machine), so a call cut off by its time limit still returns the candidates it finished.
+# $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
 # and this script installs them there.
