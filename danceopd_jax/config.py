@@ -209,8 +209,10 @@ def base_config() -> ml_collections.ConfigDict:
     # recipe matches (train/teachers.py).
     c.shipped_teachers = "shapes_teachers"
     c.world = dict(image_size=24, train_size=30000, seed=1234)
+    # coarse_scale: MMDiTConfig's (0: none; 2 gives the shapes world's patch-4 model one coarse
+    # token per grid cell).
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
-                   text_heads=4, dtype="float32", remat="none")
+                   text_heads=4, dtype="float32", remat="none", coarse_scale=0)
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()
@@ -430,6 +432,12 @@ def _validate_shapes(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"world.image_size={size} is not divisible by model.patch_size={patch}; pick a patch "
             f"size dividing {size} (e.g. {[p for p in (1, 2, 3, 4, 6, 8) if size % p == 0]}).")
+    grid, coarse = size // patch, config.model.get("coarse_scale", 0)
+    if coarse < 0 or (coarse and grid % coarse):
+        raise ValueError(
+            f"model.coarse_scale={coarse} must be 0 (no coarse tokens) or divide the patch grid "
+            f"{grid} (world.image_size // model.patch_size); use one of "
+            f"{[0] + [k for k in range(1, grid + 1) if grid % k == 0]}.")
     for name, t in config.teachers.items():
         if t.init != "scratch" and t.init not in config.teachers:
             raise ValueError(f"teacher {name!r} starts from {t.init!r}, which is not a teacher; "

@@ -27,15 +27,16 @@ def pythonpath_env() -> dict[str, str]:
         p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 
-@pytest.mark.parametrize("dual, with_source", [((), False), ((0,), True)])
-def test_forward_flops_match_xla_cost_analysis(dual, with_source):
+@pytest.mark.parametrize("dual, with_source, coarse", [((), False, 0), ((0,), True, 0),
+                                                     ((), True, 2)])
+def test_forward_flops_match_xla_cost_analysis(dual, with_source, coarse):
     """The analytic count is the matrix products; XLA also counts elementwise work, so ours is
     a little lower, never higher."""
     config = MMDiTConfig(sample_size=16, patch_size=2, in_channels=4, out_channels=4,
                          num_layers=2, attention_head_dim=32, num_attention_heads=4,
                          joint_attention_dim=64, caption_projection_dim=128,
                          pooled_projection_dim=32, pos_embed_max_size=8,
-                         dual_attention_layers=dual, qk_norm="rms_norm")
+                         dual_attention_layers=dual, qk_norm="rms_norm", coarse_scale=coarse)
     graph, params = nnx.split(MMDiT(config, rngs=nnx.Rngs(0)))
     b, t = 2, 8
     z = jnp.zeros((b, 16, 16, 4))

@@ -4,6 +4,7 @@ PyTorch edit path of examples/torch_edit_sd3.py (tiny random models, nothing dow
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -47,10 +49,12 @@ from transformers import (  # noqa: E402
     T5TokenizerFast,
 )
 
+from danceopd_jax.core.errors import ConfigError  # noqa: E402
 from danceopd_jax.interop import diffusers_sd3  # noqa: E402
 from danceopd_jax.interop._common import flatten, to_numpy, unflatten  # noqa: E402
 from danceopd_jax.interop.peft_lora import load_diffusers_lora, save_diffusers_lora  # noqa: E402
 from danceopd_jax.jobs import distill  # noqa: E402
+from danceopd_jax.jobs import export as export_job  # noqa: E402
 from danceopd_jax.jobs.export import export_lora  # noqa: E402
 from danceopd_jax.jobs.workdir import load_student  # noqa: E402
 from danceopd_jax.models import lora  # noqa: E402
@@ -271,6 +275,18 @@ def test_export_cli_full_fine_tuned_student(trained, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="full fine-tuning.*use --format=diffusers"):
         export_lora(student, tmp_path / "lora")  # what --format=lora runs
     assert not (tmp_path / "lora").exists()
+
+
+def test_export_refuses_a_student_with_coarse_tokens(tmp_path: Path, monkeypatch) -> None:
+    """diffusers' transformers have no coarse tokens (model.coarse_scale): such a student is
+    refused before anything is written, in either format."""
+    student = SimpleNamespace(backbone_config=dataclasses.replace(MMDiTConfig(**SD3),
+                                                                  coarse_scale=2))
+    monkeypatch.setattr(export_job, "load_student", lambda workdir: student)
+    for kind in ("diffusers", "lora"):
+        with pytest.raises(ConfigError, match="model.coarse_scale=2"):
+            export_job.export(tmp_path / "workdir", tmp_path / "out", kind)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -167,6 +167,11 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert max_err(mmdit_forward(config, params, x), torch_sd3_forward(model, x)) <= TOL
     _assert_same_params(diffusers_sd3.load_diffusers_transformer(tmp_path / "out")[1], params)
 
+    coarse = dataclasses.replace(config, coarse_scale=2)  # ours only: diffusers has none
+    with pytest.raises(ValueError, match="coarse_scale=2"):
+        diffusers_sd3.save_diffusers_transformer(coarse, params, tmp_path / "coarse")
+    assert not (tmp_path / "coarse").exists()
+
     wrong = dataclasses.replace(config, num_layers=2, dual_attention_layers=(0,))
     with pytest.raises(ValueError, match="unexpected") as err:
         diffusers_sd3.save_diffusers_transformer(wrong, params, tmp_path / "wrong")

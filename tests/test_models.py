@@ -17,6 +17,8 @@ from danceopd_jax.models.lora import init_lora, merge
 from danceopd_jax.models.mmdit import (
     MMDiT,
     MMDiTConfig,
+    PatchEmbed,
+    _sincos_2d,
     block_groups,
     param_count,
     stack_blocks,
@@ -210,6 +212,7 @@ def test_timestep_embedding_is_cos_first() -> None:
         ({"dual_attention_layers": (7,)}, "dual_attention_layers"),
         ({"qk_norm": "layer_norm"}, "qk_norm"),
         ({"dtype": "int8"}, "dtype"),
+        ({"coarse_scale": 4}, r"coarse_scale=4 must be 0 .* patch grid 6.*\[0, 1, 2, 3, 6\]"),
     ],
 )
 def test_config_validation(overrides: dict, message: str) -> None:
@@ -225,6 +228,55 @@ def test_input_validation(tiny) -> None:
         model(jnp.moveaxis(z, -1, 1), sigma, cond)
     with pytest.raises(KeyError, match="pooled"):
         model(z, sigma, {k: v for k, v in cond.items() if k != "pooled"})
+
+
+# --------------------------------------------------------------------------- coarse tokens
+
+
+def test_coarse_tokens_pool_each_block_at_its_centre() -> None:
+    """coarse_scale k appends one token per k x k block: the mean of the block's patch
+    projections plus the sincos embedding of the block's centre (the mean of its patches'
+    positions). At k = 1 every block is one patch, so the coarse tokens repeat the patch tokens."""
+    z = jax.random.normal(jax.random.key(0), (2, SIDE, SIDE, CH))
+    plain = PatchEmbed(tiny_config(), rngs=nnx.Rngs(0))
+    fine = plain(z)  # [2, 36, 128]: a 6 x 6 grid of patch-4 tokens
+    one = PatchEmbed(dataclasses.replace(tiny_config(), coarse_scale=1), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(one(z), jnp.concatenate([fine, fine], axis=1))
+
+    two = PatchEmbed(dataclasses.replace(tiny_config(), coarse_scale=2), rngs=nnx.Rngs(0))
+    tokens = two(z)
+    assert tokens.shape == (2, 36 + 9, 128)
+    np.testing.assert_array_equal(tokens[:, :36], fine)
+    raw = plain.proj(z.reshape(2, 6, 4, 6, 4, CH).transpose(0, 1, 3, 2, 4, 5)
+                     .reshape(2, 6, 6, -1))  # patch projections without positions
+    blocks = raw.reshape(2, 3, 2, 3, 2, 128).mean(axis=(2, 4)).reshape(2, 9, 128)
+    # The tiny config's grid is the whole sincos grid, in patch units: block (r, c) covers
+    # patches 2r, 2r + 1 (rows) and 2c, 2c + 1 (columns).
+    centre = np.arange(3) * 2 + 0.5
+    cols, rows = np.meshgrid(centre, centre)
+    np.testing.assert_allclose(tokens[:, 36:], blocks + _sincos_2d(128, cols, rows)[None],
+                               atol=1e-5)
+
+
+def test_coarse_tokens_join_attention_and_are_dropped_from_the_output(tiny) -> None:
+    """No new parameters: the same weights run with and without coarse tokens, and the output
+    is still one velocity per pixel; the coarse tokens change it (every attention sees them),
+    and an absent source's coarse tokens are masked with its patch tokens."""
+    model, fwd, state = tiny
+    coarse = MMDiT(dataclasses.replace(tiny_config(), coarse_scale=2), rngs=nnx.Rngs(0))
+    assert param_count(coarse) == param_count(model)
+    nnx.update(coarse, nnx.state(model, nnx.Param))
+    coarse_fwd, coarse_state = _jit_forward(coarse)
+    z, sigma, cond = _inputs()
+    v = coarse_fwd(coarse_state, z, sigma, cond)
+    assert v.shape == z.shape and bool(jnp.all(jnp.isfinite(v)))
+    assert float(jnp.abs(v - fwd(state, z, sigma, cond)).max()) > 1e-3
+    absent = dict(cond, has_source=jnp.zeros((B,), bool))
+    np.testing.assert_allclose(coarse_fwd(coarse_state, z, sigma, absent),
+                               coarse_fwd(coarse_state, z, sigma, _without_source(cond)),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="patch_size \\* coarse_scale = 8"):
+        coarse(z[:, :20, :20], sigma, _without_source(cond))  # patch-4 tokens, not 8 x 8 blocks
 
 
 # --------------------------------------------------------------------------- CLIP

@@ -133,6 +133,7 @@ def test_run_checkpoint_missing_and_corrupt(tmp_path):
     ({"danceopd.query_k": 0}, "K=0"),
     ({"training.routing": "sometimes"}, "training.routing"),
     ({"training.cooldown_fraction": 1.5}, r"cooldown_fraction=1.5.*\[0, 1\]"),
+    ({"model.coarse_scale": 2}, r"model.coarse_scale=2 must be 0 .* grid 3 .*\[0, 1, 3\]"),
 ])
 def test_bad_config_fails_fast(tmp_path, overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -544,6 +545,10 @@ def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
     assert find_shipped(shipped_dir(config), "t2i_anchor", want) == SHIPPED_DIR / "anchor"
     assert find_shipped(None, "t2i_anchor", want) is None  # never reuse
     config.teachers.t2i_anchor.lr = 5e-4
+    assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
+    config.teachers.t2i_anchor.lr = 1e-3
+    config.model.coarse_scale = 2  # an optional model field enters the key only when set
+    assert recipe(config, "t2i_anchor")["model"] == want["model"] | {"coarse_scale": 2}
     assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
 
 

@@ -245,6 +245,11 @@ def save_diffusers_transformer(
     not exportable: diffusers has no edit conditioning, so it is dropped. A non-zero one
     (a model trained for edits) raises unless ``drop_source_embed=True``.
     """
+    if config.coarse_scale:
+        raise ValueError(
+            f"coarse_scale={config.coarse_scale}: diffusers' {CLASS_NAME} has no coarse tokens, "
+            "so these weights would compute another function there; only a model with "
+            "coarse_scale=0 exports.")
     flat = {path: to_numpy(leaf) for path, leaf in flatten(params).items()}
     source = flat.pop(_SOURCE_EMBED, None)
     if source is not None and np.any(source) and not drop_source_embed:

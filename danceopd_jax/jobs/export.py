@@ -42,6 +42,11 @@ def export(workdir: str | Path, out: str | Path, kind: str = "diffusers",
         raise ConfigError(f"--out={out} already exists and is not empty; pass --overwrite to "
                           "replace it, or choose another --out.")
     student = load_student(workdir)
+    coarse = getattr(student.backbone_config, "coarse_scale", 0)
+    if coarse:
+        raise ConfigError(f"this student has coarse tokens (model.coarse_scale={coarse}), which "
+                          "diffusers' transformers lack: an export would compute another "
+                          "function there. Only a model with model.coarse_scale=0 exports.")
     if kind == "lora":
         base = lora_base_teacher(student)  # before writing: a merge has no base to name
         with staged(out) as partial:

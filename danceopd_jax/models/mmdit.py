@@ -11,6 +11,8 @@ a checkpoint key mapper is a short rename table:
   ``ff.fc2`` <-> ``ff.net.2`` (same for ``ff_context``).
 * ``source_embed`` is ours (no diffusers counterpart; zero-initialised so a
   text-to-image checkpoint behaves identically on target tokens).
+* ``coarse_scale`` is ours too (no parameters, no diffusers counterpart): a
+  second, coarser scale of image tokens in the same sequence.
 
 Edit conditioning uses an "omni" layout: the joint sequence is
 ``[text | clean source tokens | noisy target tokens]``. Source tokens get the
@@ -93,6 +95,12 @@ class MMDiTConfig:
     # jax.nn.dot_product_attention's implementation: "xla" (any platform) or "cudnn" (fused
     # flash attention on NVIDIA GPUs, bf16/fp16 only).
     attention: str = "xla"
+    # Ours, not diffusers': 0 = none; k > 0 adds one coarse token per k x k block of patch
+    # tokens to each image segment, the mean of the block's patch projections at the sincos
+    # position of the block's centre. They join every attention and their outputs are dropped,
+    # so the patch tokens of a block can agree on what the block holds (docs/teachers.md, "What
+    # the base's T2I misses"). No parameters: the same weights run with or without them.
+    coarse_scale: int = 0
 
     def __post_init__(self) -> None:
         if self.patch_size < 1 or self.sample_size % self.patch_size:
@@ -126,6 +134,12 @@ class MMDiTConfig:
                 f"patch grid {self.sample_size // self.patch_size}; raise it to at "
                 "least sample_size // patch_size."
             )
+        grid, k = self.sample_size // self.patch_size, self.coarse_scale
+        if k < 0 or (k and grid % k):
+            raise ValueError(
+                f"coarse_scale={k} must be 0 (no coarse tokens) or divide the patch grid "
+                f"{grid} (sample_size // patch_size); use one of "
+                f"{[0] + [d for d in range(1, grid + 1) if grid % d == 0]}.")
         if self.num_layers < 1:
             raise ValueError(f"num_layers={self.num_layers} must be >= 1.")
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
@@ -300,20 +314,35 @@ def timestep_embedding(t: jax.Array, dim: int = _TIME_PROJ_DIM) -> jax.Array:
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
-@functools.lru_cache(maxsize=8)
-def _sincos_grid(dim: int, max_size: int, base_size: int) -> np.ndarray:
-    """diffusers ``get_2d_sincos_pos_embed`` as a ``[max, max, dim]`` grid."""
-    pos = np.arange(max_size, dtype=np.float64) / (max_size / base_size)
+def _sincos_2d(dim: int, cols: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """2D sincos embeddings ``[P, dim]`` of points at (col, row), as diffusers': the first half
+    encodes the column (x), the second the row (y)."""
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
 
     def emb_1d(p: np.ndarray) -> np.ndarray:
-        out = np.einsum("m,d->md", p.reshape(-1), omega)
+        out = np.einsum("m,d->md", np.asarray(p, np.float64).reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    # Row-major tokens; first half encodes the column (x), second the row (y).
+    return np.concatenate([emb_1d(cols), emb_1d(rows)], axis=1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _sincos_grid(dim: int, max_size: int, base_size: int) -> np.ndarray:
+    """diffusers ``get_2d_sincos_pos_embed`` as a ``[max, max, dim]`` grid (row-major)."""
+    pos = np.arange(max_size, dtype=np.float64) / (max_size / base_size)
     cols, rows = np.meshgrid(pos, pos)
-    emb = np.concatenate([emb_1d(cols), emb_1d(rows)], axis=1)
-    return emb.reshape(max_size, max_size, dim).astype(np.float32)
+    return _sincos_2d(dim, cols, rows).reshape(max_size, max_size, dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _coarse_positions(dim: int, max_size: int, base_size: int, top: int, left: int, gh: int,
+                      gw: int, k: int) -> np.ndarray:
+    """``[gh // k * gw // k, dim]``: the positions of the centres of the k x k blocks of a
+    gh x gw patch grid cropped at (top, left) from _sincos_grid's grid, in its units."""
+    scale = max_size / base_size
+    cols, rows = np.meshgrid((left + k * np.arange(gw // k) + (k - 1) / 2) / scale,
+                             (top + k * np.arange(gh // k) + (k - 1) / 2) / scale)
+    return _sincos_2d(dim, cols, rows)
 
 
 # ---------------------------------------------------------------------------
@@ -321,10 +350,12 @@ def _sincos_grid(dim: int, max_size: int, base_size: int) -> np.ndarray:
 
 
 class PatchEmbed(nnx.Module):
-    """Patchify + Linear (== strided conv) + cropped fixed 2D sincos positions."""
+    """Patchify + Linear (== strided conv) + cropped fixed 2D sincos positions; with
+    ``coarse_scale`` k, then one coarse token per k x k block (MMDiTConfig.coarse_scale)."""
 
     def __init__(self, config: MMDiTConfig, *, rngs: nnx.Rngs):
         self.patch_size = config.patch_size
+        self.coarse_scale = config.coarse_scale
         self.max_size = config.pos_embed_max_size
         self.base_size = config.sample_size // config.patch_size
         self.dim = config.inner_dim
@@ -343,7 +374,15 @@ class PatchEmbed(nnx.Module):
         top, left = (self.max_size - gh) // 2, (self.max_size - gw) // 2
         grid = _sincos_grid(self.dim, self.max_size, self.base_size)
         pos = grid[top : top + gh, left : left + gw].reshape(gh * gw, self.dim)
-        return tokens + jnp.asarray(pos)[None]
+        k = self.coarse_scale
+        if not k:
+            return tokens + jnp.asarray(pos)[None]
+        blocks = tokens.reshape(b, gh // k, k, gw // k, k, self.dim).mean(axis=(2, 4))
+        coarse_pos = _coarse_positions(self.dim, self.max_size, self.base_size, top, left, gh,
+                                       gw, k)
+        return jnp.concatenate([tokens + jnp.asarray(pos)[None],
+                                blocks.reshape(b, -1, self.dim) + jnp.asarray(coarse_pos)[None]],
+                               axis=1)
 
 
 class _SiLUMLP(nnx.Module):
@@ -658,6 +697,11 @@ class MMDiT(nnx.Module):
                 f"image size {h}x{w} must be a multiple of patch_size={cfg.patch_size} "
                 f"and at most {limit} (pos_embed_max_size*patch_size); resize the input."
             )
+        block = cfg.patch_size * max(cfg.coarse_scale, 1)
+        if h % block or w % block:
+            raise ValueError(
+                f"image size {h}x{w} must be a multiple of patch_size * coarse_scale = {block} "
+                f"for coarse_scale={cfg.coarse_scale}; resize the input.")
         if sigma.shape != z.shape[:1]:
             raise ValueError(f"sigma has shape {sigma.shape}; expected [B]={z.shape[:1]}.")
         if "source" in cond and cond["source"].shape != z.shape:
@@ -702,8 +746,9 @@ class MMDiT(nnx.Module):
             for block in self.transformer_blocks:
                 x, c = step(block, x, c)
 
-        out = self.proj_out(self.norm_out(x[:, -1:], temb)[:, 0]).astype(jnp.float32)
         gh, gw = h // p, w // p
+        patch_tokens = x[:, -1:, : gh * gw]  # the target's, without its coarse tokens
+        out = self.proj_out(self.norm_out(patch_tokens, temb)[:, 0]).astype(jnp.float32)
         out = out.reshape(b, gh, gw, p, p, -1).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, h, w, -1)
 
@@ -714,9 +759,10 @@ def forward_flops(config: MMDiTConfig, batch: int, image_tokens: int, text_token
     against XLA's cost analysis of the compiled forward)."""
     d, b, t = config.inner_dim, batch, text_tokens
     segments = 2 if with_source else 1
-    n = image_tokens * segments  # every image token, source included
+    coarse = image_tokens // config.coarse_scale ** 2 if config.coarse_scale else 0
+    n = (image_tokens + coarse) * segments  # every image token, source and coarse included
     patch = config.patch_size ** 2
-    flops = 2 * b * n * patch * config.in_channels * d  # patch embedding
+    flops = 2 * b * image_tokens * segments * patch * config.in_channels * d  # patch embedding
     flops += 2 * b * t * config.joint_attention_dim * d  # context embedder
     flops += 2 * b * (segments * (_TIME_PROJ_DIM * d + d * d)  # timestep MLP per segment
                       + config.pooled_projection_dim * d + d * d)  # pooled-text MLP

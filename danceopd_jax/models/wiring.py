@@ -127,7 +127,8 @@ def shapes_backbone(config: ml_collections.ConfigDict) -> MMDiTConfig:
     backbone = tiny_config(image_size=config.world.image_size, patch_size=m.patch_size,
                            text_dim=m.text_width, pooled_dim=m.text_width, width=m.width,
                            depth=m.depth, heads=m.heads)
-    return replace(backbone, dtype=m.dtype, remat=m.remat)
+    return replace(backbone, dtype=m.dtype, remat=m.remat,
+                   coarse_scale=m.get("coarse_scale", 0))
 
 
 def _split(module: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:

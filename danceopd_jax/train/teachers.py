@@ -52,10 +52,12 @@ def shipped_dir(config: ml_collections.ConfigDict) -> Path:
 
 
 # What makes a teacher's weights besides its own recipe and seed: exactly these world and
-# model fields (not, e.g., remat, which changes memory and speed only).
+# model fields (not, e.g., remat, which changes memory and speed only), and the optional model
+# fields when they are set (so recipes made before them still match).
 WORLD_FIELDS = ("image_size", "train_size", "seed")
 MODEL_FIELDS = ("patch_size", "width", "depth", "heads", "text_width", "text_layers",
                 "text_heads", "dtype")
+OPTIONAL_MODEL_FIELDS = ("coarse_scale",)
 
 
 def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
@@ -64,7 +66,9 @@ def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
     t = config.teachers[name]
     return {"teacher": t.to_dict(),
             "world": {k: config.world[k] for k in WORLD_FIELDS},
-            "model": {k: config.model[k] for k in MODEL_FIELDS}, "seed": config.seed,
+            "model": {k: config.model[k] for k in MODEL_FIELDS}
+            | {k: config.model[k] for k in OPTIONAL_MODEL_FIELDS if config.model.get(k)},
+            "seed": config.seed,
             "init": None if t.init == "scratch" else recipe(config, t.init)}
 
 
