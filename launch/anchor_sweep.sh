@@ -7,8 +7,9 @@
 # (the shipped anchor took 2.7 minutes on an H200); on 2 CPU cores each candidate takes hours.
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
-#       VARIANT: comma-separated config overrides, e.g. model.width=256,model.depth=8
-#       (default: model.width=256 and model.width=256,model.depth=8)
+#       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
+#       (default: that, the best anchor so far made wider, and model.width=256, which keeps the
+#       model exportable to diffusers if width alone is enough)
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
 # scores are teacher_scores.json there. After each anchor is scored, the table of those scored so
@@ -20,7 +21,7 @@
 # and this script installs them there.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
-if [ $# -eq 0 ]; then set -- model.width=256 model.width=256,model.depth=8; fi
+if [ $# -eq 0 ]; then set -- model.coarse_scale=2,model.width=256 model.width=256; fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
