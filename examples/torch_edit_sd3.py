@@ -12,10 +12,14 @@ loop on its own submodules with ours (``MMDiT.__call__`` in danceopd_jax/models/
 * attention is joint over text, source and target; a row whose ``has_source`` is False ignores
   its source exactly (its source keys are masked), as does any text token whose ``text_mask``
   is False;
-* only the target tokens are projected out.
+* only the target tokens are projected out;
+* with ``coarse_scale`` k in the exported ``config.json`` (``model.coarse_scale``, which
+  diffusers' class ignores), each image segment also carries one coarse token per k x k block
+  of patch tokens: the mean of the block's patch projections at the sincos position of the
+  block's centre; they join every attention and their outputs are dropped.
 
-Without ``source`` it is diffusers' own forward (plus the optional text mask). Not part of the
-package (torch is not a dependency of it). Example::
+Without ``source`` and coarse tokens it is diffusers' own forward (plus the optional text
+mask). Not part of the package (torch is not a dependency of it). Example::
 
     python examples/torch_edit_sd3.py --export=DIR
 
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from diffusers.models.attention import JointTransformerBlock
 from diffusers.models.attention_processor import Attention
+from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed_from_grid
 
 SOURCE_EMBED_FILE = "source_embed.npy"
 
@@ -96,16 +101,44 @@ def _block(block: JointTransformerBlock, xs: list[torch.Tensor], c: torch.Tensor
     return xs, c + c_gate_mlp[:, None] * c_ff
 
 
+def _embed(pos_embed: PatchEmbed, latents: torch.Tensor, k: int) -> torch.Tensor:
+    """diffusers' patch embedding [B, N, D], then with ``k`` > 0 one coarse token per k x k
+    block of patch tokens: the mean of the block's projections (before positions) at the sincos
+    position of the block's centre, in the units of the cropped position table."""
+    tokens = pos_embed(latents)
+    if not k:
+        return tokens
+    b, _, h, w = latents.shape
+    gh, gw = h // pos_embed.patch_size, w // pos_embed.patch_size
+    if gh % k or gw % k:
+        raise ValueError(f"a {h}x{w} input has a {gh}x{gw} patch grid, which coarse_scale={k} "
+                         "does not divide; resize the input.")
+    raw = pos_embed.proj(latents)  # [B, D, gh, gw]
+    blocks = raw.unflatten(2, (gh // k, k)).unflatten(4, (gw // k, k)).mean((3, 5))
+    size = pos_embed.pos_embed_max_size
+    scale = size / pos_embed.base_size
+    top, left = (size - gh) // 2, (size - gw) // 2
+    rows = (top + k * torch.arange(gh // k, dtype=torch.float64) + (k - 1) / 2) / scale
+    cols = (left + k * torch.arange(gw // k, dtype=torch.float64) + (k - 1) / 2) / scale
+    grid = torch.stack(torch.meshgrid(cols, rows, indexing="xy")).reshape(2, -1)
+    pos = get_2d_sincos_pos_embed_from_grid(tokens.shape[-1], grid).float()
+    return torch.cat([tokens, blocks.flatten(2).transpose(1, 2) + pos.to(tokens.device)], dim=1)
+
+
 class SD3EditTransformer(torch.nn.Module):
     """An exported student's velocity with edit conditioning (see the module docstring)."""
 
-    def __init__(self, transformer: SD3Transformer2DModel, source_embed: np.ndarray):
+    def __init__(self, transformer: SD3Transformer2DModel, source_embed: np.ndarray,
+                 coarse_scale: int | None = None):
+        """``coarse_scale`` defaults to the exported ``config.json``'s (0 if it has none)."""
         super().__init__()
         dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
         if tuple(source_embed.shape) != (dim,):
             raise ValueError(f"source_embed has shape {source_embed.shape}; this transformer "
                              f"needs ({dim},): use the source_embed.npy exported with it.")
         self.transformer = transformer
+        self.coarse_scale = (transformer.config.get("coarse_scale", 0) if coarse_scale is None
+                             else coarse_scale)
         self.register_buffer("source_embed", torch.as_tensor(source_embed, dtype=torch.float32))
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor,
@@ -115,17 +148,17 @@ class SD3EditTransformer(torch.nn.Module):
         """diffusers' arguments (NCHW latents, ``timestep`` = 1000 * sigma) plus ``source``
         (NCHW, like ``hidden_states``), ``has_source`` [B] bool and ``text_mask`` [B, L] bool
         (default all True). Returns the target's velocity, NCHW."""
-        t = self.transformer
+        t, k = self.transformer, self.coarse_scale
         b, _, h, w = hidden_states.shape
         temb = t.time_text_embed(timestep, pooled_projections)
-        xs, tembs = [t.pos_embed(hidden_states)], [temb]
+        xs, tembs = [_embed(t.pos_embed, hidden_states, k)], [temb]
         n = xs[0].shape[1]
         image_mask = torch.ones(b, n, dtype=torch.bool, device=hidden_states.device)
         if source is not None:
             if source.shape != hidden_states.shape:
                 raise ValueError(f"source has shape {tuple(source.shape)}; expected "
                                  f"hidden_states' {tuple(hidden_states.shape)}.")
-            xs.insert(0, t.pos_embed(source) + self.source_embed)
+            xs.insert(0, _embed(t.pos_embed, source, k) + self.source_embed)
             tembs.insert(0, t.time_text_embed(torch.zeros_like(timestep), pooled_projections))
             keep = image_mask if has_source is None else has_source.bool()[:, None].expand(b, n)
             image_mask = torch.cat([keep, image_mask], dim=1)
@@ -136,8 +169,8 @@ class SD3EditTransformer(torch.nn.Module):
         c = t.context_embedder(encoder_hidden_states)
         for block in t.transformer_blocks:
             xs, c = _block(block, xs, c, tembs, temb, joint_mask, image_mask)
-        out = t.proj_out(t.norm_out(xs[-1], temb))
         p = t.config.patch_size
+        out = t.proj_out(t.norm_out(xs[-1][:, : (h // p) * (w // p)], temb))  # no coarse tokens
         out = out.reshape(b, h // p, w // p, p, p, -1)
         return torch.einsum("nhwpqc->nchpwq", out).reshape(b, -1, h, w)
 

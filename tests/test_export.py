@@ -277,16 +277,30 @@ def test_export_cli_full_fine_tuned_student(trained, tmp_path: Path) -> None:
     assert not (tmp_path / "lora").exists()
 
 
-def test_export_refuses_a_student_with_coarse_tokens(tmp_path: Path, monkeypatch) -> None:
-    """diffusers' transformers have no coarse tokens (model.coarse_scale): such a student is
-    refused before anything is written, in either format."""
-    student = SimpleNamespace(backbone_config=dataclasses.replace(MMDiTConfig(**SD3),
-                                                                  coarse_scale=2))
+def test_export_of_a_student_with_coarse_tokens(tmp_path: Path, monkeypatch) -> None:
+    """diffusers' transformers have no coarse tokens (model.coarse_scale): the diffusers export
+    says so and writes the field into config.json, which the PyTorch edit path reads and runs as
+    trained; a LoRA (on a base diffusers would run without them) is refused, writing nothing."""
+    model, config, params = _base(SD35)
+    config = dataclasses.replace(config, coarse_scale=2)
+    params["source_embed"] = np.random.default_rng(4).standard_normal(
+        params["source_embed"].shape).astype(np.float32)
+    student = SimpleNamespace(backbone_config=config, params=params)
     monkeypatch.setattr(export_job, "load_student", lambda workdir: student)
-    for kind in ("diffusers", "lora"):
-        with pytest.raises(ConfigError, match="model.coarse_scale=2"):
-            export_job.export(tmp_path / "workdir", tmp_path / "out", kind)
-    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="model.coarse_scale=2.*--format=diffusers"):
+        export_job.export(tmp_path / "workdir", tmp_path / "lora", "lora")
+    assert not (tmp_path / "lora").exists()
+
+    message = export_job.export(tmp_path / "workdir", tmp_path / "dit")
+    assert "coarse_scale=2" in message and "torch_edit_sd3.py" in message
+    edit = _load_example().load_edit_model(tmp_path / "dit")
+    assert edit.coarse_scale == 2
+    x = _coarse_inputs(config)
+    with torch.no_grad():
+        v = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]), torch.from_numpy(x["text"]),
+                 torch.from_numpy(x["pooled"]), source=_nchw(x["source"]),
+                 has_source=torch.from_numpy(x["has_source"]))
+    assert max_err(v.numpy().transpose(0, 2, 3, 1), _mmdit(config, params, x)) <= TOL
 
 
 @pytest.mark.slow
@@ -327,30 +341,55 @@ def test_export_cli_lora_student(trained, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- edit path
 
 
-@pytest.mark.parametrize("variant", ["sd3", "sd35"])
+def _coarse_inputs(config: MMDiTConfig) -> dict[str, np.ndarray]:
+    """sd3_inputs on a square 8 x 8 image (a 4 x 4 patch grid, which coarse_scale 2 divides),
+    with a source for the first row only."""
+    x = sd3_inputs(config, seed=5)
+    rng = np.random.default_rng(5)
+    x["z"], x["source"] = rng.standard_normal((2, 2, 8, 8, config.in_channels), np.float32)
+    x["has_source"] = np.array([True, False])
+    return x
+
+
+def _mmdit(config: MMDiTConfig, params: dict, x: dict[str, np.ndarray],
+           text_mask: np.ndarray | None = None) -> np.ndarray:
+    """Our MMDiT's velocity on ``x`` (with its source)."""
+    mask = np.ones(x["text"].shape[:2], bool) if text_mask is None else text_mask
+    cond = {"text": x["text"], "text_mask": mask, "pooled": x["pooled"],
+            "source": x["source"], "has_source": x["has_source"]}
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
+    field = jax.jit(lambda p, z, s, c: nnx.merge(graphdef, p)(z, s, c))
+    return np.asarray(field(params, x["z"], x["sigma"], cond))
+
+
+@pytest.mark.parametrize("variant", ["sd3", "sd35", "sd35_coarse"])
 def test_torch_edit_path_matches_ours(variant: str) -> None:
     """Random weights and source embedding, a row without source and padded text: the PyTorch
-    edit path on diffusers' modules equals MMDiT's; without source it is diffusers' forward."""
-    model, config, params = _base({"sd3": SD3, "sd35": SD35}[variant])
+    edit path on diffusers' modules equals MMDiT's (with coarse tokens too); without source or
+    coarse tokens it is diffusers' forward."""
+    model, config, params = _base(SD3 if variant == "sd3" else SD35)
+    coarse = 2 if variant == "sd35_coarse" else 0
+    config = dataclasses.replace(config, coarse_scale=coarse)
     rng = np.random.default_rng(2)
     params["source_embed"] = rng.standard_normal(params["source_embed"].shape).astype(np.float32)
-    edit = _load_example().SD3EditTransformer(model, params["source_embed"])
-    x = sd3_inputs(config)
-    x["source"] = rng.standard_normal(x["z"].shape).astype(np.float32)
-    has_source = np.array([True, False])
+    edit = _load_example().SD3EditTransformer(model, params["source_embed"], coarse)
+    if coarse:
+        x = _coarse_inputs(config)
+    else:
+        x = sd3_inputs(config)
+        x["source"] = rng.standard_normal(x["z"].shape).astype(np.float32)
+        x["has_source"] = np.array([True, False])
     text_mask = np.ones(x["text"].shape[:2], bool)
     text_mask[1, -2:] = False
 
-    cond = {"text": x["text"], "text_mask": text_mask, "pooled": x["pooled"],
-            "source": x["source"], "has_source": has_source}
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
-    field = jax.jit(lambda p, z, s, c: nnx.merge(graphdef, p)(z, s, c))
-    ours = np.asarray(field(params, x["z"], x["sigma"], cond))
+    ours = _mmdit(config, params, x, text_mask)
     with torch.no_grad():
         v = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]), torch.from_numpy(x["text"]),
                  torch.from_numpy(x["pooled"]), source=_nchw(x["source"]),
-                 has_source=torch.from_numpy(has_source), text_mask=torch.from_numpy(text_mask))
+                 has_source=torch.from_numpy(x["has_source"]),
+                 text_mask=torch.from_numpy(text_mask))
         plain = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]),
                      torch.from_numpy(x["text"]), torch.from_numpy(x["pooled"]))
     assert max_err(v.numpy().transpose(0, 2, 3, 1), ours) <= TOL
-    assert max_err(plain.numpy().transpose(0, 2, 3, 1), torch_sd3_forward(model, x)) <= TOL
+    if not coarse:
+        assert max_err(plain.numpy().transpose(0, 2, 3, 1), torch_sd3_forward(model, x)) <= TOL

@@ -167,10 +167,14 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert max_err(mmdit_forward(config, params, x), torch_sd3_forward(model, x)) <= TOL
     _assert_same_params(diffusers_sd3.load_diffusers_transformer(tmp_path / "out")[1], params)
 
-    coarse = dataclasses.replace(config, coarse_scale=2)  # ours only: diffusers has none
-    with pytest.raises(ValueError, match="coarse_scale=2"):
-        diffusers_sd3.save_diffusers_transformer(coarse, params, tmp_path / "coarse")
-    assert not (tmp_path / "coarse").exists()
+    # Coarse tokens are ours only: the field is in config.json, which diffusers loads while
+    # warning that it ignores it; our loader gets the model back as it was.
+    coarse = dataclasses.replace(config, coarse_scale=2)
+    assert diffusers_sd3.config_from_diffusers(diffusers_sd3.config_to_diffusers(coarse)) == coarse
+    assert "coarse_scale" not in diffusers_sd3.config_to_diffusers(config)
+    diffusers_sd3.save_diffusers_transformer(coarse, params, tmp_path / "coarse")
+    assert diffusers_sd3.load_diffusers_transformer(tmp_path / "coarse")[0] == coarse
+    assert SD3Transformer2DModel.from_pretrained(tmp_path / "coarse").config.coarse_scale == 2
 
     wrong = dataclasses.replace(config, num_layers=2, dual_attention_layers=(0,))
     with pytest.raises(ValueError, match="unexpected") as err:

@@ -60,6 +60,10 @@ _DIFFUSERS_FIELDS = (
     "attention_head_dim", "num_attention_heads", "joint_attention_dim", "caption_projection_dim",
     "pooled_projection_dim", "pos_embed_max_size", "dual_attention_layers", "qk_norm",
 )
+# Ours, written into config.json only when set: diffusers' class has no coarse tokens, so it
+# warns that it ignores the field (and then computes another function); our loader and
+# examples/torch_edit_sd3.py read it.
+_COARSE_FIELD = "coarse_scale"
 _POS_EMBED_BUFFER = "pos_embed.pos_embed"
 _PATCH_WEIGHT = "pos_embed.proj.weight"
 _SOURCE_EMBED: ParamPath = ("source_embed",)
@@ -78,7 +82,8 @@ _FIX = (
 def config_from_diffusers(config: Mapping[str, Any]) -> MMDiTConfig:
     """diffusers ``config.json`` dict -> ``MMDiTConfig`` (absent fields take diffusers' defaults,
     which are ours; ``out_channels: null`` means ``in_channels`` as in diffusers)."""
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DIFFUSERS_FIELDS)
+    known = (*_DIFFUSERS_FIELDS, _COARSE_FIELD)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
     if unknown:
         raise ValueError(
             f"diffusers transformer config has unsupported fields {unknown}; only "
@@ -87,7 +92,7 @@ def config_from_diffusers(config: Mapping[str, Any]) -> MMDiTConfig:
     name = config.get("_class_name", CLASS_NAME)
     if name != CLASS_NAME:
         raise ValueError(f"config is for {name!r}, not {CLASS_NAME!r}; pass an SD3 transformer.")
-    fields = {k: v for k, v in config.items() if k in _DIFFUSERS_FIELDS}
+    fields = {k: v for k, v in config.items() if k in known}
     if "out_channels" in fields and fields["out_channels"] is None:
         fields["out_channels"] = fields.get("in_channels", MMDiTConfig.in_channels)
     if "dual_attention_layers" in fields:
@@ -96,9 +101,12 @@ def config_from_diffusers(config: Mapping[str, Any]) -> MMDiTConfig:
 
 
 def config_to_diffusers(config: MMDiTConfig) -> dict[str, Any]:
-    """``MMDiTConfig`` -> diffusers ``config.json`` dict (our-only fields are dropped)."""
+    """``MMDiTConfig`` -> diffusers ``config.json`` dict (our-only fields are dropped, but
+    ``coarse_scale`` when set: without it these weights compute another function)."""
     fields = {k: getattr(config, k) for k in _DIFFUSERS_FIELDS}
     fields["dual_attention_layers"] = list(config.dual_attention_layers)
+    if config.coarse_scale:
+        fields[_COARSE_FIELD] = config.coarse_scale
     return {"_class_name": CLASS_NAME, **fields}
 
 
@@ -214,7 +222,8 @@ def load_diffusers_transformer(directory: str | os.PathLike) -> tuple[MMDiTConfi
 
     Returns ``(config, params)``; apply with ``nnx.replace_by_pure_dict(nnx.state(model),
     params)`` on ``MMDiT(config, ...)``. ``source_embed`` is read from the folder's
-    ``source_embed.npy`` if there is one, else zeros.
+    ``source_embed.npy`` if there is one, else zeros; ``coarse_scale`` from ``config.json``
+    (ours; 0 when absent).
     """
     config = config_from_diffusers(read_config(directory))
     params = convert_state_dict(
@@ -244,12 +253,12 @@ def save_diffusers_transformer(
     ``params`` is our nested dict (``nnx.to_pure_dict(nnx.state(model))``). ``source_embed`` is
     not exportable: diffusers has no edit conditioning, so it is dropped. A non-zero one
     (a model trained for edits) raises unless ``drop_source_embed=True``.
+
+    A model with coarse tokens (``config.coarse_scale``) is written with ``coarse_scale`` in its
+    ``config.json``. diffusers' class has none: it loads the folder with a warning that it
+    ignores the field and computes another function. ``load_diffusers_transformer`` and
+    examples/torch_edit_sd3.py run it as trained.
     """
-    if config.coarse_scale:
-        raise ValueError(
-            f"coarse_scale={config.coarse_scale}: diffusers' {CLASS_NAME} has no coarse tokens, "
-            "so these weights would compute another function there; only a model with "
-            "coarse_scale=0 exports.")
     flat = {path: to_numpy(leaf) for path, leaf in flatten(params).items()}
     source = flat.pop(_SOURCE_EMBED, None)
     if source is not None and np.any(source) and not drop_source_embed:

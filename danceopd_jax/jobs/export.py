@@ -43,10 +43,11 @@ def export(workdir: str | Path, out: str | Path, kind: str = "diffusers",
                           "replace it, or choose another --out.")
     student = load_student(workdir)
     coarse = getattr(student.backbone_config, "coarse_scale", 0)
-    if coarse:
+    if kind == "lora" and coarse:
         raise ConfigError(f"this student has coarse tokens (model.coarse_scale={coarse}), which "
-                          "diffusers' transformers lack: an export would compute another "
-                          "function there. Only a model with model.coarse_scale=0 exports.")
+                          "diffusers' transformers lack, so a LoRA on its base would compute "
+                          "another function in a diffusers pipeline; use --format=diffusers, "
+                          "whose folder examples/torch_edit_sd3.py runs as trained.")
     if kind == "lora":
         base = lora_base_teacher(student)  # before writing: a merge has no base to name
         with staged(out) as partial:
@@ -59,13 +60,17 @@ def export(workdir: str | Path, out: str | Path, kind: str = "diffusers",
     with staged(out) as partial:
         written = export_diffusers(student, partial)
     class_name = transformer_io(backbone_of(student.backbone_config).name).CLASS_NAME
+    message = f"wrote the student as a diffusers {class_name} to {out}."
+    if coarse:
+        message += (f"\nnote: it has coarse tokens (coarse_scale={coarse} in its config.json), "
+                    f"which diffusers' {class_name} ignores with a warning, computing another "
+                    "function; examples/torch_edit_sd3.py runs it as trained.")
     if written is None:
-        return f"wrote the student as a diffusers {class_name} to {out}."
-    return (f"wrote the student as a diffusers {class_name} to {out}.\n"
-            "note: diffusers' transformer has no edit conditioning, so that folder is the "
-            "text-to-image model; the student's source embedding (its edit conditioning) is in "
-            f"{out / written.relative_to(partial)}. examples/torch_edit_sd3.py runs edits with "
-            "both.")
+        return message
+    return (f"{message}\nnote: diffusers' transformer has no edit conditioning, so that folder "
+            "is the text-to-image model; the student's source embedding (its edit "
+            f"conditioning) is in {out / written.relative_to(partial)}. "
+            "examples/torch_edit_sd3.py runs edits with both.")
 
 
 def export_diffusers(student: Student, out: str | Path) -> Path | None:
