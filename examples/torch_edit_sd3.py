@@ -105,15 +105,15 @@ def _embed(pos_embed: PatchEmbed, latents: torch.Tensor, k: int) -> torch.Tensor
     """diffusers' patch embedding [B, N, D], then with ``k`` > 0 one coarse token per k x k
     block of patch tokens: the mean of the block's projections (before positions) at the sincos
     position of the block's centre, in the units of the cropped position table."""
-    tokens = pos_embed(latents)
     if not k:
-        return tokens
+        return pos_embed(latents)
     b, _, h, w = latents.shape
     gh, gw = h // pos_embed.patch_size, w // pos_embed.patch_size
     if gh % k or gw % k:
         raise ValueError(f"a {h}x{w} input has a {gh}x{gw} patch grid, which coarse_scale={k} "
                          "does not divide; resize the input.")
-    raw = pos_embed.proj(latents)  # [B, D, gh, gw]
+    raw = pos_embed.proj(latents)  # [B, D, gh, gw]: what pos_embed(latents) adds positions to
+    tokens = raw.flatten(2).transpose(1, 2) + pos_embed.cropped_pos_embed(h, w)
     blocks = raw.unflatten(2, (gh // k, k)).unflatten(4, (gw // k, k)).mean((3, 5))
     size = pos_embed.pos_embed_max_size
     scale = size / pos_embed.base_size

@@ -100,13 +100,15 @@ def torch_sd3_forward(model: Any, x: dict[str, np.ndarray]) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _apply(graphdef: nnx.GraphDef, state: nnx.State, x: dict[str, jax.Array]) -> jax.Array:
-    cond = {"text": x["text"], "text_mask": jnp.ones(x["text"].shape[:2], bool),
-            "pooled": x["pooled"]}
+    cond = {"text": x["text"], "pooled": x["pooled"],
+            "text_mask": x.get("text_mask", jnp.ones(x["text"].shape[:2], bool)),
+            **{k: x[k] for k in ("source", "has_source") if k in x}}
     return nnx.merge(graphdef, state)(x["z"], x["sigma"], cond)
 
 
 def mmdit_forward(config: MMDiTConfig, params: dict, x: dict[str, np.ndarray]) -> np.ndarray:
-    """Our MMDiT with the given params on sd3_inputs-style inputs."""
+    """Our MMDiT with the given params on sd3_inputs-style inputs (optionally with
+    "text_mask", and "source" with "has_source")."""
     graphdef, state = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
     nnx.replace_by_pure_dict(state, params)
     return np.asarray(_apply(graphdef, state, x))

@@ -29,7 +29,6 @@ from diffusers import (  # noqa: E402
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
-from flax import nnx  # noqa: E402
 from helpers import (  # noqa: E402
     SD3,
     SD35,
@@ -58,7 +57,7 @@ from danceopd_jax.jobs import export as export_job  # noqa: E402
 from danceopd_jax.jobs.export import export_lora  # noqa: E402
 from danceopd_jax.jobs.workdir import load_student  # noqa: E402
 from danceopd_jax.models import lora  # noqa: E402
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from danceopd_jax.models.mmdit import MMDiTConfig  # noqa: E402
 
 TOL = 1e-4
 Q = "transformer.transformer_blocks.0.attn.to_q"  # a LoRA'd module, with the pipeline prefix
@@ -300,7 +299,7 @@ def test_export_of_a_student_with_coarse_tokens(tmp_path: Path, monkeypatch) -> 
         v = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]), torch.from_numpy(x["text"]),
                  torch.from_numpy(x["pooled"]), source=_nchw(x["source"]),
                  has_source=torch.from_numpy(x["has_source"]))
-    assert max_err(v.numpy().transpose(0, 2, 3, 1), _mmdit(config, params, x)) <= TOL
+    assert max_err(v.numpy().transpose(0, 2, 3, 1), mmdit_forward(config, params, x)) <= TOL
 
 
 @pytest.mark.slow
@@ -351,17 +350,6 @@ def _coarse_inputs(config: MMDiTConfig) -> dict[str, np.ndarray]:
     return x
 
 
-def _mmdit(config: MMDiTConfig, params: dict, x: dict[str, np.ndarray],
-           text_mask: np.ndarray | None = None) -> np.ndarray:
-    """Our MMDiT's velocity on ``x`` (with its source)."""
-    mask = np.ones(x["text"].shape[:2], bool) if text_mask is None else text_mask
-    cond = {"text": x["text"], "text_mask": mask, "pooled": x["pooled"],
-            "source": x["source"], "has_source": x["has_source"]}
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MMDiT(config, rngs=nnx.Rngs(0))))
-    field = jax.jit(lambda p, z, s, c: nnx.merge(graphdef, p)(z, s, c))
-    return np.asarray(field(params, x["z"], x["sigma"], cond))
-
-
 @pytest.mark.parametrize("variant", ["sd3", "sd35", "sd35_coarse"])
 def test_torch_edit_path_matches_ours(variant: str) -> None:
     """Random weights and source embedding, a row without source and padded text: the PyTorch
@@ -382,7 +370,7 @@ def test_torch_edit_path_matches_ours(variant: str) -> None:
     text_mask = np.ones(x["text"].shape[:2], bool)
     text_mask[1, -2:] = False
 
-    ours = _mmdit(config, params, x, text_mask)
+    ours = mmdit_forward(config, params, {**x, "text_mask": text_mask})
     with torch.no_grad():
         v = edit(_nchw(x["z"]), torch.from_numpy(1000 * x["sigma"]), torch.from_numpy(x["text"]),
                  torch.from_numpy(x["pooled"]), source=_nchw(x["source"]),
