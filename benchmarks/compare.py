@@ -5,8 +5,8 @@
 
 It refuses (exit status 1, naming the fields) to compare workloads that differ: shapes,
 architecture, N, K, query bias, routes, batch (each JSON's "workload", written from the same
-config by danceopd_jax.jobs.bench), or the rollout forwards actually run per step (the same
---timed_steps and --warmup on both sides give the same query indices).
+config by danceopd_jax.jobs.bench), or the rollout's steps per step, the largest query index
+(the same --timed_steps and --warmup on both sides give the same query indices).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ def workload_mismatch(ours: dict, peer: dict) -> list[str]:
             diffs.append(f"{key}: {a.get(key)!r} vs {b.get(key)!r}")
     batched = next((r for r in peer["results"] if r["mode"] == "batched"), None)
     if batched and ours["results"]:
-        mine = ours["results"][0]["rollout_forwards"]
+        mine = ours["results"][0]["rollout_steps"]
         theirs = float(np.mean(batched["rollout_forwards"]))
         if abs(mine - theirs) > 1e-6:
-            diffs.append(f"rollout forwards per step: {mine:.2f} vs {theirs:.2f} (run both with "
+            diffs.append(f"rollout steps per step: {mine:.2f} vs {theirs:.2f} (run both with "
                          "the same --timed_steps and --warmup)")
     return diffs
 
@@ -64,7 +64,9 @@ def main(ours_path: str, peer_path: str) -> None:
         print(f"## {w['image_size']}^2, batch {w['batch']}\n")
         print("| measure | value |\n| --- | --- |")
         print(f"| ours, {k1['variant']}: samples/s | {k1['samples_per_s']:.2f} |")
-        print(f"| rollout forwards per step (both) | {k1['rollout_forwards']:.2f} |")
+        print(f"| rollout steps per step (both) | {k1['rollout_steps']:.2f} |")
+        print(f"| ours: rollout forwards of the whole batch per step | "
+              f"{k1['rollout_forwards']:.2f} |")
         for mode in ("batched", "batched-compiled", "reference-loop"):
             if mode in modes:
                 ratio = k1["samples_per_s"] / modes[mode]["samples_per_s"]

@@ -14,9 +14,11 @@ usual recipe; ours keeps float32 master weights), float32 on a CPU, SDPA attenti
 the device has it), AdamW with global-norm clipping, the edit source in the sequence (stacked
 under the target latent, so the token count equals ours). Modes:
 
-  batched          our semantics: the batch rolls out together under no_grad and stops at the
-                   largest query index, one forward of each route's teacher at its samples'
-                   query states, the student's forward+backward there
+  batched          our semantics: the batch rolls out together under no_grad, each step moving
+                   only the samples short of their last query index (all of them exactly, where
+                   ours rounds up to a quarter of the batch), up to the largest index; one
+                   forward of each route's teacher at its samples' query states, the student's
+                   forward+backward there
   batched-compiled the same with torch.compile on the transformers
   reference-loop   the reference implementation's loop: one sample per micro-step, the full
                    N-step rollout, gradients accumulated over the batch, one optimizer step
@@ -110,6 +112,7 @@ class Step:
         idx = self.query()
         k = idx.shape[1]
         last = int(idx.max())
+        row_last = torch.as_tensor(idx.max(axis=1), device=self.device)
         z = torch.randn(self.noise_shape, device=self.device, dtype=self.dtype)
         states = z[:, None].repeat(1, k, 1, 1, 1)
         rows = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731 - sample b -> rows b*K..
@@ -120,9 +123,11 @@ class Step:
                 states[hit] = z[:, None].expand_as(states)[hit]
                 if i == last:
                     break
-                s = self.sig[i].expand(self.batch).to(self.dtype)
-                v = forward(self.fwd, z, self.source, s, self.text, self.pooled)
-                z = z + (self.sig[i + 1] - self.sig[i]) * v
+                moving = row_last > i
+                s = self.sig[i].expand(int(moving.sum())).to(self.dtype)
+                v = forward(self.fwd, z[moving], self.source[moving], s, self.text[moving],
+                            self.pooled[moving])
+                z[moving] = z[moving] + (self.sig[i + 1] - self.sig[i]) * v
             states = states.flatten(0, 1)
             s_q = self.sig[torch.as_tensor(idx.reshape(-1), device=self.device)].to(self.dtype)
             target = torch.cat([

@@ -19,6 +19,7 @@ import ml_collections
 from danceopd_jax.core.errors import ConfigError
 from danceopd_jax.core.methods import DSIGMA_MODES, FLOW_ADVANTAGES, MERGE_MODES, get_method
 from danceopd_jax.core.query import validate_query
+from danceopd_jax.core.rollout import ROLLOUTS
 from danceopd_jax.core.routing import ROUTING_MODES, Route
 
 MIX = "mix"
@@ -219,11 +220,13 @@ def base_config() -> ml_collections.ConfigDict:
     # The training objective (README "Methods"): DanceOPD or a baseline of METHOD.md 7, each
     # with the same trainer, optimizer and number of steps.
     c.method = "danceopd"
-    # full_rollout=True integrates all N steps every time (the reference's cost; same loss).
-    # shared_query=True draws one query index per step for the whole batch (core/query.py):
-    # the rollout then stops early for the whole batch.
+    # rollout: "moving" steps only the samples short of their query index (core/rollout.py);
+    # "batch" steps the whole batch to its largest index, "full" all N steps every time (the
+    # reference's cost). Same states and loss in all three. shared_query=True draws one query
+    # index per step for the whole batch (core/query.py): the rollout then stops early for the
+    # whole batch.
     c.danceopd = dict(num_steps=16, shift=1.0, schedule="clean", query_k=1, query_bias="low",
-                      full_rollout=False, shared_query=False)
+                      rollout="moving", shared_query=False)
     # Options of the baselines. diffusion_opd: dsigma "true" (the schedule's) or "uniform"
     # (1/N, the reference). flow_opd: SDE noise level eta, G rollouts per prompt (group; the
     # batch's prompts times G are rolled out), PPO clip, advantage clip, advantage "kl" (the
@@ -354,6 +357,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"world.kind={kind!r}; use one of {WORLDS}.")
     d = config.danceopd
     validate_query(d.num_steps, d.query_k, d.query_bias)
+    if d.rollout not in ROLLOUTS:
+        raise ValueError(f"danceopd.rollout={d.rollout!r}; use one of {ROLLOUTS}.")
     validate_method(config)
     if config.training.routing not in ROUTING_MODES:
         raise ValueError(f"training.routing={config.training.routing!r}; use one of "

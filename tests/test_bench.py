@@ -69,9 +69,9 @@ def test_full_rollout_reaches_the_same_states_with_all_n_forwards():
     z0 = jnp.arange(6.0).reshape(3, 2)
     sigmas = make_sigmas(8, 1.0, "clean")
     stop = jnp.array([[2], [5], [1]])
-    early, n_early = rollout_to(field, 0.3, z0, sigmas, {}, stop)
-    full, n_full = rollout_to(field, 0.3, z0, sigmas, {}, stop, full=True)
-    assert (int(n_early), int(n_full)) == (5, 8)
+    early, n_early, _ = rollout_to(field, 0.3, z0, sigmas, {}, stop)
+    full, n_full, forwards = rollout_to(field, 0.3, z0, sigmas, {}, stop, rollout="full")
+    assert (int(n_early), int(n_full), float(forwards)) == (5, 8, 8.0)
     assert jnp.array_equal(early, full)
 
 
@@ -94,6 +94,9 @@ def test_bench_command_compares_the_variants(tmp_path):
     rows = {r["variant"].split(",")[-1].strip(): r for r in work["results"]}
     stop, full = rows["rollout stops at the query"], rows["full rollout (reference)"]
     assert full["rollout_forwards"] == 4 >= stop["rollout_forwards"]  # N = 4 in the tiny config
+    whole = rows["the whole batch rolls out to the largest index"]
+    assert whole["rollout_steps"] == stop["rollout_steps"] == whole["rollout_forwards"]
+    assert stop["rollout_forwards"] < whole["rollout_forwards"]  # only the rows still moving
     shared = rows["one query index per step"]
     assert shared["rollout_forwards"] <= 3  # the one index of the step, at most N - 1
     dense = next(r for k, r in rows.items() if k.startswith("dense"))
@@ -152,13 +155,13 @@ def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
     assert all(r["samples_per_s"] > 0 for r in work["results"])
 
 
-def _bench_json(workload: dict, forwards: float) -> dict:
+def _bench_json(workload: dict, steps: float) -> dict:
     return {"device": "cpu", "jax": "x", "preset": "toy", "workloads": [{
         "image_size": workload["image_size"], "batch": workload["batch"], "workload": workload,
         "results": [{"variant": "DanceOPD", "samples_per_s": 1.0, "step_s": 1.0,
-                     "rollout_forwards": forwards},
+                     "rollout_forwards": 0.8 * steps, "rollout_steps": steps},
                     {"variant": "dense K=N", "samples_per_s": 0.2, "step_s": 5.0,
-                     "rollout_forwards": forwards}],
+                     "rollout_forwards": steps, "rollout_steps": steps}],
         "student_fwd_bwd": {"seconds": 0.1, "tflops": 0.01}}]}
 
 
@@ -188,6 +191,6 @@ def test_compare_refuses_different_workloads(tmp_path, capsys):
         with pytest.raises(SystemExit) as refused:
             compare.main(str(ours), str(peer))
         field = {"n": "num_steps: 4 vs 8", "batch": "batch: 4 vs 8",
-                 "forwards": "rollout forwards per step: 3.50 vs 6.50"}[name]
+                 "forwards": "rollout steps per step: 3.50 vs 6.50"}[name]
         assert field in str(refused.value)
         assert "(ours" not in capsys.readouterr().out

@@ -113,13 +113,47 @@ def test_rollout_stops_at_query_index_and_matches_python_loop():
     z0 = jax.random.normal(jax.random.key(0), (3, 4, 4, 3))
     cond = make_cond(3)
     stop_at = jnp.array([[2, 9], [5, 5], [0, 7]])
-    states, forwards = jax.jit(rollout_to, static_argnums=0)(linear_field, PARAMS, z0, sigmas,
-                                                              cond, stop_at)
-    assert int(forwards) == 9  # the largest index queried, not N = 16
+    states, steps, forwards = jax.jit(rollout_to, static_argnums=0)(linear_field, PARAMS, z0,
+                                                                     sigmas, cond, stop_at)
+    assert int(steps) == 9  # the largest index queried, not N = 16
+    # Rows 0, 2, 1 in order (last indices 9, 7, 5); widths of 3 rows: 1, 2, 3. Steps 0-4 move
+    # all 3, steps 5-6 two, steps 7-8 one: 21 rows, 7 forwards of the whole batch.
+    assert float(forwards) == pytest.approx(7.0)
     for k in range(2):
         for b in range(3):  # the batch rolls out together; compare each sample's own index
             want = python_rollout(PARAMS, z0, sigmas, cond, int(stop_at[b, k]))
             np.testing.assert_allclose(states[b, k], want[b], atol=1e-5)
+
+
+def test_rollout_moves_only_the_rows_short_of_their_index_within_each_shard_block():
+    """Each step evaluates the field on the leading rows of every shard block, as many as the
+    most still moving, rounded up to a quarter of the block; the states equal the whole
+    batch's rollout (full=True) row for row, and rows never leave their block."""
+    widths = []
+
+    def field(params, z, sigma, cond):
+        jax.debug.callback(lambda n: widths.append(int(n)), z.shape[0])
+        return linear_field(params, z, sigma, cond) + cond["pooled"][:, :1, None, None]
+
+    sigmas = schedule.make_sigmas(8, shift=3.0)
+    z0 = jax.random.normal(jax.random.key(1), (8, 4, 4, 3))
+    cond = {**make_cond(8), "pooled": jnp.arange(8.0)[:, None] * jnp.ones((8, 4))}
+    # Block 0 (rows 0-3) last indices 1, 6, 2, 3; block 1 (rows 4-7) 5, 0, 4, 2.
+    stop_at = jnp.array([[1], [6], [2], [3], [5], [0], [4], [2]])
+    states, steps, forwards = rollout_to(field, PARAMS, z0, sigmas, cond, stop_at, shards=2)
+    jax.effects_barrier()
+    # The most rows still moving in either block at steps 0..5: 4 3 2 2 1 1 (quarters of 4
+    # rows are exact), so the field sees twice that many rows.
+    assert int(steps) == 6 and widths == [8, 6, 4, 4, 2, 2]
+    assert float(forwards) == pytest.approx(26 / 8)
+    whole, _, _ = rollout_to(field, PARAMS, z0, sigmas, cond, stop_at, rollout="full", shards=2)
+    np.testing.assert_array_equal(states, whole)
+    for b in range(8):
+        want, row = z0[b:b + 1], jax.tree.map(lambda x, b=b: x[b:b + 1], cond)
+        for i in range(int(stop_at[b, 0])):
+            v = field(PARAMS, want, jnp.full((1,), sigmas[i]), row)
+            want = schedule.euler_step(want, v, sigmas[i], sigmas[i + 1])
+        np.testing.assert_allclose(states[b, 0], want[0], atol=1e-5)
 
 
 def test_rollout_counts_field_calls():
@@ -246,7 +280,7 @@ def test_danceopd_gradient_flows_only_through_the_student_prediction():
                                      teacher_params, slots, z0, cond, sigmas, idx)[0]
     grad = jax.grad(loss)(PARAMS)
 
-    zq, _ = rollout_to(linear_field, PARAMS, z0, sigmas, cond, idx)
+    zq, _, _ = rollout_to(linear_field, PARAMS, z0, sigmas, cond, idx)
     zq = zq[:, 0]
     sq = sigmas[idx[:, 0]]
     target = methods.routed_velocity([linear_field] * 2, teacher_params, slots, zq, sq, cond)
@@ -267,4 +301,5 @@ def test_danceopd_loss_with_k_queries_repeats_conditions():
     loss, aux = methods.danceopd_loss(linear_field, PARAMS, [linear_field], [PARAMS],
                                       (routing.Slot(0, 0, 2),), z0, cond, sigmas, idx)
     assert float(loss) == pytest.approx(0.0, abs=1e-10)  # the teacher IS the student here
-    assert int(aux["rollout_forwards"]) == 6
+    assert int(aux["rollout_steps"]) == 6  # rows' last indices 6 and 4: widths 1 and 2
+    assert float(aux["rollout_forwards"]) == pytest.approx((4 * 2 + 2 * 1) / 2)

@@ -296,7 +296,7 @@ def test_diffusion_opd_gradient_is_that_of_the_predictions_at_fixed_states():
     teachers = [jax_params(t) for t in TEACHERS]
     loss = losses_of("diffusion_opd", sigmas, {**inputs(2, 4), "z0": z0})
     idx = jnp.broadcast_to(jnp.arange(4), (2, 4))
-    zq, _ = rollout_to(field, jax_params(STUDENT), z0, sigmas, cond_of(COND), idx)
+    zq, _, _ = rollout_to(field, jax_params(STUDENT), z0, sigmas, cond_of(COND), idx)
     zq = zq.reshape(8, *SHAPE)
     sq, cq = jnp.tile(sigmas[:-1], 2), methods.repeat_cond(cond_of(COND), 4)
     target = methods.routed_velocity([field] * 2, teachers, methods.repeat_slots(SLOTS, 4), zq,
@@ -360,6 +360,7 @@ def test_two_shard_blocks_route_like_one(method):
     ({"baselines.advantage": "reward"}, "baselines.advantage='reward'"),
     ({"baselines.group": 0}, "baselines.group=0"),
     ({"baselines.eta": 0.0}, "baselines.eta=0.0"),
+    ({"danceopd.rollout": "early"}, r"danceopd.rollout='early'; use one of \('moving'"),
     ({"method": "weight_merge", "training.lora_rank": 4}, "set training.lora_rank=0"),
 ])
 def test_bad_method_settings_fail_validation(overrides, match):

@@ -98,7 +98,7 @@ def query_student_and_teacher(student: Field, params: Params, route_fields: Sequ
                               route_params: Sequence[Params], slots: Sequence[Slot],
                               z0: jax.Array, cond: Cond, sigmas: jax.Array,
                               query_idx: jax.Array, shards: int = 1,
-                              full_rollout: bool = False) -> tuple[jax.Array, jax.Array, dict]:
+                              rollout: str = "moving") -> tuple[jax.Array, jax.Array, dict]:
     """The student's prediction (with gradient) and its routed teacher's target (without) at
     the query states of the student's own stop-gradient ODE rollout, both [B*K, ...].
 
@@ -106,7 +106,8 @@ def query_student_and_teacher(student: Field, params: Params, route_fields: Sequ
     The K queries of sample b sit at rows b*K .. b*K+K-1, so each shard block stays contiguous.
     """
     batch, k = query_idx.shape
-    z_query, forwards = rollout_to(student, params, z0, sigmas, cond, query_idx, full_rollout)
+    z_query, steps, forwards = rollout_to(student, params, z0, sigmas, cond, query_idx,
+                                          rollout, shards)
     z_query = z_query.reshape((batch * k,) + z0.shape[1:])
     sigma_query = sigmas[query_idx.reshape(-1)]
     cond_query = repeat_cond(cond, k)
@@ -114,18 +115,19 @@ def query_student_and_teacher(student: Field, params: Params, route_fields: Sequ
         routed_velocity(route_fields, route_params, repeat_slots(slots, k), z_query, sigma_query,
                         cond_query, shards))
     pred = student(params, z_query, sigma_query, cond_query)
-    return pred, target, {"rollout_forwards": forwards, "query_sigma": jnp.mean(sigma_query)}
+    return pred, target, {"rollout_steps": steps, "rollout_forwards": forwards,
+                          "query_sigma": jnp.mean(sigma_query)}
 
 
 def danceopd_loss(student: Field, params: Params, route_fields: Sequence[Field],
                   route_params: Sequence[Params], slots: Sequence[Slot], z0: jax.Array,
                   cond: Cond, sigmas: jax.Array, query_idx: jax.Array,
-                  shards: int = 1, full_rollout: bool = False) -> tuple[jax.Array, dict]:
+                  shards: int = 1, rollout: str = "moving") -> tuple[jax.Array, dict]:
     """On-policy distillation loss for one batch: the velocity MSE at the query states,
     averaged over the K queries (query_student_and_teacher)."""
     pred, target, aux = query_student_and_teacher(student, params, route_fields, route_params,
                                                   slots, z0, cond, sigmas, query_idx, shards,
-                                                  full_rollout)
+                                                  rollout)
     return velocity_mse(pred, target), aux
 
 
@@ -160,7 +162,7 @@ def diffusion_opd_loss(student: Field, params: Params, route_fields: Sequence[Fi
 def soft_mix_loss(student: Field, params: Params, route_fields: Sequence[Field],
                   route_params: Sequence[Params], weights: Sequence[float], z0: jax.Array,
                   cond: Cond, sigmas: jax.Array, query_idx: jax.Array, shards: int = 1,
-                  full_rollout: bool = False) -> tuple[jax.Array, dict]:
+                  rollout: str = "moving") -> tuple[jax.Array, dict]:
     """Soft teacher mixing (METHOD.md 7, the "target-field ambiguity" baseline): DanceOPD whose
     target for EVERY sample is the route-weighted average of all routes' fields (each with its
     own CFG), sum_m w_m v_m / sum_m w_m, instead of the sample's own route's field."""
@@ -170,7 +172,7 @@ def soft_mix_loss(student: Field, params: Params, route_fields: Sequence[Field],
     rows = z0.shape[0] // shards  # one slot: every row of each shard block gets the mixture
     pred, target, aux = query_student_and_teacher(
         student, params, [mixed], [tuple(route_params[m] for m in active)], (Slot(0, 0, rows),),
-        z0, cond, sigmas, query_idx, shards, full_rollout)
+        z0, cond, sigmas, query_idx, shards, rollout)
     return velocity_mse(pred, target), {**aux, "teachers_per_query": jnp.asarray(len(active))}
 
 
@@ -273,7 +275,8 @@ def flow_opd_loss(student: Field, params: Params, route_fields: Sequence[Field],
     kl = jax.lax.stop_gradient(kl)
     loss, clip_fraction = clipped_ppo(log_p, log_p_old.reshape(-1),
                                       jnp.clip(-kl, -adv_clip, adv_clip), ppo_clip)
-    return loss, {"rollout_forwards": jnp.asarray(n), "teacher_kl": jnp.mean(kl),
+    return loss, {"rollout_steps": jnp.asarray(n),
+                  "rollout_forwards": jnp.asarray(n, jnp.float32), "teacher_kl": jnp.mean(kl),
                   "clip_fraction": clip_fraction}
 
 
@@ -307,25 +310,25 @@ def _noise_and_queries(batch: Batch, k_noise: jax.Array, k_query: jax.Array, num
 
 def danceopd_objective(student: Field, route_fields: Sequence[Field], sigmas: jax.Array,
                        query_k: int, query_bias: str, shards: int = 1,
-                       full_rollout: bool = False, shared_query: bool = False) -> Objective:
+                       rollout: str = "moving", shared_query: bool = False) -> Objective:
     def objective(params, route_params, slots, batch, cond, k_noise, k_query):
         z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
                                            query_k, query_bias, shared_query)
         return danceopd_loss(student, params, route_fields, route_params, slots, z0, cond,
-                             sigmas, query_idx, shards, full_rollout)
+                             sigmas, query_idx, shards, rollout)
     return objective
 
 
 def soft_mix_objective(student: Field, route_fields: Sequence[Field],
                        route_weights: Sequence[float], sigmas: jax.Array, query_k: int,
                        query_bias: str, shards: int = 1,
-                       full_rollout: bool = False) -> Objective:
+                       rollout: str = "moving") -> Objective:
     def objective(params, route_params, slots, batch, cond, k_noise, k_query):
         del slots  # every sample gets the mixture of all routes
         z0, query_idx = _noise_and_queries(batch, k_noise, k_query, sigmas.shape[0] - 1,
                                            query_k, query_bias)
         return soft_mix_loss(student, params, route_fields, route_params, route_weights, z0,
-                             cond, sigmas, query_idx, shards, full_rollout)
+                             cond, sigmas, query_idx, shards, rollout)
     return objective
 
 
@@ -491,7 +494,7 @@ def _check_weight_merge(config: Any) -> None:
 def _danceopd(s: Setting) -> Objective:
     d = s.danceopd
     return danceopd_objective(s.student, s.route_fields, s.sigmas, d["query_k"],
-                              d["query_bias"], s.shards, d["full_rollout"], d["shared_query"])
+                              d["query_bias"], s.shards, d["rollout"], d["shared_query"])
 
 
 def _diffusion_opd(s: Setting) -> Objective:
@@ -515,7 +518,7 @@ def _off_policy(s: Setting) -> Objective:
 def _soft_mix(s: Setting) -> Objective:
     return soft_mix_objective(s.student, s.route_fields, [r.weight for r in s.routes], s.sigmas,
                               s.danceopd["query_k"], s.danceopd["query_bias"], s.shards,
-                              s.danceopd["full_rollout"])
+                              s.danceopd["rollout"])
 
 
 def _flow_prompts(config: Any) -> int:

@@ -154,7 +154,7 @@ class Variant:
     name: str
     query_k: int = 1
     query_bias: str = "low"
-    full_rollout: bool = False
+    rollout: str = "moving"  # core/rollout.ROLLOUTS
     shared_query: bool = False
     routing: str = "per_sample"
     method: str = "danceopd"  # or "flow_opd"
@@ -170,7 +170,9 @@ def variants(work: Workload) -> list[Variant]:
     name = (f"DanceOPD N={n} K={work.query_k} {work.query_bias}"
             f"{' shared' if work.shared_query else ''}")
     rows = [Variant(f"{name}, rollout stops at the query", **query),
-            Variant(f"{name}, full rollout (reference)", full_rollout=True, **query)]
+            Variant(f"{name}, the whole batch rolls out to the largest index", rollout="batch",
+                    **query),
+            Variant(f"{name}, full rollout (reference)", rollout="full", **query)]
     if not work.shared_query:
         rows.append(Variant(f"{name}, one query index per step",
                             **{**query, "shared_query": True}))
@@ -192,7 +194,8 @@ class Result:
     tflops: float  # achieved: all timed FLOPs / all timed seconds
     mfu: float | None
     memory_gib: float | None  # the compiled step's arguments + temporaries, per device
-    rollout_forwards: float
+    rollout_forwards: float  # the student's rollout forwards of the whole batch, per step
+    rollout_steps: float  # the rollout loop's steps (the largest query index), per step
     steps_per_call: int = 1
     user_ms: float | None = None  # the process's user CPU time per timed step (getrusage)
     system_ms: float | None = None  # and its kernel CPU time
@@ -223,7 +226,7 @@ def variant_objective(v: Variant, work: Workload, field_fn: Any,
     query and group: the bench times the trainer's step, not a copy of it."""
     routes = [Route(t, t, t, w) for t, w in work.routes]
     query = {"num_steps": work.num_steps, "query_k": v.query_k, "query_bias": v.query_bias,
-             "full_rollout": v.full_rollout, "shared_query": v.shared_query}
+             "rollout": v.rollout, "shared_query": v.shared_query}
     options = {**base_config().baselines.to_dict(), "group": v.group}
     return get_method(v.method).objective(Setting(
         field_fn, [field_fn] * len(routes), routes, [True] * len(routes), sigmas, 1, query,
@@ -271,16 +274,17 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
         compiled = step.lower(state, frozen, placed, slots).compile()
         compile_s = time.perf_counter() - t0
         memory = _memory_gib(compiled)
-        times, forwards = [], []
+        times, forwards, loop_steps = [], [], []
         for i in range(warmup + steps):
             if i == warmup:
                 usage = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             state, metrics = compiled(state, frozen, placed)
-            n = [int(f) for f in metrics["rollout_forwards"]]  # waits for the call
+            n = [float(f) for f in metrics["rollout_forwards"]]  # waits for the call
             if i >= warmup:
                 times.append((time.perf_counter() - t0) / per_call)
                 forwards += n
+                loop_steps += [int(s) for s in metrics["rollout_steps"]]
         end = resource.getrusage(resource.RUSAGE_SELF)
         timed = steps * per_call
         flops = [danceopd_step_flops(work.model, rollouts, n, v.query_k).total for n in forwards]
@@ -288,7 +292,8 @@ def bench_workload(work: Workload, steps: int = 10, warmup: int = 2,
         step_s = statistics.median(times)
         r = Result(v.name, compile_s, step_s, rollouts.batch / step_s, float(np.mean(flops)),
                    tflops, tflops / peak if peak else None, memory, float(np.mean(forwards)),
-                   per_call, 1e3 * (end.ru_utime - usage.ru_utime) / timed,
+                   float(np.mean(loop_steps)), per_call,
+                   1e3 * (end.ru_utime - usage.ru_utime) / timed,
                    1e3 * (end.ru_stime - usage.ru_stime) / timed,
                    (end.ru_minflt - usage.ru_minflt) / timed)
         log(f"  {r.variant}: {r.step_s * 1e3:.1f} ms/step, compile {r.compile_s:.1f} s")
@@ -401,7 +406,7 @@ def prepared_data_wait(config: Any, steps: int = 10, warmup: int = 2,
             waited = batches.wait_s - waited
             stacked = {k: x[None] for k, x in batch.items()}  # one step per call
             state, metrics = step_fn(state, frozen, put(stacked, shardings.batches), slots)
-            int(metrics["rollout_forwards"][0])  # waits for the step
+            float(metrics["rollout_forwards"][0])  # waits for the step
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 waits.append(waited)

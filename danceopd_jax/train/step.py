@@ -78,10 +78,10 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
                        conditioner: Conditioner, optimizer: optax.GradientTransformation,
                        sigmas: jax.Array, query_k: int, query_bias: str, shards: int = 1,
                        shardings: StepShardings | None = None,
-                       full_rollout: bool = False) -> Callable:
+                       rollout: str = "moving") -> Callable:
     """The DanceOPD step (make_distill_step with danceopd_objective)."""
     return make_distill_step(danceopd_objective(student, route_fields, sigmas, query_k,
-                                                query_bias, shards, full_rollout),
+                                                query_bias, shards, rollout),
                              student_params, route_teachers, conditioner, optimizer, shardings)
 
 
