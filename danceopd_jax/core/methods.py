@@ -152,8 +152,10 @@ def diffusion_opd_loss(student: Field, params: Params, route_fields: Sequence[Fi
     velocity MSE at state k over the batch (dsigma_weights)."""
     batch, n = z0.shape[0], sigmas.shape[0] - 1
     query_idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+    # Every row runs to the same last state, so there are no rows to leave behind.
     pred, target, aux = query_student_and_teacher(student, params, route_fields, route_params,
-                                                  slots, z0, cond, sigmas, query_idx, shards)
+                                                  slots, z0, cond, sigmas, query_idx, shards,
+                                                  "batch")
     err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
     mse_k = jnp.mean(err.reshape(batch, n, -1), axis=(0, 2))
     return jnp.sum(dsigma_weights(sigmas, dsigma) * mse_k), aux

@@ -7,11 +7,11 @@ their own last index: the rows are visited in the order of their last index (wit
 block, so no row leaves its shard), and a step evaluates the field on the leading rows of every
 block, as many as the most that are still moving, rounded up to a quarter of the block (one
 compiled width per quarter). A row's forward does not depend on the other rows, so the states
-are those of the whole batch stepping together (bit for bit on XLA's CPU backend: the default
-main job logs the same losses either way), at 4/5 of its forwards for the default's 16 samples
-and Beta(5, 2) queries (12.0 of 14.8; docs/performance.md, round 8). The SDE rollout (Flow-OPD)
-visits every state and records each transition's log-probability under the policy that sampled
-it.
+are those of the whole batch stepping together (bit for bit for the shapes world's MMDiT on
+XLA's CPU, to rounding for Z-Image: tests/test_backbones.py), at 4/5 of its forwards for the
+default's 16 samples and Beta(5, 2) queries (12.0 of 14.8; docs/performance.md, round 8). The
+SDE rollout (Flow-OPD) visits every state and records each transition's log-probability under
+the policy that sampled it.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _sigma_at(sigmas: jax.Array, i: jax.Array, batch: int) -> jax.Array:
 ROLLOUTS = ("moving", "batch", "full")
 
 
-def widths(rows: int) -> tuple[int, ...]:
+def _widths(rows: int) -> tuple[int, ...]:
     """The compiled step widths of a block of `rows`: its quarters, rounded up."""
     return tuple(sorted({-(-rows * q // 4) for q in range(1, 5)}))
 
@@ -76,7 +76,7 @@ def rollout_to(field: Field, params: Params, z0: jax.Array, sigmas: jax.Array, c
     cond = map_per_sample(lambda x: rows_of(x, order), cond)
     n = sigmas.shape[0] - 1
     steps = jnp.asarray(n, jnp.int32) if rollout == "full" else jnp.max(last)
-    sizes = widths(rows) if rollout == "moving" else (rows,)
+    sizes = _widths(rows) if rollout == "moving" else (rows,)
     expand = (slice(None), slice(None)) + (None,) * (z0.ndim - 1)
 
     def advance(width: int):
