@@ -10,7 +10,7 @@
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
 #       (default: the best anchor so far, coarse tokens, made wider and given a text encoder of
 #       4 layers x 128 instead of 2 x 64; then the same without the larger text encoder. The
-#       shipped anchor's output does not depend on the relation words at any noise level
+#       shipped anchor's output does not depend on the relation words at the noise levels probed
 #       (docs/teachers.md, "What the base's T2I misses"), and its text encoder has 0.11M
 #       parameters against the backbone's 2.3M)
 #
