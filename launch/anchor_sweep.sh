@@ -8,11 +8,12 @@
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
-#       (default: the best anchor so far, coarse tokens, made wider and given a text encoder of
-#       4 layers x 128 instead of 2 x 64; then the same without the larger text encoder. The
-#       shipped anchor's output does not depend on the relation words at the noise levels probed
-#       (docs/teachers.md, "What the base's T2I misses"), and its text encoder has 0.11M
-#       parameters against the backbone's 2.3M)
+#       (default: the best anchor so far, coarse tokens, made wider, given a text encoder of
+#       4 layers x 128 instead of 2 x 64 and trained on the t2i_relations bucket, T2I with three
+#       times the relation prompts; then the same without the last two. The shipped anchor's
+#       output does not depend on the relation words at the noise levels probed, and no anchor
+#       that does not read them can meet the position target: docs/teachers.md, "What the
+#       base's T2I misses")
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
 # scores are teacher_scores.json there. After each anchor is scored, the table of those scored so
@@ -23,7 +24,8 @@
 # at most 15 MiB (the device's limit on a returned file is 16). Reassemble them with
 # `cat best_anchor.tgz.part-* | tar xz -C DIR/teachers`, which gives DIR/teachers/t2i_anchor:
 # the family's commands then start from it (`teachers --config=configs/t2i_edit.py
-# --workdir=DIR` with the variant's overrides; a teacher is found by its recipe, not its name).
+# --workdir=DIR` with the variant's overrides, `teachers.anchor.*` written
+# `teachers.t2i_anchor.*`: a teacher is found by its recipe, not its name).
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
@@ -31,7 +33,7 @@
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4 \
+  set -- model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,teachers.anchor.bucket=t2i_relations \
     model.coarse_scale=2,model.width=256
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -324,6 +324,15 @@ def test_invert_bucket_holds_only_inversions(tok: PreTrainedTokenizerFast) -> No
         edits.sample_edit(np.random.default_rng(0), "style", styles=("sepia",))
 
 
+def test_relations_bucket_is_t2i_with_more_position_prompts(tok: PreTrainedTokenizerFast) -> None:
+    data = dataset.build_split("train", "t2i_relations", 400, 7, SIZE, tok)
+    assert set(data["task"]) <= set(prompts.CATEGORIES) and not data["has_source"].any()
+    # 3/8 of the draws (binomial sd 0.024 at n = 400) against the t2i bucket's 1/8.
+    assert 0.30 < np.mean(data["task"] == "position") < 0.45
+    assert not dataset.BUCKET_HAS_SOURCE["t2i_relations"]
+    assert dataset.BUCKET_HAS_SOURCE["invert"] and not dataset.BUCKET_HAS_SOURCE["t2i"]
+
+
 def test_splits_are_disjoint(splits: dict[tuple[str, str], dict[str, np.ndarray]]) -> None:
     pairs = dataset.heldout_pairs(7)
     assert len(pairs) == 9 and len({c for _, c in pairs}) == 9

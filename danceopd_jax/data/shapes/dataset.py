@@ -55,6 +55,18 @@ BUCKETS: dict[str, dict[str, float]] = {
     # (config.omni_family). Buckets are appended, never inserted: a bucket's position seeds its
     # stream, so inserting one would change every later bucket's data.
     "invert": {"style": 1.0},
+    # T2I with three times the relation prompts, their share taken from the named-cell
+    # categories (every anchor draws those at 1.000): a candidate T2I anchor's data
+    # (launch/anchor_sweep.sh), since the shipped anchor does not read relation words at all
+    # (docs/teachers.md, "What the base's T2I misses"). ShapesBench still scores on "t2i".
+    "t2i_relations": {
+        "single_object": 0.125,
+        "two_objects": 0.125,
+        "counting": 0.125,
+        "colors": 0.125,
+        "position": 0.375,
+        "color_attr": 0.125,
+    },
 }
 # The styles a bucket's style edits draw from, where not all of them.
 BUCKET_STYLES: dict[str, tuple[str, ...]] = {"invert": ("invert",)}
@@ -64,7 +76,9 @@ NOVEL_FRACTION = 0.5
 MAX_ATTEMPTS = 10_000
 _BUILD_STREAM = 0  # part of every split's seed: changing it changes the shipped data
 # Which buckets carry a source image (edit data); routing validation needs this.
-BUCKET_HAS_SOURCE: dict[str, bool] = {b: b != "t2i" for b in BUCKETS}
+BUCKET_HAS_SOURCE: dict[str, bool] = {
+    b: any(task in edits.EDIT_KINDS for task in shares) for b, shares in BUCKETS.items()
+}
 
 
 @functools.cache
