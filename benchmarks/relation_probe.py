@@ -2,6 +2,9 @@
 
     python benchmarks/relation_probe.py [--teacher=DIR] [--config=configs/t2i_edit.py] [overrides]
 
+DIR is a saved teacher (workdir/teachers/NAME) or one step of a teacher's run checkpoints
+(workdir/teachers/_runs/NAME/STEP), to follow a training run while it goes.
+
 For "a red circle REL a blue square on a white background" (REL: to the left of, to the right
 of, above, below, and) it prints, from the model saved in DIR (default: the shipped T2I anchor):
   - sigma = 1: the red share of each column and row of the mean predicted clean image (the
@@ -10,7 +13,8 @@ of, above, below, and) it prints, from the model saved in DIR (default: the ship
   - sampled (16 Euler steps on the students' shift-3 schedule): how many images hold both
     objects in distinct cells, and how often REL holds among them (random cells: 0.375);
   - given the red circle drawn alone in the centre cell and noised to sigma 0.8: the blue share
-    of each column of the predicted clean image (left of: all of it in the right column);
+    of each column and row of the predicted clean image (left of: all of it in the right
+    column, above: all of it in the bottom row);
   - the text encoder's relative distance between the token outputs of two prompts.
 docs/teachers.md ("What the base's T2I misses") reports what it found on the shipped anchor.
 """
@@ -19,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
@@ -65,12 +71,17 @@ def main() -> None:
     config = module.get_config()
     for kv in args.overrides:
         key, value = kv.removeprefix("model.").split("=")
-        config.model[key] = type(config.model[key])(value)
+        kind = type(config.model[key])
+        config.model[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
     tok = load_tokenizer()
     null_ids, null_mask = encode(tok, [""])
     models, backbone, text = init_models(config, len(tok), tok.eos_token_id, null_ids,
                                          null_mask, 0)
-    p, _ = load_params(args.teacher, {"backbone": backbone, "text": text})
+    run_step = Path(args.teacher) / "state"
+    if run_step.is_dir():  # a run checkpoint: its trainable params are the teacher's
+        p = ocp.StandardCheckpointer().restore(run_step.absolute())["trainable"]
+    else:
+        p, _ = load_params(args.teacher, {"backbone": backbone, "text": text})
     field, condition = models.field(), models.conditioner()
     sigmas = make_sigmas(16, 3.0, config.danceopd.schedule)
     size = config.world.image_size
@@ -98,6 +109,7 @@ def main() -> None:
                 if a.max() > 0.3 and c.max() > 0.3 and a.argmax() != c.argmax()]
         line = (f"{rel:16s} sigma=1 red cols {red.sum(0).round(3)} rows {red.sum(1).round(3)}"
                 f" | red drawn at centre, sigma 0.8: blue cols {blue.sum(0).round(3)}"
+                f" rows {blue.sum(1).round(3)}"
                 f" | sampled: both in {len(both)}/{N}")
         if side is not None:
             axis, want = side

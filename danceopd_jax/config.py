@@ -211,9 +211,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.shipped_teachers = "shapes_teachers"
     c.world = dict(image_size=24, train_size=30000, seed=1234)
     # coarse_scale: MMDiTConfig's (0: none; 2 gives the shapes world's patch-4 model one coarse
-    # token per grid cell).
+    # token per grid cell). text_bidirectional: the text encoder's tokens see the whole prompt
+    # (CLIP's see only the words before them, so in "a red circle to the left of a blue
+    # square" the red circle's tokens do not know the relation).
     c.model = dict(patch_size=4, width=128, depth=4, heads=4, text_width=64, text_layers=2,
-                   text_heads=4, dtype="float32", remat="none", coarse_scale=0)
+                   text_heads=4, dtype="float32", remat="none", coarse_scale=0,
+                   text_bidirectional=False)
     c.teachers = ml_collections.ConfigDict()
     c.teachers.anchor = teacher("t2i", "t2i", "scratch", steps=ANCHOR_STEPS, lr=1e-3)
     c.routes = ml_collections.ConfigDict()

@@ -9,8 +9,9 @@
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
 #       (default: the best anchor so far, coarse tokens, made wider, given a text encoder of
-#       4 layers x 128 instead of 2 x 64 and trained on the t2i_relations bucket, T2I with three
-#       times the relation prompts; then the same without the last two. The shipped anchor's
+#       4 layers x 128 instead of 2 x 64 whose tokens see the whole prompt (CLIP's see only the
+#       words before them) and trained on the t2i_relations bucket, T2I with three times the
+#       relation prompts; then the same without the last three. The shipped anchor's
 #       output does not depend on the relation words at the noise levels probed, and no anchor
 #       that does not read them can meet the position target: docs/teachers.md, "What the
 #       base's T2I misses")
@@ -33,7 +34,7 @@
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,teachers.anchor.bucket=t2i_relations \
+  set -- model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,model.text_bidirectional=true,teachers.anchor.bucket=t2i_relations \
     model.coarse_scale=2,model.width=256
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then

@@ -322,6 +322,22 @@ def test_clip_padding_and_causality(clip) -> None:
     assert float(jnp.abs(pooled - pooled3).max()) > 1e-4
 
 
+def test_bidirectional_text_tokens_see_the_words_after_them(clip) -> None:
+    """causal=False (model.text_bidirectional): the same weights, but an early token's output
+    depends on a later word (the causal tower's does not), padding still ignored."""
+    model, enc = clip
+    both = CLIPTextEncoder(dataclasses.replace(model.config, causal=False), rngs=nnx.Rngs(0))
+    nnx.update(both, nnx.state(model))
+    ids, mask = _ids([[1, 5, 7, EOS]])
+    tokens, _ = both(ids, mask)
+    moved, _ = both(ids.at[0, 2].set(11), mask)
+    assert float(jnp.abs(tokens[:, :2] - moved[:, :2]).max()) > 1e-4
+    np.testing.assert_allclose(both(ids.at[0, 6:].set(33), mask)[0][:, :4], tokens[:, :4],
+                               atol=1e-6)
+    np.testing.assert_allclose(enc(ids, mask)[0][:, 3], model(ids, mask)[0][:, 3], atol=1e-6)
+    assert float(jnp.abs(tokens[:, 0] - enc(ids, mask)[0][:, 0]).max()) > 1e-4
+
+
 def test_clip_without_eos_pools_last_real_token(clip) -> None:
     model, enc = clip
     ids, mask = _ids([[1, 5, 7]])

@@ -548,7 +548,9 @@ def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
     assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
     config.teachers.t2i_anchor.lr = 1e-3
     config.model.coarse_scale = 2  # an optional model field enters the key only when set
-    assert recipe(config, "t2i_anchor")["model"] == want["model"] | {"coarse_scale": 2}
+    config.model.text_bidirectional = True
+    assert recipe(config, "t2i_anchor")["model"] == want["model"] | {"coarse_scale": 2,
+                                                                     "text_bidirectional": True}
     assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
 
 

@@ -111,7 +111,8 @@ def init_models(config: ml_collections.ConfigDict, vocab_size: int, eos_token_id
     m = config.model
     text_cfg = tiny_text_config(vocab_size=vocab_size, max_len=null_ids.shape[1],
                                 hidden=m.text_width, layers=m.text_layers, heads=m.text_heads,
-                                projection_dim=m.text_width, eos_token_id=eos_token_id)
+                                projection_dim=m.text_width, eos_token_id=eos_token_id,
+                                causal=not m.get("text_bidirectional", False))
     rngs = nnx.Rngs(seed)
     backbone_graph, backbone_params, backbone_axes = _split(MMDiT(shapes_backbone(config),
                                                                   rngs=rngs))

@@ -57,7 +57,7 @@ def shipped_dir(config: ml_collections.ConfigDict) -> Path:
 WORLD_FIELDS = ("image_size", "train_size", "seed")
 MODEL_FIELDS = ("patch_size", "width", "depth", "heads", "text_width", "text_layers",
                 "text_heads", "dtype")
-OPTIONAL_MODEL_FIELDS = ("coarse_scale",)
+OPTIONAL_MODEL_FIELDS = ("coarse_scale", "text_bidirectional")
 
 
 def recipe(config: ml_collections.ConfigDict, name: str) -> dict:

@@ -37,6 +37,10 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
     dtype: str = "float32"
+    # Not transformers': CLIP's text tower is causal, so a token never sees the words after it.
+    # False lets every token attend to the whole prompt, as T5's encoder does (the shapes
+    # world's option model.text_bidirectional; docs/teachers.md, "What the base's T2I misses").
+    causal: bool = True
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
@@ -61,6 +65,7 @@ def tiny_text_config(
     heads: int = 4,
     projection_dim: int = 64,
     eos_token_id: int | None = None,
+    causal: bool = True,
 ) -> CLIPTextConfig:
     """A small CLIP text tower for the toy world; EOS defaults to the last id (CLIP convention)."""
     return CLIPTextConfig(
@@ -72,6 +77,7 @@ def tiny_text_config(
         max_position_embeddings=max_len,
         projection_dim=projection_dim,
         eos_token_id=vocab_size - 1 if eos_token_id is None else eos_token_id,
+        causal=causal,
     )
 
 
@@ -211,8 +217,9 @@ class CLIPTextEncoder(nnx.Module):
                 f"{input_ids.shape}; pass one bool per token."
             )
         keys = attention_mask.astype(bool)
-        causal = jnp.tril(jnp.ones((n, n), bool))
-        mask = causal[None, None] & keys[:, None, None, :]
+        mask = keys[:, None, None, :]
+        if self.config.causal:
+            mask = jnp.tril(jnp.ones((n, n), bool))[None, None] & mask
         states = self.encoder(self.embeddings(input_ids), mask)
         hidden = self.final_layer_norm(states[-1])
 
