@@ -1,6 +1,7 @@
 """Does a shapes-world T2I model read relation words? A diagnostic, not a timing benchmark.
 
-    python benchmarks/relation_probe.py [--teacher=DIR] [--config=configs/t2i_edit.py] [overrides]
+    python benchmarks/relation_probe.py [--teacher=DIR] [--config=configs/t2i_edit.py]
+        [--config.model.KEY=VALUE ...]   # the teacher's model fields, as its teachers command had
 
 DIR is a saved teacher (workdir/teachers/NAME) or one step of a teacher's run checkpoints
 (workdir/teachers/_runs/NAME/STEP), to follow a training run while it goes.
@@ -21,19 +22,19 @@ docs/teachers.md ("What the base's T2I misses") reports what it found on the shi
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import app, flags
+from ml_collections import config_flags
 
 from danceopd_jax.core.rollout import sample
 from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.shapes.tokenizer import encode, load_tokenizer
-from danceopd_jax.data.shapes.world import PALETTE, Obj, Scene, render
+from danceopd_jax.data.shapes.world import GRID, PALETTE, Obj, Scene, render
 from danceopd_jax.data.store import load_params
 from danceopd_jax.models.wiring import init_models
 from danceopd_jax.train.teachers import SHIPPED_DIR
@@ -41,47 +42,46 @@ from danceopd_jax.train.teachers import SHIPPED_DIR
 RELATIONS = {"to the left of": (0, 0), "to the right of": (0, 2), "above": (1, 0),
              "below": (1, 2), "and": None}  # (0: columns / 1: rows, the side A must be on)
 N = 256
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py",
+                                          "The config the teacher was made with.")
+_TEACHER = flags.DEFINE_string("teacher", str(SHIPPED_DIR / "anchor"),
+                               "A saved teacher, or one step of a teacher's run checkpoints.")
 
 
 def prompt(rel: str) -> str:
     return f"a red circle {rel} a blue square on a white background"
 
 
+def per_cell(x: np.ndarray) -> np.ndarray:
+    """[..., H, W] -> [..., GRID, GRID]: the mean over each grid cell's pixels."""
+    side = x.shape[-1] // GRID
+    return x.reshape(*x.shape[:-2], GRID, side, GRID, side).mean((-3, -1))
+
+
 def shares(x: np.ndarray, channel: int, other: int) -> np.ndarray:
     """[3, 3] share of one colour (channel minus the other, clipped) per grid cell."""
-    c = np.clip(x[..., channel] - x[..., other], 0, None).reshape(3, 8, 3, 8).mean((1, 3))
+    c = per_cell(np.clip(x[..., channel] - x[..., other], 0, None))
     return c / max(c.sum(), 1e-9)
 
 
 def cells(x: np.ndarray, rgb: tuple[int, int, int]) -> np.ndarray:
     """[B, 9] fraction of each cell's pixels near colour rgb."""
     t = np.asarray(rgb) / 127.5 - 1
-    return (((x - t) ** 2).sum(-1) < 0.1).reshape(-1, 3, 8, 3, 8).mean((2, 4)).reshape(-1, 9)
+    return per_cell((((x - t) ** 2).sum(-1) < 0.1).astype(np.float32)).reshape(len(x), -1)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", default=str(SHIPPED_DIR / "anchor"))
-    ap.add_argument("--config", default="configs/t2i_edit.py")
-    ap.add_argument("overrides", nargs="*", help="model.key=value (the teacher's model fields)")
-    args = ap.parse_args()
-    spec = importlib.util.spec_from_file_location("config", args.config)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for kv in args.overrides:
-        key, value = kv.removeprefix("model.").split("=")
-        kind = type(config.model[key])
-        config.model[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+def main(argv: list[str]) -> None:
+    del argv
+    config = _CONFIG.value
     tok = load_tokenizer()
     null_ids, null_mask = encode(tok, [""])
     models, backbone, text = init_models(config, len(tok), tok.eos_token_id, null_ids,
                                          null_mask, 0)
-    run_step = Path(args.teacher) / "state"
+    run_step = Path(_TEACHER.value) / "state"
     if run_step.is_dir():  # a run checkpoint: its trainable params are the teacher's
         p = ocp.StandardCheckpointer().restore(run_step.absolute())["trainable"]
     else:
-        p, _ = load_params(args.teacher, {"backbone": backbone, "text": text})
+        p, _ = load_params(_TEACHER.value, {"backbone": backbone, "text": text})
     field, condition = models.field(), models.conditioner()
     sigmas = make_sigmas(16, 3.0, config.danceopd.schedule)
     size = config.world.image_size
@@ -113,7 +113,7 @@ def main() -> None:
                 f" | sampled: both in {len(both)}/{N}")
         if side is not None:
             axis, want = side
-            pos = [(divmod(a, 3)[1 - axis], divmod(c, 3)[1 - axis]) for a, c in both]
+            pos = [(divmod(a, GRID)[1 - axis], divmod(c, GRID)[1 - axis]) for a, c in both]
             holds = [(a < c) if want == 0 else (a > c) for a, c in pos]
             line += f", relation holds {np.mean(holds):.2f}" if holds else ""
         print(line)
@@ -132,5 +132,6 @@ def main() -> None:
         named = "a red circle {} on a white background"
         print(f"text encoder: {a!r} vs {b!r}: {distance(named.format(a), named.format(b)):.3f}")
 
+
 if __name__ == "__main__":
-    main()
+    app.run(main)

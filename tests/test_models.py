@@ -334,8 +334,7 @@ def test_bidirectional_text_tokens_see_the_words_after_them(clip) -> None:
     assert float(jnp.abs(tokens[:, :2] - moved[:, :2]).max()) > 1e-4
     np.testing.assert_allclose(both(ids.at[0, 6:].set(33), mask)[0][:, :4], tokens[:, :4],
                                atol=1e-6)
-    np.testing.assert_allclose(enc(ids, mask)[0][:, 3], model(ids, mask)[0][:, 3], atol=1e-6)
-    assert float(jnp.abs(tokens[:, 0] - enc(ids, mask)[0][:, 0]).max()) > 1e-4
+    assert float(jnp.abs(tokens[:, 0] - enc(ids, mask)[0][:, 0]).max()) > 1e-4  # not causal's
 
 
 def test_clip_without_eos_pools_last_real_token(clip) -> None:

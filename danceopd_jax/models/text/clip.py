@@ -37,9 +37,10 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
     dtype: str = "float32"
-    # Not transformers': CLIP's text tower is causal, so a token never sees the words after it.
-    # False lets every token attend to the whole prompt, as T5's encoder does (the shapes
-    # world's option model.text_bidirectional; docs/teachers.md, "What the base's T2I misses").
+    # Ours, not transformers' (whose CLIP text tower is always causal: a token never sees the
+    # words after it). False lets every token attend to the whole prompt, as T5's encoder does
+    # (the shapes world's model.text_bidirectional; docs/teachers.md, "What the base's T2I
+    # misses"). Checkpoints converted from transformers keep the default.
     causal: bool = True
 
     def __post_init__(self) -> None:
