@@ -36,7 +36,7 @@ def workload_mismatch(ours: dict, peer: dict) -> list[str]:
     batched = next((r for r in peer["results"] if r["mode"] == "batched"), None)
     if batched and ours["results"]:
         mine = ours["results"][0]["rollout_steps"]
-        theirs = float(np.mean(batched["rollout_forwards"]))
+        theirs = float(np.mean(batched["rollout_steps"]))
         if abs(mine - theirs) > 1e-6:
             diffs.append(f"rollout steps per step: {mine:.2f} vs {theirs:.2f} (run both with "
                          "the same --timed_steps and --warmup)")

@@ -169,7 +169,7 @@ class Step:
         torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return n * self.batch
+        return n
 
     def fwd_bwd(self) -> int:
         z = torch.randn(self.noise_shape, device=self.device, dtype=self.dtype)
@@ -188,12 +188,12 @@ def sync(device: str) -> None:
 def measure(step: Step, mode: str, steps: int, warmup: int) -> dict:
     run = {"batched": step.batched, "batched-compiled": step.batched,
            "reference-loop": step.reference_loop, "fwd-bwd": step.fwd_bwd}[mode]
-    times, forwards = [], []
+    times, loop_steps = [], []  # a mode returns its rollout loop's steps (as ours report)
     t_first = time.perf_counter()
     for i in range(warmup + steps):
         sync(step.device)
         t0 = time.perf_counter()
-        forwards.append(run())
+        loop_steps.append(run())
         sync(step.device)
         if i == 0:
             first = time.perf_counter() - t_first
@@ -201,7 +201,7 @@ def measure(step: Step, mode: str, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t0)
     median = statistics.median(times)
     return {"mode": mode, "first_step_s": first, "step_s": median,
-            "samples_per_s": step.batch / median, "rollout_forwards": forwards[warmup:]}
+            "samples_per_s": step.batch / median, "rollout_steps": loop_steps[warmup:]}
 
 
 def main(argv: list[str]) -> None:

@@ -148,10 +148,10 @@ def test_torch_peer_runs_the_same_step_on_diffusers(tmp_path):
                                            "stratified", "danceopd.shared_query": True}))
     assert work["workload"] == json.loads(json.dumps(spec.spec()))
     modes = {r["mode"]: r for r in work["results"]}
-    assert modes["reference-loop"]["rollout_forwards"] == [4 * 4] * 2  # N x batch
-    # The forwards our step would run at steps 1 and 2 (after one warm-up): max index.
-    assert modes["batched"]["rollout_forwards"] == [int(query_indices(spec, i).max())
-                                                    for i in (1, 2)]
+    assert modes["reference-loop"]["rollout_steps"] == [4] * 2  # every sample's N = 4 steps
+    # The loop steps our step would run at steps 1 and 2 (after one warm-up): max index.
+    assert modes["batched"]["rollout_steps"] == [int(query_indices(spec, i).max())
+                                                 for i in (1, 2)]
     assert all(r["samples_per_s"] > 0 for r in work["results"])
 
 

@@ -26,7 +26,7 @@ from danceopd_jax.eval.shapesbench import EDIT_NAMES, Job, eval_set, gedit, gene
 from danceopd_jax.jobs import distill
 from danceopd_jax.jobs.evaluate import evaluate_workdir, parse_model
 from danceopd_jax.train.loop import every
-from danceopd_jax.worlds.shapes import score_jobs
+from danceopd_jax.worlds.shapes import score_jobs, validate_edit_targets
 
 SIZE = 24
 NUM = 6  # per category
@@ -257,10 +257,15 @@ def test_score_jobs_follow_routes_recipes_and_targets() -> None:
         bad.eval.targets.edit[field] = value
         with pytest.raises(ValueError, match=match):
             validate(bad)
-    with pytest.raises(ValueError, match="no route trains edits"):
+    # Edit targets need a route reading a bucket with source images; t2i_relations has none.
+    for bucket in ("t2i", "t2i_relations"):
         bad = tiny_config("cfg_absorption")
+        bad.routes.t2i.bucket = bucket
         bad.eval.targets.t2i.score = "edit"
-        validate(bad)
+        validate(bad)  # the config alone does not know which buckets hold edits
+        with pytest.raises(ValueError, match="no route reads an edit bucket"):
+            validate_edit_targets(bad, routes_of(bad))
+    validate_edit_targets(tiny_config("edit_fusion"), routes_of(tiny_config("edit_fusion")))
     bad = tiny_config("t2i_edit_budget")
     bad.teachers.anchor.bucket = "mix"
     with pytest.raises(ValueError, match="with no mix"):

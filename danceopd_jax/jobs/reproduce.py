@@ -26,7 +26,6 @@ import numpy as np
 
 from danceopd_jax.config import apply_overrides
 from danceopd_jax.core.methods import REGISTRY
-from danceopd_jax.data.shapes import dataset
 from danceopd_jax.data.store import digest
 from danceopd_jax.eval.claims import Claim, claims_section
 from danceopd_jax.eval.features import DEFAULT_RECIPE, ClassifierRecipe, scene_features
@@ -36,6 +35,7 @@ from danceopd_jax.eval.shapesbench import EDIT_NAMES, T2I_NAMES, Job, ShapesBenc
 from danceopd_jax.jobs import distill
 from danceopd_jax.jobs.evaluate import default_models, workdir_jobs
 from danceopd_jax.jobs.workdir import Workdir, load_student, open_workdir
+from danceopd_jax.worlds.shapes import student_tasks
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class Reproduction:
         distill.run(config, workdir)
         train_s = time.perf_counter() - t0
         student = load_student(workdir)
-        tasks = self.tasks(config)
+        tasks = student_tasks(config.routes.values())
         job = Job("student", student.params, 1.0, tasks)
         scores = {str(n): bench.score(job, student.text, config.training.seed)
                   for n, bench in self.benches(e, student).items()}
@@ -289,10 +289,6 @@ class Reproduction:
             np.savez_compressed(workdir / "gallery.npz", **self.gallery_images(e, student, job))
         done.write_text(json.dumps(report, indent=2))
         return report
-
-    def tasks(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
-        edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in config.routes.values())
-        return ("t2i", "edit") if edits else ("t2i",)
 
     def benches(self, e: Experiment, run: Workdir) -> dict[int, ShapesBench]:
         """One ShapesBench per sampling setting, schedule and world (the samplers compile

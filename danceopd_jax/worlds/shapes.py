@@ -43,6 +43,27 @@ Params = Any
 GRID_ROWS = 8
 
 
+def student_tasks(routes) -> tuple[str, ...]:
+    """What the student is scored on: T2I, and edits when a route reads a bucket with source
+    images."""
+    edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
+    return ("t2i", "edit") if edits else ("t2i",)
+
+
+def validate_edit_targets(config: ml_collections.ConfigDict, routes) -> None:
+    """Targets on edit scores need a route that trains edits: without one the student is not
+    scored on them."""
+    if "edit" in student_tasks(routes):
+        return
+    for name, t in config.eval.get("targets", {}).items():  # none in older workdirs' configs
+        if targets.SCORES[t.score][0] == "edit":
+            raise ValueError(
+                f"config.eval.targets.{name} compares edit scores, but no route reads an edit "
+                f"bucket (routes read {sorted({r.bucket for r in routes})}), so the student is "
+                "not scored on edits; remove that target from the config file or route an edit "
+                "bucket.")
+
+
 class ShapesWorld:
     """The embedded shapes world: its splits, the tiny MMDiT and text encoder freshly
     initialised, teachers trained by flow matching (or reused), parser-scored evaluation."""
@@ -53,6 +74,7 @@ class ShapesWorld:
         self.bucket_has_source = dataset.BUCKET_HAS_SOURCE
         validate_routes(self.routes, {n: t.kind for n, t in config.teachers.items()},
                         self.bucket_has_source)
+        validate_edit_targets(config, self.routes)
         self.splits = Splits(config, workdir / "data")
         tok = self.tokenizer
         null_ids, null_mask = encode(tok, [""])
@@ -136,8 +158,7 @@ class Curve:
 
     def __init__(self, config, models: Models, world: Splits, routes, path: Path, start: int):
         self.path, self.seed = path, config.seed
-        edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
-        self.tasks = ("t2i", "edit") if edits else ("t2i",)
+        self.tasks = student_tasks(routes)
         self.bench = None
         if config.eval.curve_every and jax.process_index() == 0:
             e = config.eval
@@ -189,8 +210,7 @@ def score_jobs(config, routes, teachers: dict[str, Params], student: Params) -> 
         tasks = tuple(t for t in ("t2i", "edit") if t in {*own, *needs.get(name, ())})
         jobs.append(Job(name if alpha == 1.0 else f"{name}@cfg{alpha:g}", teachers[name],
                         alpha, tasks))
-    edits = any(dataset.BUCKET_HAS_SOURCE[r.bucket] for r in routes)
-    return [*jobs, Job(targets.STUDENT, student, 1.0, ("t2i", "edit") if edits else ("t2i",))]
+    return [*jobs, Job(targets.STUDENT, student, 1.0, student_tasks(routes))]
 
 
 def _prompts(bucket: dict[str, np.ndarray]) -> list[str]:
