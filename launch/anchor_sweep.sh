@@ -16,8 +16,11 @@
 #       that does not read them can meet the position target: docs/teachers.md, "What the
 #       base's T2I misses")
 #
-# Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep), resumable; its
-# scores are teacher_scores.json there. After each anchor is scored, the table of those scored so
+# Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
+# "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
+# one session (hours on 2 CPU cores) is carried to the next in git: commit its last run
+# checkpoint as resume/anchor_sweep/<variant>.tgz (`tar czf resume/anchor_sweep/<variant>.tgz
+# -C $WORKDIR/<variant>/teachers/_runs/anchor STEP`), and a workdir without one starts from it. After each anchor is scored, the table of those scored so
 # far goes to $WORKDIR/sweep.md, and it and their scores to $OUT/ when OUT is set (as on the
 # device machine), so a call cut off by its time limit still returns the candidates it finished.
 # With OUT set, the best candidate so far (one that meets the base's target first, then the
@@ -42,6 +45,12 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
+  local saved="resume/anchor_sweep/$(basename "$1").tgz"
+  if [ -f "$saved" ] && [ ! -d "$1/teachers/anchor" ] && [ ! -d "$1/teachers/_runs/anchor" ]; then
+    echo "resuming $(basename "$1") from $saved"
+    mkdir -p "$1/teachers/_runs/anchor"
+    tar xzf "$saved" -C "$1/teachers/_runs/anchor"
+  fi
   python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
     --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
 }

@@ -165,11 +165,11 @@ def _bench_json(workload: dict, steps: float) -> dict:
         "student_fwd_bwd": {"seconds": 0.1, "tflops": 0.01}}]}
 
 
-def _peer_json(workload: dict, forwards: list[int]) -> dict:
+def _peer_json(workload: dict, loop_steps: list[int]) -> dict:
     return {"device": "cpu", "torch": "x", "preset": "toy", "workloads": [{
         "image_size": workload["image_size"], "batch": workload["batch"], "workload": workload,
         "results": [{"mode": "batched", "samples_per_s": 0.8, "step_s": 1.2,
-                     "rollout_forwards": forwards}]}]}
+                     "rollout_steps": loop_steps}]}]}
 
 
 def test_compare_refuses_different_workloads(tmp_path, capsys):
@@ -179,11 +179,11 @@ def test_compare_refuses_different_workloads(tmp_path, capsys):
     cases = {"same": (work, [3, 4]),
              "n": ({**work, "num_steps": 8}, [3, 4]),
              "batch": ({**work, "batch": 8}, [3, 4]),
-             "forwards": (work, [6, 7])}
-    for name, (peer_work, forwards) in cases.items():
+             "loop steps": (work, [6, 7])}
+    for name, (peer_work, loop_steps) in cases.items():
         ours, peer = tmp_path / f"ours_{name}.json", tmp_path / f"peer_{name}.json"
         ours.write_text(json.dumps(_bench_json(work, 3.5)))
-        peer.write_text(json.dumps(_peer_json(peer_work, forwards)))
+        peer.write_text(json.dumps(_peer_json(peer_work, loop_steps)))
         if name == "same":
             compare.main(str(ours), str(peer))
             assert "(ours 1.25x)" in capsys.readouterr().out
@@ -191,6 +191,6 @@ def test_compare_refuses_different_workloads(tmp_path, capsys):
         with pytest.raises(SystemExit) as refused:
             compare.main(str(ours), str(peer))
         field = {"n": "num_steps: 4 vs 8", "batch": "batch: 4 vs 8",
-                 "forwards": "rollout steps per step: 3.50 vs 6.50"}[name]
+                 "loop steps": "rollout steps per step: 3.50 vs 6.50"}[name]
         assert field in str(refused.value)
         assert "(ours" not in capsys.readouterr().out
