@@ -22,7 +22,8 @@
 # checkpoint as resume/anchor_sweep/<variant>.tgz (`tar czf resume/anchor_sweep/<variant>.tgz
 # -C $WORKDIR/<variant>/teachers/_runs/anchor STEP`), and a workdir without one starts from it.
 # After each anchor is scored, the table of those scored so far goes to $WORKDIR/sweep.md, and
-# it and their scores to $OUT/ when OUT is set (as on the device machine), so a call cut off by its time limit still returns the candidates it finished.
+# it and their scores to $OUT/ when OUT is set (as on the device machine), so a call cut off by
+# its time limit still returns the candidates it finished.
 # With OUT set, the best candidate so far (one that meets the base's target first, then the
 # highest mean) also comes back: its weights and scores as $OUT/best_anchor.tgz.part-*, parts of
 # at most 15 MiB (the device's limit on a returned file is 16). Reassemble them with
