@@ -15,7 +15,10 @@ of, above, below, and) it prints, from the model saved in DIR (default: the ship
     objects in distinct cells, and how often REL holds among them (random cells: 0.375);
   - given the red circle drawn alone in the centre cell and noised to sigma 0.8: the blue share
     of each column and row of the predicted clean image (left of: all of it in the right
-    column, above: all of it in the bottom row);
+    column, above: all of it in the bottom row); and per axis, at sigma 0.7, 0.8 and 0.9 (the
+    band where the relation has to be read: benchmarks/relation_signal.py), the blue share on
+    the side "to the left of" ("above") asks for minus that side's share under "to the right
+    of" ("below"): 1 for a model that reads the relation, 0 for one that ignores it;
   - the text encoder's relative distance between the token outputs of two prompts.
 docs/teachers.md ("What the base's T2I misses") reports what it found on the shipped anchor.
 """
@@ -42,6 +45,7 @@ from danceopd_jax.train.teachers import SHIPPED_DIR
 RELATIONS = {"to the left of": (0, 0), "to the right of": (0, 2), "above": (1, 0),
              "below": (1, 2), "and": None}  # (0: columns / 1: rows, the side A must be on)
 N = 256
+BAND = (0.7, 0.8, 0.9)  # noise levels where reading REL pays (benchmarks/relation_signal.py)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py",
                                           "The config the teacher was made with.")
 _TEACHER = flags.DEFINE_string("teacher", str(SHIPPED_DIR / "anchor"),
@@ -93,23 +97,27 @@ def main(argv: list[str]) -> None:
         z = jax.random.normal(key, (ids.shape[0], size, size, 3))
         one = jnp.ones(ids.shape[0])
         x1 = z - field(p["backbone"], z, one, cond)
-        zc = 0.2 * jnp.asarray(centre, jnp.float32)[None] + 0.8 * z
-        xc = zc - 0.8 * field(p["backbone"], zc, 0.8 * one, cond)
-        return x1.mean(0), xc.mean(0), sample(field, p["backbone"], z, sigmas, cond)
+        drawn = jnp.asarray(centre, jnp.float32)[None]
+        zc = [(s, (1 - s) * drawn + s * z) for s in BAND]
+        xc = [(a - s * field(p["backbone"], a, s * one, cond)).mean(0) for s, a in zc]
+        return x1.mean(0), jnp.stack(xc), sample(field, p["backbone"], z, sigmas, cond)
 
+    blue_by = {}
     for rel, side in RELATIONS.items():
         ids, mask = encode(tok, [prompt(rel)] * N)
         x1, xc, xs = (np.asarray(a) for a in probe(jnp.asarray(ids), jnp.asarray(mask),
                                                      jax.random.key(0)))
         red = shares(x1, 0, 2)
-        blue = shares(xc, 2, 0)
+        blue = [shares(x, 2, 0) for x in xc]
+        blue_by[rel] = blue
+        centre_08 = blue[BAND.index(0.8)]
         r, b = cells(np.clip(xs, -1, 1), PALETTE["red"]), cells(np.clip(xs, -1, 1),
                                                                PALETTE["blue"])
         both = [(a.argmax(), c.argmax()) for a, c in zip(r, b, strict=True)
                 if a.max() > 0.3 and c.max() > 0.3 and a.argmax() != c.argmax()]
         line = (f"{rel:16s} sigma=1 red cols {red.sum(0).round(3)} rows {red.sum(1).round(3)}"
-                f" | red drawn at centre, sigma 0.8: blue cols {blue.sum(0).round(3)}"
-                f" rows {blue.sum(1).round(3)}"
+                f" | red drawn at centre, sigma 0.8: blue cols {centre_08.sum(0).round(3)}"
+                f" rows {centre_08.sum(1).round(3)}"
                 f" | sampled: both in {len(both)}/{N}")
         if side is not None:
             axis, want = side
@@ -117,6 +125,13 @@ def main(argv: list[str]) -> None:
             holds = [(a < c) if want == 0 else (a > c) for a, c in pos]
             line += f", relation holds {np.mean(holds):.2f}" if holds else ""
         print(line)
+
+    for a, b in (("to the left of", "to the right of"), ("above", "below")):
+        axis, want = RELATIONS[a]  # blue belongs on the side opposite red's
+        read = [x.sum(axis)[2 - want] - y.sum(axis)[2 - want]
+                for x, y in zip(blue_by[a], blue_by[b], strict=True)]
+        print(f"reads {a!r} vs {b!r} at sigma {'/'.join(map(str, BAND))}:"
+              f" {' '.join(f'{r:.3f}' for r in read)}")
 
     def tokens(s: str) -> jax.Array:
         ids, mask = encode(tok, [s])
