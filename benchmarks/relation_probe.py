@@ -98,8 +98,10 @@ def main(argv: list[str]) -> None:
         one = jnp.ones(ids.shape[0])
         x1 = z - field(p["backbone"], z, one, cond)
         drawn = jnp.asarray(centre, jnp.float32)[None]
-        zc = [(s, (1 - s) * drawn + s * z) for s in BAND]
-        xc = [(a - s * field(p["backbone"], a, s * one, cond)).mean(0) for s, a in zc]
+        xc = []
+        for s in BAND:
+            zs = (1 - s) * drawn + s * z
+            xc.append((zs - s * field(p["backbone"], zs, s * one, cond)).mean(0))
         return x1.mean(0), jnp.stack(xc), sample(field, p["backbone"], z, sigmas, cond)
 
     blue_by = {}
