@@ -19,6 +19,11 @@ of, above, below, and) it prints, from the model saved in DIR (default: the ship
     band where the relation has to be read: benchmarks/relation_signal.py), the blue share on
     the side "to the left of" ("above") asks for minus that side's share under "to the right
     of" ("below"): 1 for a model that reads the relation, 0 for one that ignores it;
+  - the control, named cells ("a red circle at the left / right / top / bottom on a white
+    background"), sigma = 1: the red share of the named column or row of the mean predicted
+    clean image (the data puts all of it there, the shipped anchor 0.82-0.83; a model that
+    ignores named cells prints about a third: it reads no spatial word at all, and the
+    relation measures above say nothing more about it);
   - the text encoder's relative distance between the token outputs of two prompts.
 docs/teachers.md ("What the base's T2I misses") reports what it found on the shipped anchor.
 """
@@ -44,6 +49,8 @@ from danceopd_jax.train.teachers import SHIPPED_DIR
 
 RELATIONS = {"to the left of": (0, 0), "to the right of": (0, 2), "above": (1, 0),
              "below": (1, 2), "and": None}  # (0: columns / 1: rows, the side A must be on)
+NAMED = {"at the left": (0, 0), "at the right": (0, 2), "at the top": (1, 0),
+         "at the bottom": (1, 2)}  # (0: columns / 1: rows, the named side)
 N = 256
 BAND = (0.7, 0.8, 0.9)  # noise levels where reading REL pays (benchmarks/relation_signal.py)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/t2i_edit.py",
@@ -54,6 +61,10 @@ _TEACHER = flags.DEFINE_string("teacher", str(SHIPPED_DIR / "anchor"),
 
 def prompt(rel: str) -> str:
     return f"a red circle {rel} a blue square on a white background"
+
+
+def named(where: str) -> str:
+    return f"a red circle {where} on a white background"
 
 
 def per_cell(x: np.ndarray) -> np.ndarray:
@@ -91,12 +102,16 @@ def main(argv: list[str]) -> None:
     size = config.world.image_size
     centre = render(Scene("white", (Obj("circle", "red", 4),)), size) / 127.5 - 1
 
-    @jax.jit
-    def probe(ids, mask, key):
+    def clean_at_one(ids, mask, key):
+        """(cond, noise, the predicted clean image from pure noise)."""
         cond = condition({"text": p["text"]}, {"input_ids": ids, "attention_mask": mask}, key)
         z = jax.random.normal(key, (ids.shape[0], size, size, 3))
+        return cond, z, z - field(p["backbone"], z, jnp.ones(ids.shape[0]), cond)
+
+    @jax.jit
+    def probe(ids, mask, key):
+        cond, z, x1 = clean_at_one(ids, mask, key)
         one = jnp.ones(ids.shape[0])
-        x1 = z - field(p["backbone"], z, one, cond)
         drawn = jnp.asarray(centre, jnp.float32)[None]
         xc = []
         for s in BAND:
@@ -135,6 +150,15 @@ def main(argv: list[str]) -> None:
         print(f"reads {a!r} vs {b!r} at sigma {'/'.join(map(str, BAND))}:"
               f" {' '.join(f'{r:.3f}' for r in read)}")
 
+    # The control: a model that reads named cells puts the red circle's share in the named
+    # column (row) from pure noise near 1; one that ignores them, about a third.
+    named_x1 = jax.jit(lambda ids, mask, key: clean_at_one(ids, mask, key)[2].mean(0))
+    for where, (axis, side) in NAMED.items():
+        ids, mask = encode(tok, [named(where)] * N)
+        red = shares(np.asarray(named_x1(jnp.asarray(ids), jnp.asarray(mask),
+                                         jax.random.key(0))), 0, 2)
+        print(f"named cell {where!r}, sigma=1: red share there {red.sum(axis)[side]:.3f}")
+
     def tokens(s: str) -> jax.Array:
         ids, mask = encode(tok, [s])
         return models.encode_text(p["text"], jnp.asarray(ids), jnp.asarray(mask))[0]
@@ -146,8 +170,7 @@ def main(argv: list[str]) -> None:
     for a, b in (("to the left of", "to the right of"), ("above", "below")):
         print(f"text encoder: {a!r} vs {b!r}: {distance(prompt(a), prompt(b)):.3f}")
     for a, b in (("at the left", "at the right"), ("at the top", "at the bottom")):
-        named = "a red circle {} on a white background"
-        print(f"text encoder: {a!r} vs {b!r}: {distance(named.format(a), named.format(b)):.3f}")
+        print(f"text encoder: {a!r} vs {b!r}: {distance(named(a), named(b)):.3f}")
 
 
 if __name__ == "__main__":

@@ -8,13 +8,14 @@
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
-#       (default: the best anchor so far, coarse tokens, made wider, given a text encoder of
-#       4 layers x 128 instead of 2 x 64 whose tokens see the whole prompt (CLIP's see only the
-#       words before them) and trained on the t2i_relations bucket, T2I with three times the
-#       relation prompts; then the same without the last three. The shipped anchor's
-#       output does not depend on the relation words at the noise levels probed, and no anchor
-#       that does not read them can meet the position target: docs/teachers.md, "What the
-#       base's T2I misses")
+#       (default: the best anchor so far, coarse tokens, made wider; then the same given a
+#       text encoder of 4 layers x 128 instead of 2 x 64 whose tokens see the whole prompt
+#       (CLIP's see only the words before them) and trained on the t2i_relations bucket, T2I
+#       with three times the relation prompts. The shipped anchor's output does not depend on
+#       the relation words at the noise levels probed, and no anchor that does not read them
+#       can meet the position target; but the last two changes together, at the shipped width,
+#       made an anchor that reads no named cell either (stop 41), so the wider anchor goes
+#       first: docs/teachers.md, "What the base's T2I misses")
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
 # "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
@@ -38,8 +39,8 @@
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,model.text_bidirectional=true,teachers.anchor.bucket=t2i_relations \
-    model.coarse_scale=2,model.width=256
+  set -- model.coarse_scale=2,model.width=256 \
+    model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,model.text_bidirectional=true,teachers.anchor.bucket=t2i_relations
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
