@@ -8,23 +8,23 @@
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
-#       (default: the best anchor so far, coarse tokens, made wider; then the same given a
-#       text encoder of 4 layers x 128 instead of 2 x 64 whose tokens see the whole prompt
-#       (CLIP's see only the words before them) and trained on the t2i_relations bucket, T2I
-#       with three times the relation prompts. The shipped anchor's output does not depend on
-#       the relation words at the noise levels probed, and no anchor that does not read them
-#       can meet the position target; but the last two changes together, at the shipped width,
-#       made an anchor that reads no named cell either (stop 41), so the wider anchor goes
-#       first: docs/teachers.md, "What the base's T2I misses")
+#       (default, since stop 43: is it the width or the attention heads' width that makes an
+#       anchor read relation words? Stop 43's wide coarse-token anchors (width 256: 4 heads of
+#       64) read them and score 0.840, the shipped one (4 heads of 32) does not; but a width-256
+#       family makes the main job's step 3.3 times as costly on 2 CPU cores. So: heads of 64 at
+#       the shipped width and cost first, then width 256 with heads of 32, then width 192 with
+#       heads of 64; all with coarse tokens and the shipped text encoder and data:
+#       docs/teachers.md, "A wider anchor trained from scratch reads the relation")
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
 # "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
 # one session (hours on 2 CPU cores) is carried to the next in git: commit its last run
 # checkpoint as resume/anchor_sweep/<variant>.tgz (`tar czf resume/anchor_sweep/<variant>.tgz
 # -C $WORKDIR/<variant>/teachers/_runs/anchor STEP`), and a workdir without one starts from it.
-# After each anchor is scored, the table of those scored so far goes to $WORKDIR/sweep.md, and
-# it and their scores to $OUT/ when OUT is set (as on the device machine), so a call cut off by
-# its time limit still returns the candidates it finished.
+# After each anchor is scored and read by benchmarks/relation_probe.py, the table of those done
+# so far and their readings go to $WORKDIR/sweep.md, and it and their scores (scores.json) to
+# $OUT/ when OUT is set (as on the device machine), so a call cut off by its time limit still
+# returns the candidates it finished.
 # With OUT set, the best candidate so far (one that meets the base's target first, then the
 # highest mean) also comes back: its weights and scores as $OUT/best_anchor.tgz.part-*, parts of
 # at most 15 MiB (the device's limit on a returned file is 16). Reassemble them with
@@ -35,12 +35,14 @@
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
-# and this script installs them there.
+# and this script installs them there. The checkout's tracked files (about 70 MiB) are over the
+# device's 64 MiB for what travels; the sweep needs only danceopd_jax/assets/shapes_teachers, so
+# move danceopd_jax/assets/omni_teachers out of the checkout for the call, and back after.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.width=256 \
-    model.coarse_scale=2,model.width=256,model.text_width=128,model.text_layers=4,model.text_bidirectional=true,teachers.anchor.bucket=t2i_relations
+  set -- model.coarse_scale=2,model.heads=2 model.coarse_scale=2,model.width=256,model.heads=8 \
+    model.coarse_scale=2,model.width=192,model.heads=3
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
@@ -55,6 +57,11 @@ anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alo
   fi
   python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
     --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
+}
+probe() {  # probe WORKDIR [overrides...]: does its anchor read relation words and named cells?
+  python3 benchmarks/relation_probe.py --config=configs/t2i_edit_budget.py \
+    --teacher="$1/teachers/anchor" "${@:2}" 2>/dev/null \
+    | grep -E "^(reads|named cell)" > "$1/relation_probe.txt"
 }
 report() {  # report NAME...: the table of the anchors scored so far, to sweep.md (and $OUT)
   python3 - "$WORKDIR" "$@" > "$WORKDIR/sweep.md" <<'PY'
@@ -75,12 +82,21 @@ for name in names:
     if name != "shipped":
         ranked.append(((meets, t2i["mean"]["mean"]), name))
 (root / "best").write_text(max(ranked)[1] if ranked else "")
+for name in names[1:]:  # benchmarks/relation_probe.py's readings (the shipped one's: stop 42)
+    probe = root / name.replace("=", "_").replace(",", "_") / "relation_probe.txt"
+    print(f"\n{name}, benchmarks/relation_probe.py:\n\n" + "".join(
+        f"    {line}" for line in probe.open()))
 PY
   if [ -n "${OUT:-}" ]; then
     cp "$WORKDIR/sweep.md" "$OUT/"
-    for name in "$@"; do
-      cp "$WORKDIR/${name//[=,]/_}/teacher_scores.json" "$OUT/${name//[=,]/_}.json"
-    done
+    python3 - "$WORKDIR" "$@" > "$OUT/scores.json" <<'PY'
+import json, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+print(json.dumps({name: json.loads((root / name.replace("=", "_").replace(",", "_")
+                                    / "teacher_scores.json").read_text())
+                  for name in sys.argv[2:]}, indent=1))
+PY
     best=$(cat "$WORKDIR/best")
     if [ -n "$best" ]; then  # its anchor as t2i_anchor, the name the family's configs give it
       rm -f "$OUT"/best_anchor.tgz.part-*
@@ -105,6 +121,7 @@ for variant in "$@"; do
   t0=$SECONDS
   anchor "$WORKDIR/${variant//[=,]/_}" "${overrides[@]}"
   echo "$variant: trained and scored in $((SECONDS - t0)) s"
+  probe "$WORKDIR/${variant//[=,]/_}" "${overrides[@]}"
   done_names+=("$variant")
   report "${done_names[@]}"
 done
