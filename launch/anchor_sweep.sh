@@ -22,8 +22,8 @@
 # checkpoint as resume/anchor_sweep/<variant>.tgz (`tar czf resume/anchor_sweep/<variant>.tgz
 # -C $WORKDIR/<variant>/teachers/_runs/anchor STEP`), and a workdir without one starts from it.
 # After each anchor is scored and read by benchmarks/relation_probe.py, the table of those done
-# so far and their readings go to $WORKDIR/sweep.md, and it and their scores (scores.json) to
-# $OUT/ when OUT is set (as on the device machine), so a call cut off by its time limit still
+# so far and their readings go to $WORKDIR/sweep.md, their scores to $WORKDIR/scores.json, and
+# both to $OUT/ when OUT is set (as on the device machine), so a call cut off by its time limit still
 # returns the candidates it finished.
 # With OUT set, the best candidate so far (one that meets the base's target first, then the
 # highest mean) also comes back: its weights and scores as $OUT/best_anchor.tgz.part-*, parts of
@@ -60,7 +60,7 @@ anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alo
 }
 probe() {  # probe WORKDIR [overrides...]: does its anchor read relation words and named cells?
   python3 benchmarks/relation_probe.py --config=configs/t2i_edit_budget.py \
-    --teacher="$1/teachers/anchor" "${@:2}" 2>/dev/null \
+    --teacher="$1/teachers/anchor" "${@:2}" \
     | grep -E "^(reads|named cell)" > "$1/relation_probe.txt"
 }
 report() {  # report NAME...: the table of the anchors scored so far, to sweep.md (and $OUT)
@@ -68,13 +68,15 @@ report() {  # report NAME...: the table of the anchors scored so far, to sweep.m
 import json, sys
 from pathlib import Path
 root, names = Path(sys.argv[1]), sys.argv[2:]
+workdir = lambda name: root / name.replace("=", "_").replace(",", "_")  # noqa: E731
+scores = {name: json.loads((workdir(name) / "teacher_scores.json").read_text())
+          for name in names}
 cats = ["single_object", "two_objects", "counting", "colors", "position", "color_attr", "mean"]
 print("| anchor | " + " | ".join(cats) + " | min category | base's target |")
 print("| --- |" + " --- |" * (len(cats) + 2))
 ranked = []
 for name in names:
-    t2i = json.loads((root / name.replace("=", "_").replace(",", "_") / "teacher_scores.json")
-                     .read_text())["models"]["anchor"]["t2i"]
+    t2i = scores[name]["models"]["anchor"]["t2i"]
     cells = [f"{t2i[c]['mean']:.3f} ± {t2i[c]['std']:.3f}" for c in cats]
     low = min(t2i[c]["mean"] for c in cats[:-1])
     meets = t2i["mean"]["mean"] >= 0.85 and low >= 0.60  # issue 14: the base's target
@@ -82,21 +84,13 @@ for name in names:
     if name != "shipped":
         ranked.append(((meets, t2i["mean"]["mean"]), name))
 (root / "best").write_text(max(ranked)[1] if ranked else "")
+(root / "scores.json").write_text(json.dumps(scores, indent=1))
 for name in names[1:]:  # benchmarks/relation_probe.py's readings (the shipped one's: stop 42)
-    probe = root / name.replace("=", "_").replace(",", "_") / "relation_probe.txt"
     print(f"\n{name}, benchmarks/relation_probe.py:\n\n" + "".join(
-        f"    {line}" for line in probe.open()))
+        f"    {line}" for line in (workdir(name) / "relation_probe.txt").open()))
 PY
   if [ -n "${OUT:-}" ]; then
-    cp "$WORKDIR/sweep.md" "$OUT/"
-    python3 - "$WORKDIR" "$@" > "$OUT/scores.json" <<'PY'
-import json, sys
-from pathlib import Path
-root = Path(sys.argv[1])
-print(json.dumps({name: json.loads((root / name.replace("=", "_").replace(",", "_")
-                                    / "teacher_scores.json").read_text())
-                  for name in sys.argv[2:]}, indent=1))
-PY
+    cp "$WORKDIR/sweep.md" "$WORKDIR/scores.json" "$OUT/"
     best=$(cat "$WORKDIR/best")
     if [ -n "$best" ]; then  # its anchor as t2i_anchor, the name the family's configs give it
       rm -f "$OUT"/best_anchor.tgz.part-*
