@@ -27,15 +27,20 @@ MIX = "mix"
 
 def teacher(kind: str, bucket: str, init: str, steps: int, lr: float,
             batch_size: int = 256, prompt_dropout: float = 0.1,
-            mix: dict[str, float] | None = None) -> ml_collections.ConfigDict:
+            mix: dict[str, float] | None = None,
+            keep_t2i: bool = False) -> ml_collections.ConfigDict:
     """The recipe of one frozen teacher: trained by flow matching on `bucket`, starting from
     `init` ("scratch" trains the text encoder too; otherwise the name of another teacher).
 
     With `mix` ({bucket: weight}), it trains on a weighted mix of buckets instead, drawn per
     sample (`bucket` must then be "mix"). A recipe without a mix has no "mix" field, so the
-    shipped single-bucket teachers' recipe.json still match."""
+    shipped single-bucket teachers' recipe.json still match.
+
+    keep_t2i: its T2I rows (those without a source image) regress onto `init`'s velocity, frozen,
+    instead of the data's, so a base learning the edit layout keeps its parent's T2I (the
+    weights' key leaves it out while it is False, so the shipped teachers still match)."""
     t = dict(kind=kind, bucket=bucket, init=init, steps=steps, lr=lr, batch_size=batch_size,
-             prompt_dropout=prompt_dropout)
+             prompt_dropout=prompt_dropout, keep_t2i=keep_t2i)
     if mix is not None:
         t["mix"] = dict(mix)
     return ml_collections.ConfigDict(t)
@@ -72,7 +77,8 @@ def target(score: str, reference: str, rule: str, value: float) -> ml_collection
 # shapes family by its recipe) trained further on an even mix of T2I and joint edits: sized
 # for 2 CPU cores (1.3-1.5 steps/s at batch 64), since training a base from scratch takes
 # 12,000 x 256 steps (2.7 minutes on an H200, about 2 hours here: 1.7-1.8 steps/s in stop
-# 29). The base's edit share is the knob that keeps its edits below the teachers'.
+# 29). The base's edit share is the knob that keeps its edits below the teachers'. The shipped
+# base was made before keep_t2i, which loses less of t2i_anchor's T2I (docs/teachers.md).
 OMNI_BASE_STEPS = 3000
 OMNI_EDIT_STEPS = 5000
 # The joint-edit teacher is fine-tuned in two stages: OMNI_EDIT_STEPS at 1e-3 from the base
@@ -454,6 +460,10 @@ def _validate_shapes(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"teachers.{name}.bucket={t.bucket!r} with "
                              f"{'a' if 'mix' in t else 'no'} mix: a recipe trains on one bucket "
                              f"(no mix) or on bucket={MIX!r} with mix={{bucket: weight}}.")
+        if t.get("keep_t2i") and t.init == "scratch":
+            raise ValueError(f"teachers.{name}.keep_t2i=True keeps what its init does on T2I, "
+                             "but it starts from 'scratch'; set init to a teacher, or "
+                             "keep_t2i=False.")
         if "mix" in t and (not t.mix or any(not w > 0 for w in t.mix.values())):
             raise ValueError(f"teachers.{name}.mix={t.mix.to_dict()}: give at least one bucket, "
                              "each with a weight > 0.")

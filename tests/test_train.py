@@ -18,7 +18,7 @@ from conftest import ROOT, load_config, losses, tiny_config, tiny_flags
 from helpers import tensorboard_tags
 
 from danceopd_jax import worlds
-from danceopd_jax.config import routes_of
+from danceopd_jax.config import routes_of, validate
 from danceopd_jax.core.errors import CheckpointError
 from danceopd_jax.core.routing import Route, Slot, per_step_route
 from danceopd_jax.data.batches import RouteBatcher
@@ -554,6 +554,21 @@ def test_the_omni_family_reuses_the_shipped_t2i_anchor_by_its_recipe():
     assert find_shipped(shipped_dir(config), "t2i_anchor", recipe(config, "t2i_anchor")) is None
 
 
+def test_keep_t2i_enters_the_teachers_key_only_when_set():
+    """A base that keeps its parent's T2I is another teacher; with keep_t2i off, the key is the
+    shipped base's, so the shipped omni family is still found. It needs a parent to keep."""
+    from danceopd_jax.train.teachers import find_shipped, recipe, shipped_dir
+
+    config = load_config("t2i_edit")
+    assert find_shipped(shipped_dir(config), "anchor", recipe(config, "anchor"))
+    config.teachers.anchor.keep_t2i = True
+    assert recipe(config, "anchor")["teacher"]["keep_t2i"] is True
+    assert find_shipped(shipped_dir(config), "anchor", recipe(config, "anchor")) is None
+    config.teachers.t2i_anchor.keep_t2i = True
+    with pytest.raises(ValueError, match=r"teachers.t2i_anchor.keep_t2i=True .* 'scratch'"):
+        validate(config)
+
+
 @pytest.mark.slow
 def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
     """The omni family's recipe, tiny: the base (anchor) is fine-tuned from a T2I anchor on a
@@ -566,6 +581,7 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
 
     config = tiny_config()
     config.teachers.anchor.mix = {"t2i": 0.5, "joint_edit": 0.5}  # edits in every tiny batch
+    config.teachers.anchor.keep_t2i = True  # its T2I rows regress onto t2i_anchor's field
     assert shipped_dir(config).name == "omni_teachers"
     world = worlds.build(config, tmp_path)
     assert not np.any(world.init_backbone["source_embed"])  # the pathway starts closed
@@ -587,6 +603,8 @@ def test_omni_family_trains_a_mixed_base_then_a_fine_tune(tmp_path):
                for n in ("anchor", "joint_edit_stage1", "joint_edit")}
     assert recipes["anchor"]["teacher"]["bucket"] == "mix"
     assert recipes["anchor"]["teacher"]["mix"] == {"t2i": 0.5, "joint_edit": 0.5}
+    assert recipes["anchor"]["teacher"]["keep_t2i"] is True
+    assert "keep_t2i" not in recipes["joint_edit"]["teacher"]
     # The joint-edit teacher: a warm restart from its first stage, itself fine-tuned from the
     # base; each key nests its parent's.
     assert recipes["joint_edit_stage1"]["init"] == recipes["anchor"]

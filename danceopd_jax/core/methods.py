@@ -380,11 +380,21 @@ def off_policy_objective(student: Field, route_fields: Sequence[Field],
 # --- ground truth and weights only ----------------------------------------------------------
 
 def flow_matching_loss(field: Field, params: Params, x0: jax.Array, cond: Cond, eps: jax.Array,
-                       sigma: jax.Array) -> tuple[jax.Array, dict]:
+                       sigma: jax.Array, keep: tuple[Params, jax.Array] | None = None
+                       ) -> tuple[jax.Array, dict]:
     """Plain (off-trajectory) flow matching on ground truth: trains the teachers and the anchor,
-    and is the data-mixing SFT baseline on the routed batch's targets (METHOD.md 7)."""
-    pred = field(params, add_noise(x0, eps, sigma), sigma, cond)
-    return velocity_mse(pred, velocity_target(x0, eps)), {}
+    and is the data-mixing SFT baseline on the routed batch's targets (METHOD.md 7).
+
+    keep = (params of a frozen model of the same field, rows [B] bool): those rows regress onto
+    that model's velocity at the same noisy state instead of the data's, so what it does on them
+    is kept (the omni base keeps its T2I anchor's T2I while it learns edits)."""
+    z = add_noise(x0, eps, sigma)
+    target = velocity_target(x0, eps)
+    if keep is not None:
+        keep_params, rows = keep
+        kept = jax.lax.stop_gradient(field(keep_params, z, sigma, cond))
+        target = jnp.where(rows.reshape((-1,) + (1,) * (x0.ndim - 1)), kept, target)
+    return velocity_mse(field(params, z, sigma, cond), target), {}
 
 
 def merge_coefficients(routes: Sequence[Route], mode: str,

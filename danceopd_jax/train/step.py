@@ -87,9 +87,13 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
 
 def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,
                             optimizer: optax.GradientTransformation,
-                            shardings: StepShardings | None = None) -> Callable:
+                            shardings: StepShardings | None = None,
+                            keep_t2i: bool = False) -> Callable:
     """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline), at
-    noise levels drawn uniformly."""
+    noise levels drawn uniformly.
+
+    keep_t2i: the rows without a source image regress onto frozen["keep"]'s velocity instead of
+    the data's (flow_matching_loss's keep; a teacher recipe's keep_t2i)."""
 
     def step(state: TrainState, frozen: Any, batch: Batch):
         k_noise, k_sigma, k_cond = jax.random.split(state.step_key(), 3)
@@ -100,8 +104,12 @@ def make_flow_matching_step(field: Field, field_params: StudentParams, condition
         def loss_fn(trainable):
             # The text encoder may be trainable (anchor), so condition inside the loss.
             params = {**frozen, **trainable}
-            return flow_matching_loss(field, field_params(trainable, frozen), x0,
-                                      conditioner(params, batch, k_cond), eps, sigma)
+            cond = conditioner(params, batch, k_cond)
+            keep = None
+            if keep_t2i:  # a batch without sources is all T2I
+                keep = (frozen["keep"], ~cond.get("has_source", jnp.zeros(x0.shape[0], bool)))
+            return flow_matching_loss(field, field_params(trainable, frozen), x0, cond, eps,
+                                      sigma, keep)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         state, finite = apply_if_finite(state, grads, loss, optimizer)

@@ -64,7 +64,7 @@ def recipe(config: ml_collections.ConfigDict, name: str) -> dict:
     """Everything that determines teacher `name`'s weights (its init chain included): the key
     of its saved weights (data/store.py cached)."""
     t = config.teachers[name]
-    return {"teacher": t.to_dict(),
+    return {"teacher": {k: v for k, v in t.to_dict().items() if k != "keep_t2i" or v},
             "world": {k: config.world[k] for k in WORLD_FIELDS},
             "model": {k: config.model[k] for k in MODEL_FIELDS}
             | {k: config.model[k] for k in OPTIONAL_MODEL_FIELDS if config.model.get(k)},
@@ -169,11 +169,13 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
     frozen = {} if "text" in trainable else {"text": text}
     frozen_axes = {} if "text" in trainable else {"text": models.text_axes}
+    if t.get("keep_t2i"):  # T2I rows regress onto the frozen parent (config.teacher)
+        frozen["keep"], frozen_axes["keep"] = init["backbone"], models.backbone_axes
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
     step = make_flow_matching_step(models.field(), lambda tr, fr: tr["backbone"],
                                    models.conditioner(t.prompt_dropout), optimizer,
-                                   shardings=shardings)
+                                   shardings=shardings, keep_t2i=bool(t.get("keep_t2i")))
     runs = RunCheckpoints(workdir / "teachers" / "_runs" / name)
     if runs.latest_step() is not None:
         state, _ = runs.restore(state)
