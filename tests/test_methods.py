@@ -231,22 +231,23 @@ def test_sft_mix_is_flow_matching_on_the_ground_truth_targets():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
-
 def test_flow_matching_keeps_the_frozen_fields_velocity_on_the_kept_rows():
-    """keep = (params, rows): the kept rows regress onto the frozen field's velocity at the same
-    noisy state, the others onto the data's; a field equal to the frozen one has no loss there."""
+    """Keep: the kept route's rows regress onto the frozen field's velocity at the same noisy
+    state, the others onto the data's; a field equal to the frozen one has no loss on them."""
     x0, eps = normal(6, (2, *SHAPE)), normal(7, (2, *SHAPE))
     sigma = np.array([0.3, 0.8])
     z = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * eps
     pred, kept = np_field(STUDENT, z, sigma, COND), np_field(TEACHERS[0], z, sigma, COND)
     args = (field, jax_params(STUDENT), jnp.asarray(x0, jnp.float32), cond_of(COND),
             jnp.asarray(eps, jnp.float32), jnp.asarray(sigma, jnp.float32))
-    loss, _ = methods.flow_matching_loss(*args, keep=(jax_params(TEACHERS[0]),
-                                                      jnp.array([True, False])))
+    loss, _ = methods.flow_matching_loss(*args, keep=methods.Keep(jax_params(TEACHERS[0]), SLOTS,
+                                                                  frozenset({0})))
     want = np.mean(np.concatenate([(pred[:1] - kept[:1]) ** 2, (pred[1:] - (eps - x0)[1:]) ** 2]))
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
-    loss, _ = methods.flow_matching_loss(*args, keep=(jax_params(STUDENT), jnp.array([True, True])))
+    loss, _ = methods.flow_matching_loss(*args, keep=methods.Keep(jax_params(STUDENT), SLOTS,
+                                                                  frozenset({0, 1})))
     assert float(loss) == 0.0
+
 
 # --- weight merging -------------------------------------------------------------------------
 

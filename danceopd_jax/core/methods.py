@@ -379,21 +379,34 @@ def off_policy_objective(student: Field, route_fields: Sequence[Field],
 
 # --- ground truth and weights only ----------------------------------------------------------
 
+@dataclass(frozen=True)
+class Keep:
+    """What flow matching keeps (flow_matching_loss): the rows of `routes` (route indices into
+    the batch's `slots`, which tile each of its `shards` blocks) regress onto the velocity of a
+    frozen model of the same field, `params`."""
+    params: Params
+    slots: tuple[Slot, ...]
+    routes: frozenset[int]
+    shards: int = 1
+
+
 def flow_matching_loss(field: Field, params: Params, x0: jax.Array, cond: Cond, eps: jax.Array,
-                       sigma: jax.Array, keep: tuple[Params, jax.Array] | None = None
-                       ) -> tuple[jax.Array, dict]:
+                       sigma: jax.Array, keep: Keep | None = None) -> tuple[jax.Array, dict]:
     """Plain (off-trajectory) flow matching on ground truth: trains the teachers and the anchor,
     and is the data-mixing SFT baseline on the routed batch's targets (METHOD.md 7).
 
-    keep = (params of a frozen model of the same field, rows [B] bool): those rows regress onto
-    that model's velocity at the same noisy state instead of the data's, so what it does on them
-    is kept (the omni base keeps its T2I anchor's T2I while it learns edits)."""
+    With `keep`, its routes' rows regress onto the frozen model's velocity at the same noisy
+    state instead of the data's, so what it does on them is kept (the omni base keeps its T2I
+    anchor's T2I while it learns edits); the frozen model runs on those rows only (by_route)."""
     z = add_noise(x0, eps, sigma)
     target = velocity_target(x0, eps)
     if keep is not None:
-        keep_params, rows = keep
-        kept = jax.lax.stop_gradient(field(keep_params, z, sigma, cond))
-        target = jnp.where(rows.reshape((-1,) + (1,) * (x0.ndim - 1)), kept, target)
+        def slot_target(s: Slot, take: Callable[[jax.Array], jax.Array]) -> jax.Array:
+            if s.route not in keep.routes:
+                return take(target)
+            return jax.lax.stop_gradient(field(keep.params, take(z), take(sigma),
+                                               map_per_sample(take, cond)))
+        target = by_route(slot_target, keep.slots, x0.shape[0], keep.shards)
     return velocity_mse(field(params, z, sigma, cond), target), {}
 
 

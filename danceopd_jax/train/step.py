@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 from danceopd_jax.core.fields import Field
-from danceopd_jax.core.methods import Batch, Objective, danceopd_objective, flow_matching_loss
+from danceopd_jax.core.methods import Batch, Keep, Objective, danceopd_objective, flow_matching_loss
 from danceopd_jax.core.routing import Slot
 from danceopd_jax.train.mesh import StepShardings
 from danceopd_jax.train.state import TrainState, apply_if_finite
@@ -88,32 +88,32 @@ def make_danceopd_step(student: Field, student_params: StudentParams,
 def make_flow_matching_step(field: Field, field_params: StudentParams, conditioner: Conditioner,
                             optimizer: optax.GradientTransformation,
                             shardings: StepShardings | None = None,
-                            keep_t2i: bool = False) -> Callable:
+                            keep_routes: frozenset[int] = frozenset(), shards: int = 1
+                            ) -> Callable:
     """Ground-truth flow matching (teacher / anchor training and the data-mixing baseline), at
-    noise levels drawn uniformly.
+    noise levels drawn uniformly: (state, frozen, batches, slots) -> (state, metrics).
 
-    keep_t2i: the rows without a source image regress onto frozen["keep"]'s velocity instead of
-    the data's (flow_matching_loss's keep; a teacher recipe's keep_t2i)."""
+    keep_routes: the rows of these routes (the step's slots, static; `shards` blocks) regress
+    onto frozen["keep"]'s velocity instead of the data's (flow_matching_loss's Keep; a teacher
+    recipe's keep_t2i). Only they read the slots, which are static: a caller without them whose
+    layouts vary from step to step passes () (one compiled program)."""
 
-    def step(state: TrainState, frozen: Any, batch: Batch):
+    def step(state: TrainState, frozen: Any, batch: Batch, slots: tuple[Slot, ...]):
         k_noise, k_sigma, k_cond = jax.random.split(state.step_key(), 3)
         x0 = batch["target"]
         eps = jax.random.normal(k_noise, x0.shape, jnp.float32)
         sigma = jax.random.uniform(k_sigma, (x0.shape[0],))
+        keep = Keep(frozen["keep"], slots, keep_routes, shards) if keep_routes else None
 
         def loss_fn(trainable):
             # The text encoder may be trainable (anchor), so condition inside the loss.
             params = {**frozen, **trainable}
-            cond = conditioner(params, batch, k_cond)
-            keep = None
-            if keep_t2i:  # a batch without sources is all T2I
-                keep = (frozen["keep"], ~cond.get("has_source", jnp.zeros(x0.shape[0], bool)))
-            return flow_matching_loss(field, field_params(trainable, frozen), x0, cond, eps,
-                                      sigma, keep)
+            return flow_matching_loss(field, field_params(trainable, frozen), x0,
+                                      conditioner(params, batch, k_cond), eps, sigma, keep)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         state, finite = apply_if_finite(state, grads, loss, optimizer)
         return state, {"loss": loss, "finite": finite, "grad_norm": optax.tree.norm(grads), **aux}
 
-    return jax.jit(consecutive(step), donate_argnums=(0,),
+    return jax.jit(consecutive(step), static_argnums=(3,), donate_argnums=(0,),
                    **(shardings.jit_kwargs() if shardings else {}))

@@ -52,7 +52,7 @@ def method_update(config: ml_collections.ConfigDict, routes: list[Route], models
     if method.train == "flow_matching":  # on the routed batch's ground truth
         fm_step = make_flow_matching_step(field, student_params, models.conditioner(), optimizer,
                                           shardings=shardings)
-        return lambda state, batch, slots: fm_step(state, frozen, batch)
+        return lambda state, batch, slots: fm_step(state, frozen, batch, ())
     if method.train != "distill":
         raise ValueError(f"method {config.method!r} has no training step ({method.train}: "
                          "run() builds the student without optimisation).")

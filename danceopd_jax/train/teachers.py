@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from danceopd_jax.config import init_teacher, teacher_buckets
 from danceopd_jax.core.routing import Route
-from danceopd_jax.data.batches import Bucket, RouteBatcher
+from danceopd_jax.data.batches import Bucket, RouteBatcher, has_sources
 from danceopd_jax.data.store import cached, has_params, key_of, load_params
 from danceopd_jax.models.wiring import Models
 from danceopd_jax.train.checkpoint import RunCheckpoints
@@ -169,23 +169,27 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     trainable = jax.tree.map(jnp.copy, init)  # the state is donated; never donate a parent
     frozen = {} if "text" in trainable else {"text": text}
     frozen_axes = {} if "text" in trainable else {"text": models.text_axes}
-    if t.get("keep_t2i"):  # T2I rows regress onto the frozen parent (config.teacher)
+    # One route per bucket, drawn per sample by weight (a single bucket: every sample).
+    routes = [Route(f"{name}/{b}", name, b, w) for b, w in buckets.items()]
+    # keep_t2i: the routes without source images regress onto the frozen parent (config.teacher)
+    t2i = frozenset(i for i, r in enumerate(routes) if not has_sources(bucket(r.bucket)))
+    keep = t2i if t.get("keep_t2i") else frozenset()
+    if keep:
         frozen["keep"], frozen_axes["keep"] = init["backbone"], models.backbone_axes
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
                                            frozen, frozen_axes, optimizer, config.seed)
     step = make_flow_matching_step(models.field(), lambda tr, fr: tr["backbone"],
                                    models.conditioner(t.prompt_dropout), optimizer,
-                                   shardings=shardings, keep_t2i=bool(t.get("keep_t2i")))
+                                   shardings=shardings, keep_routes=keep,
+                                   shards=batch_shards(mesh))
     runs = RunCheckpoints(workdir / "teachers" / "_runs" / name)
     if runs.latest_step() is not None:
         state, _ = runs.restore(state)
         log.info("teacher %s: resuming its training at step %d", name, int(state.step))
-    # One route per bucket, drawn per sample by weight (a single bucket: every sample).
-    routes = [Route(f"{name}/{b}", name, b, w) for b, w in buckets.items()]
     batcher = RouteBatcher({b: bucket(b) for b in buckets}, routes, "per_sample", t.batch_size,
                            config.seed, batch_shards(mesh))
-    state = fit(lambda s, b, slots: step(s, frozen, b), state, batcher, mesh, steps=t.steps,
-                name=f"teacher:{name}", checkpoints=runs,
+    state = fit(lambda s, b, slots: step(s, frozen, b, slots), state, batcher, mesh,
+                steps=t.steps, name=f"teacher:{name}", checkpoints=runs,
                 checkpoint_every=max(100, t.steps // 8), log_every=100,
                 metrics=MetricsWriter(workdir / "teachers" / "metrics.jsonl"),
                 steps_per_call=config.training.get("steps_per_call", 1))
