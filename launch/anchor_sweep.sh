@@ -35,9 +35,10 @@
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
-# and this script installs them there. The checkout's tracked files (about 70 MiB) are over the
-# device's 64 MiB for what travels; the sweep needs only danceopd_jax/assets/shapes_teachers, so
-# move danceopd_jax/assets/omni_teachers out of the checkout for the call, and back after.
+# and this script installs them there. The checkout's tracked files (about 95 MiB with stop 44's
+# run checkpoint in resume/) are over the device's 64 MiB for what travels; the sweep needs only
+# danceopd_jax/assets/shapes_teachers, so move danceopd_jax/assets/omni_teachers (50 MiB) out of
+# the checkout for the call, and back after.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
