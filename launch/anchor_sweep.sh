@@ -21,6 +21,8 @@
 # one session (hours on 2 CPU cores) is carried to the next in git: commit its last run
 # checkpoint as resume/anchor_sweep/<variant>.tgz (`tar czf resume/anchor_sweep/<variant>.tgz
 # -C $WORKDIR/<variant>/teachers/_runs/anchor STEP`), and a workdir without one starts from it.
+# A finished anchor is carried the same way, as its weights (`tar czf ... -C
+# $WORKDIR/<variant>/teachers/anchor .`): the sweep then reuses it, scores it and probes it.
 # After each anchor is scored and read by benchmarks/relation_probe.py, the table of those done
 # so far and their readings go to $WORKDIR/sweep.md, their scores to $WORKDIR/scores.json, and
 # both to $OUT/ when OUT is set (as on the device machine), so a call cut off by its time limit still
@@ -52,9 +54,15 @@ fi
 anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
   local saved="resume/anchor_sweep/$(basename "$1").tgz"
   if [ -f "$saved" ] && [ ! -d "$1/teachers/anchor" ] && [ ! -d "$1/teachers/_runs/anchor" ]; then
-    echo "resuming $(basename "$1") from $saved"
-    mkdir -p "$1/teachers/_runs/anchor"
-    tar xzf "$saved" -C "$1/teachers/_runs/anchor"
+    if tar tzf "$saved" | grep -qx '\(\./\)\?recipe\.json'; then  # a finished anchor
+      echo "reusing $(basename "$1")'s finished anchor from $saved"
+      mkdir -p "$1/teachers/anchor"
+      tar xzf "$saved" -C "$1/teachers/anchor"
+    else  # a run checkpoint
+      echo "resuming $(basename "$1") from $saved"
+      mkdir -p "$1/teachers/_runs/anchor"
+      tar xzf "$saved" -C "$1/teachers/_runs/anchor"
+    fi
   fi
   python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
     --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
