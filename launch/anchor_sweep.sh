@@ -14,7 +14,9 @@
 #       family makes the main job's step 3.3 times as costly on 2 CPU cores. So: heads of 64 at
 #       the shipped width and cost first, then width 256 with heads of 32, then width 192 with
 #       heads of 64; all with coarse tokens and the shipped text encoder and data:
-#       docs/teachers.md, "A wider anchor trained from scratch reads the relation")
+#       docs/teachers.md, "A wider anchor trained from scratch reads the relation". The first,
+#       finished on 2 CPU cores at stop 45, reads them and scores 0.703; its weights are carried
+#       in resume/, so the sweep only scores and probes it: "Heads of 64 at the shipped width")
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
 # "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
@@ -37,8 +39,8 @@
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
-# and this script installs them there. The checkout's tracked files (about 95 MiB with stop 44's
-# run checkpoint in resume/) are over the device's 64 MiB for what travels; the sweep needs only
+# and this script installs them there. The checkout's tracked files (about 80 MiB with the finished
+# heads-of-64 anchor in resume/) are over the device's 64 MiB for what travels; the sweep needs only
 # danceopd_jax/assets/shapes_teachers, so move danceopd_jax/assets/omni_teachers (50 MiB) out of
 # the checkout for the call, and back after.
 set -euo pipefail
