@@ -56,7 +56,8 @@ fi
 anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
   local saved="resume/anchor_sweep/$(basename "$1").tgz"
   if [ -f "$saved" ] && [ ! -d "$1/teachers/anchor" ] && [ ! -d "$1/teachers/_runs/anchor" ]; then
-    if tar tzf "$saved" | grep -qx '\(\./\)\?recipe\.json'; then  # a finished anchor
+    # (grep without -q reads all of tar's output: an early exit would fail it under pipefail)
+    if tar tzf "$saved" | grep -x '\(\./\)\?recipe\.json' > /dev/null; then  # a finished anchor
       echo "reusing $(basename "$1")'s finished anchor from $saved"
       mkdir -p "$1/teachers/anchor"
       tar xzf "$saved" -C "$1/teachers/anchor"
