@@ -56,16 +56,14 @@ fi
 anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
   local saved="resume/anchor_sweep/$(basename "$1").tgz"
   if [ -f "$saved" ] && [ ! -d "$1/teachers/anchor" ] && [ ! -d "$1/teachers/_runs/anchor" ]; then
+    local into="$1/teachers/_runs/anchor" how="resuming"  # a run checkpoint
     # (grep without -q reads all of tar's output: an early exit would fail it under pipefail)
     if tar tzf "$saved" | grep -x '\(\./\)\?recipe\.json' > /dev/null; then  # a finished anchor
-      echo "reusing $(basename "$1")'s finished anchor from $saved"
-      mkdir -p "$1/teachers/anchor"
-      tar xzf "$saved" -C "$1/teachers/anchor"
-    else  # a run checkpoint
-      echo "resuming $(basename "$1") from $saved"
-      mkdir -p "$1/teachers/_runs/anchor"
-      tar xzf "$saved" -C "$1/teachers/_runs/anchor"
+      into="$1/teachers/anchor" how="reusing the finished anchor of"
     fi
+    echo "$how $(basename "$1") from $saved"
+    mkdir -p "$into"
+    tar xzf "$saved" -C "$into"
   fi
   python3 -m danceopd_jax.teachers --config=configs/t2i_edit_budget.py --workdir="$1" \
     --teachers=anchor --config.danceopd.shift=3.0 --config.eval.sample_steps=16 ${EXTRA:-} "${@:2}"
