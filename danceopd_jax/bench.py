@@ -42,6 +42,7 @@ from danceopd_jax.jobs.bench import (
     prepared_data_wait,
     shape_workloads,
     student_fwd_bwd,
+    variants,
 )
 
 _CONFIG = cli.config_flag(
@@ -50,6 +51,9 @@ _PRESET = flags.DEFINE_enum("preset", "toy", ["toy", *SHAPE_PRESETS, "prepared"]
                             "What to measure.")
 _STEPS = flags.DEFINE_integer("timed_steps", 10, "Timed steps per variant (after warm-up).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps per variant.")
+_ROWS = flags.DEFINE_integer("rows", None, "Time only the first ROWS variants (1: the config's "
+                             "own DanceOPD step, e.g. to compare models); all when unset.",
+                             lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Write the results as JSON here.")
 _CUDNN = flags.DEFINE_bool("cudnn", True, "*-shape on a GPU: cuDNN fused attention.")
 _REMAT = flags.DEFINE_enum("remat", "block", list(REMATS),
@@ -95,7 +99,8 @@ def main() -> None:
               f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
               f"attention {work.model.attention}, remat {work.model.remat}, "
               f"scanned layers {work.model.scan_layers}")
-        results = bench_workload(work, _STEPS.value, _WARMUP.value)
+        results = bench_workload(work, _STEPS.value, _WARMUP.value,
+                                 which=variants(work)[:_ROWS.value])
         seconds, tflops = student_fwd_bwd(work, _STEPS.value, _WARMUP.value)
         print(table(results))
         print(f"student forward+backward alone: {1e3 * seconds:.1f} ms, {tflops:.3g} TFLOP/s")

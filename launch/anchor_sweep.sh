@@ -8,15 +8,15 @@
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
-#       (default, since stop 43: is it the width or the attention heads' width that makes an
-#       anchor read relation words? Stop 43's wide coarse-token anchors (width 256: 4 heads of
-#       64) read them and score 0.840, the shipped one (4 heads of 32) does not; but a width-256
-#       family makes the main job's step 3.3 times as costly on 2 CPU cores. So: heads of 64 at
-#       the shipped width and cost first, then width 256 with heads of 32, then width 192 with
-#       heads of 64; all with coarse tokens and the shipped text encoder and data:
-#       docs/teachers.md, "A wider anchor trained from scratch reads the relation". The first,
-#       finished on 2 CPU cores at stop 45, reads them and scores 0.703; its weights are carried
-#       in resume/, so the sweep only scores and probes it: "Heads of 64 at the shipped width")
+#       (default, since stop 47: the candidates whose family the main job could afford. Stop
+#       43's width-256 anchor (4 heads of 64) reads relation words and scores 0.840, but its
+#       family makes the main job's step about 4 times as costly on 2 CPU cores; the heads of 64
+#       at the shipped width read them too, at the shipped cost, and score 0.703. Shallower
+#       and wider: width 192 with 3 heads of 64 and 2 blocks (the default's step cost), then
+#       width 256 with 2 blocks (1.4-1.6 times), then width 192 with 4 blocks (2.3-2.6 times);
+#       all with coarse tokens and the shipped text encoder and data. docs/teachers.md, "What a
+#       family on each candidate would cost the main job". The first is carried in resume/ as
+#       a run checkpoint from 2 CPU cores, so the sweep resumes it)
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
 # "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
@@ -46,8 +46,8 @@
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.heads=2 model.coarse_scale=2,model.width=256,model.heads=8 \
-    model.coarse_scale=2,model.width=192,model.heads=3
+  set -- model.coarse_scale=2,model.width=192,model.heads=3,model.depth=2 \
+    model.coarse_scale=2,model.width=256,model.depth=2 model.coarse_scale=2,model.width=192,model.heads=3
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl

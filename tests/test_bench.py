@@ -108,6 +108,20 @@ def test_bench_command_compares_the_variants(tmp_path):
     assert work["student_fwd_bwd"]["tflops"] > 0
 
 
+@pytest.mark.slow
+def test_bench_rows_times_only_the_first_variants(tmp_path):
+    """--rows=1 times the config's own DanceOPD step alone (how models are compared)."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", "--config",
+                          "configs/t2i_edit.py", *tiny_flags(), *PAPER_QUERY, "--timed_steps=1",
+                          "--warmup=1", "--rows=1", f"--out={out}"], cwd=ROOT,
+                         env=pythonpath_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (work,) = json.loads(out.read_text())["workloads"]
+    assert [r["variant"] for r in work["results"]] == [
+        "DanceOPD N=4 K=1 low, rollout stops at the query"]
+
+
 def test_steps_per_call_benchmark_runs_the_same_steps_per_setting(tmp_path):
     """benchmarks/steps_per_call.py times the same steps at each setting (so the same rollout
     lengths) and reports the kernel's share per step; a setting that does not divide the steps

@@ -172,8 +172,8 @@ def train_teacher(config: ml_collections.ConfigDict, name: str, models: Models, 
     # One route per bucket, drawn per sample by weight (a single bucket: every sample).
     routes = [Route(f"{name}/{b}", name, b, w) for b, w in buckets.items()]
     # keep_t2i: the routes without source images regress onto the frozen parent (config.teacher)
-    t2i = frozenset(i for i, r in enumerate(routes) if not has_sources(bucket(r.bucket)))
-    keep = t2i if t.get("keep_t2i") else frozenset()
+    keep = frozenset(i for i, r in enumerate(routes)
+                     if t.get("keep_t2i") and not has_sources(bucket(r.bucket)))
     if keep:
         frozen["keep"], frozen_axes["keep"] = init["backbone"], models.backbone_axes
     state, frozen, shardings = place_state(mesh, trainable, models.trainable_axes(trainable),
