@@ -39,10 +39,12 @@
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
-# and this script installs them there. The checkout's tracked files (about 80 MiB with the finished
-# heads-of-64 anchor in resume/) are over the device's 64 MiB for what travels; the sweep needs only
-# danceopd_jax/assets/shapes_teachers, so move danceopd_jax/assets/omni_teachers (50 MiB) out of
-# the checkout for the call, and back after.
+# and this script installs them there. The checkout's tracked files (about 105 MiB with the
+# heads-of-64 anchor and the width-192 run checkpoint in resume/) are over the device's 64 MiB
+# for what travels; the sweep needs only danceopd_jax/assets/shapes_teachers and the resume/
+# tarballs of the candidates it runs, so move danceopd_jax/assets/omni_teachers (50 MiB) and
+# resume/anchor_sweep/model.coarse_scale_2_model.heads_2.tgz (9 MiB) out of the checkout for the
+# call, and back after.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
