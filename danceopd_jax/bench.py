@@ -4,8 +4,8 @@
 Times the DanceOPD train step and its alternatives on this machine's first device and prints a
 table (and writes JSON with --out): compile time, median step time, samples/s, model FLOPs per
 step (the rollout forwards actually run, the teachers, the student's forward and backward),
-achieved TFLOP/s, MFU against the device's bf16 peak, the compiled step's memory. Ratios are
-against the first row, measured in the same run.
+achieved TFLOP/s, MFU against the device's bf16 peak, the compiled step's memory, and each
+workload's backbone parameter count. Ratios are against the first row, measured in the same run.
 
   toy          the config's own shapes-world model and batch (what the main job trains)
   sd35m-shape  SD3.5-Medium's MMDiT-X with random weights, bf16 matmuls, remat, scanned
@@ -37,6 +37,7 @@ from danceopd_jax.jobs.bench import (
     SHAPE_PRESETS,
     Result,
     Workload,
+    backbone_params,
     bench_workload,
     config_workload,
     prepared_data_wait,
@@ -95,10 +96,11 @@ def main() -> None:
               f"step ({100 * wait.fraction:.2f}% of the step time)")
         report["data_wait"] = dataclasses.asdict(wait)
     for work in [] if _PRESET.value == "prepared" else workloads():
+        params = backbone_params(work.model)
         print(f"\n{work.image_size}^2 (latent {work.latent}^2), batch {work.batch}, "
               f"{work.text_tokens} text tokens, N={work.num_steps}, dtype {work.model.dtype}, "
               f"attention {work.model.attention}, remat {work.model.remat}, "
-              f"scanned layers {work.model.scan_layers}")
+              f"scanned layers {work.model.scan_layers}, backbone {params:,} params")
         results = bench_workload(work, _STEPS.value, _WARMUP.value,
                                  which=variants(work)[:_ROWS.value])
         seconds, tflops = student_fwd_bwd(work, _STEPS.value, _WARMUP.value)
@@ -107,7 +109,8 @@ def main() -> None:
         report["workloads"].append({
             "image_size": work.image_size, "batch": work.batch, "dtype": work.model.dtype,
             "attention": work.model.attention, "remat": work.model.remat,
-            "scan_layers": work.model.scan_layers, "workload": work.spec(),
+            "scan_layers": work.model.scan_layers, "backbone_params": params,
+            "workload": work.spec(),
             "results": [dataclasses.asdict(r) for r in results],
             "student_fwd_bwd": {"seconds": seconds, "tflops": tflops}})
     if _OUT.value:

@@ -16,8 +16,8 @@ from flax import nnx
 
 from danceopd_jax.core.rollout import rollout_to
 from danceopd_jax.core.schedule import make_sigmas
-from danceopd_jax.jobs.bench import config_workload, query_indices
-from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig
+from danceopd_jax.jobs.bench import backbone_params, config_workload, query_indices
+from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, param_count
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 
 
@@ -110,7 +110,8 @@ def test_bench_command_compares_the_variants(tmp_path):
 
 @pytest.mark.slow
 def test_bench_rows_times_only_the_first_variants(tmp_path):
-    """--rows=1 times the config's own DanceOPD step alone (how models are compared)."""
+    """--rows=1 times the config's own DanceOPD step alone (how models are compared), and the
+    report names the backbone's size: the count a built model of the config has."""
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "danceopd_jax.bench", "--config",
                           "configs/t2i_edit.py", *tiny_flags(), *PAPER_QUERY, "--timed_steps=1",
@@ -120,6 +121,10 @@ def test_bench_rows_times_only_the_first_variants(tmp_path):
     (work,) = json.loads(out.read_text())["workloads"]
     assert [r["variant"] for r in work["results"]] == [
         "DanceOPD N=4 K=1 low, rollout stops at the query"]
+    model = config_workload(tiny_config()).model
+    count = param_count(MMDiT(model, rngs=nnx.Rngs(0)))
+    assert work["backbone_params"] == backbone_params(model) == count
+    assert f"backbone {count:,} params" in run.stdout
 
 
 def test_steps_per_call_benchmark_runs_the_same_steps_per_setting(tmp_path):

@@ -31,7 +31,7 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.data.batches import Prefetcher, RouteBatcher
 from danceopd_jax.data.shapes.tokenizer import MAX_TEXT_LEN
 from danceopd_jax.models.backbones import backbone_of, reference
-from danceopd_jax.models.mmdit import REMAT_POLICIES
+from danceopd_jax.models.mmdit import REMAT_POLICIES, param_count
 from danceopd_jax.models.wiring import shapes_backbone
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
 from danceopd_jax.train.mesh import make_mesh, put
@@ -91,6 +91,11 @@ RUN_FIELDS = ("dtype", "remat", "attention", "scan_layers")
 
 def _build(config: Any) -> nnx.Module:
     return backbone_of(config).module(config, rngs=nnx.Rngs(0))
+
+
+def backbone_params(config: Any) -> int:
+    """The backbone's parameter count, from its shapes alone (nothing is initialised)."""
+    return param_count(nnx.eval_shape(lambda: _build(config)))
 
 
 def config_workload(config: Any) -> Workload:
