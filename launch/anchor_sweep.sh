@@ -8,15 +8,15 @@
 #
 #   bash launch/anchor_sweep.sh [VARIANT ...]
 #       VARIANT: comma-separated config overrides, e.g. model.coarse_scale=2,model.width=256
-#       (default, since stop 47: the candidates whose family the main job could afford. Stop
-#       43's width-256 anchor (4 heads of 64) reads relation words and scores 0.840, but its
-#       family makes the main job's step about 4 times as costly on 2 CPU cores; the heads of 64
-#       at the shipped width read them too, at the shipped cost, and score 0.703. Shallower
-#       and wider: width 192 with 3 heads of 64 and 2 blocks (the default's step cost), then
-#       width 256 with 2 blocks (1.4-1.6 times), then width 192 with 4 blocks (2.3-2.6 times);
-#       all with coarse tokens and the shipped text encoder and data. docs/teachers.md, "What a
-#       family on each candidate would cost the main job". The first is carried in resume/ as
-#       a run checkpoint from 2 CPU cores, so the sweep resumes it)
+#       (default, since stop 48: the untrained candidates between the two anchors that bound
+#       what is known. Width 192 with 2 blocks costs the main job what the default costs, reads
+#       relation words, and scores 0.623: it miscounts (stop 48). Stop 43's width 256 with 4
+#       blocks scores 0.840 at four times the cost. So: width 192 (3 heads of 64) with 3 blocks
+#       (1.4-1.6 times the default's step), then with 4 blocks (2.3-2.6 times), then width 256
+#       with 2 blocks (1.4-1.6 times; last, since 2 blocks miscounted at width 192); all with
+#       coarse tokens and the shipped text encoder and data. docs/teachers.md, "Where this
+#       leaves the base's target". The first is carried in resume/ as a run checkpoint from 2
+#       CPU cores when a session has trained part of it, so the sweep resumes it)
 #
 # Each candidate's workdir is $WORKDIR/<variant> (default runs/anchor_sweep; <variant> with "=" and
 # "," as "_"), resumable; its scores are teacher_scores.json there. A run that cannot finish in
@@ -39,17 +39,16 @@
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
-# and this script installs them there. The checkout's tracked files (about 105 MiB with the
-# heads-of-64 anchor and the width-192 run checkpoint in resume/) are over the device's 64 MiB
-# for what travels; the sweep needs only danceopd_jax/assets/shapes_teachers and the resume/
-# tarballs of the candidates it runs, so move danceopd_jax/assets/omni_teachers (50 MiB) and
-# resume/anchor_sweep/model.coarse_scale_2_model.heads_2.tgz (9 MiB) out of the checkout for the
-# call, and back after.
+# and this script installs them there. The checkout's tracked files (about 88 MiB with the
+# finished candidates' weights in resume/) are over the device's 64 MiB for what travels; the
+# sweep needs only danceopd_jax/assets/shapes_teachers and the resume/ tarballs of the
+# candidates it runs, so move danceopd_jax/assets/omni_teachers (50 MiB) out of the checkout for
+# the call, and back after.
 set -euo pipefail
 WORKDIR=${WORKDIR:-runs/anchor_sweep}
 if [ $# -eq 0 ]; then
-  set -- model.coarse_scale=2,model.width=192,model.heads=3,model.depth=2 \
-    model.coarse_scale=2,model.width=256,model.depth=2 model.coarse_scale=2,model.width=192,model.heads=3
+  set -- model.coarse_scale=2,model.width=192,model.heads=3,model.depth=3 \
+    model.coarse_scale=2,model.width=192,model.heads=3 model.coarse_scale=2,model.width=256,model.depth=2
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
