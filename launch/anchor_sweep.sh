@@ -36,6 +36,8 @@
 # the family's commands then start from it (`teachers --config=configs/t2i_edit.py
 # --workdir=DIR` with the variant's overrides, `teachers.anchor.*` written
 # `teachers.t2i_anchor.*`: a teacher is found by its recipe, not its name).
+# tests/test_launch.py runs this script end to end at a tiny size (training, scores, probe,
+# report, the parts sent back, and a rerun that reuses what it trained).
 # $EXTRA is added to every command (e.g. "--config.eval.num=4" for a quick look). The device machine lacks ml_collections and
 # tensorboardX: put their wheels in .whl/ first (`python3 -m pip download --no-deps
 # --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0 tensorboardX==2.6.5`),
