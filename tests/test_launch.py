@@ -10,6 +10,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, TINY
 
 # A tiny candidate: the world and model shrunk, 3 training steps (its overrides reach every
@@ -29,6 +30,7 @@ def sweep(workdir: Path, out: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_anchor_sweep_trains_scores_probes_and_returns_the_best(tmp_path):
     workdir, out = tmp_path / "sweep", tmp_path / "out"
     out.mkdir()
