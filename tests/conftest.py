@@ -68,6 +68,12 @@ def load_config(name: str) -> ml_collections.ConfigDict:
     return load_module(ROOT / "configs" / f"{name}.py").get_config()
 
 
+def pythonpath_env() -> dict[str, str]:
+    """This checkout first on the subprocess's path (the package may be installed elsewhere)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
 def tiny_config(name: str = "t2i_edit", **overrides) -> ml_collections.ConfigDict:
     config = apply_overrides(load_config(name), {**TINY, **overrides})
     for t in config.teachers.values():

@@ -4,14 +4,13 @@ peer (on a tiny shape; the real measurement is benchmarks/gpu_side_by_side.sh)."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import ROOT, load_module, tiny_config, tiny_flags
+from conftest import ROOT, load_module, pythonpath_env, tiny_config, tiny_flags
 from flax import nnx
 
 from danceopd_jax.core.rollout import rollout_to
@@ -19,12 +18,6 @@ from danceopd_jax.core.schedule import make_sigmas
 from danceopd_jax.jobs.bench import backbone_params, config_workload, query_indices
 from danceopd_jax.models.mmdit import MMDiT, MMDiTConfig, param_count
 from danceopd_jax.train.flops import Shape, danceopd_step_flops, forward_flops, peak_tflops
-
-
-def pythonpath_env() -> dict[str, str]:
-    """This checkout first on the subprocess's path (the package may be installed elsewhere)."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
 
 @pytest.mark.parametrize("dual, with_source, coarse", [((), False, 0), ((0,), True, 0),

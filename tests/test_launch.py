@@ -5,13 +5,12 @@ and send the best one back in parts) must work before that call is spent on it."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, pythonpath_env
 
 # A tiny candidate: the world and model shrunk, 3 training steps (its overrides reach every
 # command, the probe's too, as a real candidate's model overrides do).
@@ -23,9 +22,7 @@ EXTRA = "--config.eval.num=1 --config.eval.seeds=0 --config.eval.sample_steps=2"
 
 
 def sweep(workdir: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA,
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
-                                         if p)}
+    env = {**pythonpath_env(), "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA}
     return subprocess.run(["bash", "launch/anchor_sweep.sh", VARIANT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
@@ -36,6 +33,7 @@ def test_anchor_sweep_trains_scores_probes_and_returns_the_best(tmp_path):
     out.mkdir()
     run = sweep(workdir, out)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "teacher:anchor" in run.stderr  # trained (its progress bar); the rerun below is not
     name = VARIANT.replace("=", "_").replace(",", "_")
     # The report: the shipped anchor and the candidate, each against the base's target.
     table = (out / "sweep.md").read_text()
