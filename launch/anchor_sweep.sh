@@ -56,6 +56,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
+# This checkout first on the path: benchmarks/relation_probe.py runs as a script, which does not
+# see the checkout the way `python3 -m` does, and the device machine has no install of it.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 anchor() {  # anchor WORKDIR [overrides...]: train (or reuse) the T2I anchor alone, and score it
   local saved="resume/anchor_sweep/$(basename "$1").tgz"
   if [ -f "$saved" ] && [ ! -d "$1/teachers/anchor" ] && [ ! -d "$1/teachers/_runs/anchor" ]; then

@@ -5,12 +5,13 @@ and send the best one back in parts) must work before that call is spent on it."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, pythonpath_env
+from conftest import ROOT, TINY
 
 # A tiny candidate: the world and model shrunk, 3 training steps (its overrides reach every
 # command, the probe's too, as a real candidate's model overrides do).
@@ -22,7 +23,9 @@ EXTRA = "--config.eval.num=1 --config.eval.seeds=0 --config.eval.sample_steps=2"
 
 
 def sweep(workdir: Path, out: Path) -> subprocess.CompletedProcess:
-    env = {**pythonpath_env(), "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA}
+    # No PYTHONPATH of ours: the script must find the checkout itself, as on the device machine.
+    env = {**os.environ, "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA}
+    env.pop("PYTHONPATH", None)
     return subprocess.run(["bash", "launch/anchor_sweep.sh", VARIANT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
