@@ -140,13 +140,14 @@ def paper_student(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     where edit_fusion's even split of the routes' shares (13/32 of each delta) had missed its
     local target (docs/teachers.md, "Where the student starts", "Local + global fusion").
 
-    Budget knobs: 2,800 steps x 16, the rate cooled down linearly to zero over the last
-    quarter, full fine-tuning; the main job with its final ShapesBench scores takes about 12
-    minutes on 2 CPU cores (README, docs/teachers.md). Twice the 1,400 steps of stops 19-23
-    carried the edits further without costing T2I (configs/t2i_edit.py and edit_fusion.py's
-    three training seeds). In stop 16, batch 32 ran at 0.47 steps/s where batch 16 ran at
-    1.15-1.4 (each step's rollout runs to the largest of its samples' query indices). At lr
-    1e-3 the omni family's student first collapsed (T2I 0.44 -> 0.13 in 200 steps)."""
+    Budget knobs: 2,800 steps x 16 (edit_fusion.py: 3,200), the rate cooled down linearly to
+    zero over the last quarter, full fine-tuning; the main job with its final ShapesBench scores
+    takes 12-25 minutes on 2 CPU cores, by the machine (README, docs/teachers.md). Twice the
+    1,400 steps of stops 19-23 carried the edits further without costing T2I (configs/t2i_edit.py
+    and edit_fusion.py's three training seeds). In stop 16, batch 32 ran at 0.47 steps/s where
+    batch 16 ran at 1.15-1.4 (each step's rollout runs to the largest of its samples' query
+    indices). At lr 1e-3 the omni family's student first collapsed (T2I 0.44 -> 0.13 in 200
+    steps)."""
     c.danceopd.update(num_steps=16, shift=3.0, query_k=1, query_bias="low", shared_query=False)
     c.training.update(routing="per_sample", steps=2800, batch_size=16, lr=2e-4,
                       cooldown_fraction=0.25, lora_rank=0, init="merge")
