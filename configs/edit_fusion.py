@@ -24,8 +24,8 @@ def get_config():
     c.routes.global_edit = route("global_edit", "global_edit", 0.34375)
     # 3,200 steps, not the default's 2,800: no route split met all three targets on every training
     # seed at 2,800 (6.5 / 5.5 missed the local target on seed 2 by 0.015, 7 / 5 missed T2I);
-    # 14% more samples met all three on seeds 0, 1 and 2, in 22.5-23.2 minutes on 2 CPU cores
-    # (docs/teachers.md, "Local + global fusion").
+    # 14% more samples met all three on training seeds 0-3, in 22.5-23.2 minutes each on 2 CPU
+    # cores (docs/teachers.md, "Local + global fusion").
     c.training.steps = 3200
     # Each teacher's capability kept: >= 0.90 x the local teacher on the local categories and
     # x the global teacher on the global ones (T2I within 0.02 of the anchor: the base's).

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import site
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -23,9 +25,18 @@ EXTRA = "--config.eval.num=1 --config.eval.seeds=0 --config.eval.sample_steps=2"
 
 
 def sweep(workdir: Path, out: Path) -> subprocess.CompletedProcess:
-    # No PYTHONPATH of ours: the script must find the checkout itself, as on the device machine.
-    env = {**os.environ, "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA}
-    env.pop("PYTHONPATH", None)
+    """The script run as on the device machine, where danceopd_jax is not installed: its
+    `python3` sees the installed dependencies but not this package, even where it is installed
+    (an editable install, as CI's, is a .pth file, which `python -S` does not read). So the
+    script must put the checkout on the path itself."""
+    bin_dir = workdir.parent / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    python3 = bin_dir / "python3"
+    python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')
+    python3.chmod(0o755)
+    env = {**os.environ, "WORKDIR": str(workdir), "OUT": str(out), "EXTRA": EXTRA,
+           "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]]),
+           "PYTHONPATH": os.pathsep.join(site.getsitepackages())}
     return subprocess.run(["bash", "launch/anchor_sweep.sh", VARIANT], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
 
